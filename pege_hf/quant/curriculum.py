@@ -1,0 +1,88 @@
+"""Replacement-ratio schedules r(t) and the element masks that realise them.
+
+Pure torch; nothing here knows about layers or configs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("log", "linear", "cosine", "instant")
+MASK_POLICIES = ("progressive", "bernoulli", "error")
+
+_MASK32 = 0xFFFFFFFF
+
+
+def replacement_ratio(progress: float, schedule: str = "log", alpha: float = 9.0, ramp_fraction: float = 0.75) -> float:
+    """Fraction r in [0, 1] of elements replaced by their quantized values at training progress p = t / T.
+
+    log:     r = min(1, ln(1 + alpha * p / ramp) / ln(1 + alpha))
+    linear:  r = min(1, p / ramp)
+    cosine:  r = (1 - cos(pi * min(1, p / ramp))) / 2
+    instant: r = 1 (PEGE without the progressive part)
+    """
+    if schedule == "instant":
+        return 1.0
+    u = 1.0 if ramp_fraction <= 0 else min(1.0, max(0.0, progress) / ramp_fraction)
+    if schedule == "log":
+        return min(1.0, math.log1p(alpha * u) / math.log1p(alpha))
+    if schedule == "linear":
+        return u
+    if schedule == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * u))
+    raise ValueError(f"unknown curriculum {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def _hash32(v: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors holding values in [0, 2**32).
+
+    Multipliers stay below 2**31 so every product fits in int64 before masking.
+    """
+    v = v ^ (v >> 16)
+    v = (v * 0x045D9F3B) & _MASK32
+    v = v ^ (v >> 16)
+    v = (v * 0x045D9F3B) & _MASK32
+    return v ^ (v >> 16)
+
+
+def element_priority(shape: torch.Size | tuple[int, ...], seed: int, device=None) -> torch.Tensor:
+    """A fixed pseudo-random priority in [0, 1) for every element, derived from (seed, flat index).
+
+    Counter-based: the same (seed, shape) gives the same priorities on any device, with no stored state.
+    """
+    n = math.prod(shape)
+    offset = _hash32(torch.tensor(seed & _MASK32, dtype=torch.int64)).item()
+    idx = (torch.arange(n, device=device, dtype=torch.int64) + offset) & _MASK32
+    h = _hash32(_hash32(idx) ^ (seed & _MASK32))
+    return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).view(shape)
+
+
+def replacement_mask(
+    x: torch.Tensor,
+    ratio: float,
+    policy: str,
+    *,
+    seed: int = 0,
+    error: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask M (True = use the quantized value) with mean(M) ~= ratio.
+
+    progressive: M = priority(seed, index) < ratio; monotone in ratio and fixed across steps.
+    bernoulli:   M ~ Bernoulli(ratio), fresh on every call.
+    error:       the round(ratio * numel) elements with the smallest |x - Q(x)| (``error``).
+    """
+    if policy == "progressive":
+        return element_priority(x.shape, seed, x.device) < ratio
+    if policy == "bernoulli":
+        return torch.rand(x.shape, device=x.device) < ratio
+    if policy == "error":
+        if error is None:
+            raise ValueError("mask policy 'error' needs the quantization error |x - Q(x)|")
+        k = int(round(ratio * x.numel()))
+        mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+        if k > 0:
+            mask[error.detach().abs().flatten().topk(k, largest=False, sorted=False).indices] = True
+        return mask.view(x.shape)
+    raise ValueError(f"unknown mask policy {policy!r}; allowed: {', '.join(MASK_POLICIES)}")

@@ -1,0 +1,187 @@
+"""QuantLinear / QuantConv2d and the module swap.
+
+A FakeQuantizer joins one forward quantizer with one gradient estimator (and, for PEGE, the
+curriculum). Quant layers subclass nn.Linear / nn.Conv2d and keep the `weight` and `bias` names,
+so float checkpoints load into them unchanged.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .curriculum import replacement_mask, replacement_ratio
+from .estimators import pege_mix, round_ewgs, round_ste
+from .quantizers import UniformQuantizer, make_quantizer
+
+FLOAT_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+class FakeQuantizer(nn.Module):
+    """Applies ``quantizer`` to a tensor with the gradient rule of ``estimator``.
+
+    For "pege", training forwards return where(M, Q(x), x) with mean(M) = r(progress), and the
+    discretization-error gradient is added in the backward pass; evaluation always uses r = 1.
+    """
+
+    def __init__(self, quantizer: UniformQuantizer, config, *, mask: str, seed: int = 0):
+        super().__init__()
+        self.quantizer = quantizer
+        self.estimator = config.estimator
+        self.mask, self.seed = mask, seed
+        self.curriculum, self.alpha, self.ramp_fraction = config.curriculum, config.alpha, config.ramp_fraction
+        self.base_lambda, self.lambda_schedule = config.discretization_lambda, config.lambda_schedule
+        self.scope, self.reduction = config.discretization_scope, config.discretization_reduction
+        self.ewgs_delta = config.ewgs_delta
+        self.set_progress(0.0)
+
+    def set_progress(self, progress: float) -> None:
+        self.ratio = replacement_ratio(progress, self.curriculum, self.alpha, self.ramp_fraction)
+        self.lam = self.base_lambda * (self.ratio if self.lambda_schedule == "follow" else 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        if self.estimator == "ste":
+            return q(x, round_ste)
+        if self.estimator == "ewgs":
+            return q(x, partial(round_ewgs, delta=self.ewgs_delta, span=q.qmax - q.qmin))
+        ratio, lam = (self.ratio, self.lam) if self.training else (1.0, 0.0)
+        pull = lam > 0 and (self.scope == "all" or ratio > 0)
+        if ratio <= 0 and not pull:
+            if not q.is_initialized():
+                q.initialize(x)
+            return x
+        xq = q(x, round_ste)
+        if ratio >= 1 and not pull:
+            return xq
+        mask = None
+        if ratio < 1:
+            error = (x - xq) if self.mask == "error" else None
+            mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
+        coef = self._pull_coefficient(x, lam) if pull else None
+        return pege_mix(x, xq.to(x.dtype), mask, coef, self.scope)
+
+    def _pull_coefficient(self, x, lam):
+        """2 * lambda / (s^2 * N): the gradient of lambda * mean(((x - sg Q(x)) / sg s)^2) is coef * (x - Q(x))."""
+        s = self.quantizer.step_size(x).detach()
+        n = x.numel() if self.reduction == "mean" else 1
+        return (2.0 * lam / n) / (s * s)
+
+    def extra_repr(self) -> str:
+        extra = f", mask={self.mask}, curriculum={self.curriculum}" if self.estimator == "pege" else ""
+        return f"estimator={self.estimator}{extra}"
+
+
+def make_fake_quantizer(config, *, weight: bool, channels: int | None = None, seed: int = 0) -> FakeQuantizer:
+    """The factory from a config to the fake quantizer of a layer's weight or input activation."""
+    bits = config.w_bits if weight else config.a_bits
+    name = config.w_quantizer if weight else config.a_quantizer
+    quantizer = make_quantizer(name, bits, weight=weight, channels=channels, scale_init=config.scale_init)
+    return FakeQuantizer(quantizer, config, mask=config.w_mask if weight else config.a_mask, seed=seed)
+
+
+class QuantLayer:
+    """What QuantLinear and QuantConv2d share: the quantizers and the swap from a float layer."""
+
+    weight_quantizer: FakeQuantizer
+    input_quantizer: FakeQuantizer | None
+
+    def _attach_quantizers(self, config, seed: int) -> None:
+        device = self.weight.device
+        self.weight_quantizer = make_fake_quantizer(config, weight=True, channels=self.weight.shape[0], seed=seed).to(device)
+        self.input_quantizer = None
+        if config.a_bits is not None:
+            self.input_quantizer = make_fake_quantizer(config, weight=False, seed=seed ^ 0x5BD1E995).to(device)
+        if device.type != "meta":
+            self.init_weight_scale()
+
+    def init_weight_scale(self) -> None:
+        """(Re)initialise the weight step sizes from the current weights."""
+        self.weight_quantizer.quantizer.initialize(self.weight)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, config, seed: int = 0):
+        with torch.device("meta"):
+            new = cls._empty_like(layer)
+        new.weight, new.bias = layer.weight, layer.bias
+        new.train(layer.training)
+        new._attach_quantizers(config, seed)
+        return new
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    @classmethod
+    def _empty_like(cls, layer: nn.Linear):
+        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+
+    def forward(self, x):
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    @classmethod
+    def _empty_like(cls, layer: nn.Conv2d):
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                   padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                   bias=layer.bias is not None, padding_mode=layer.padding_mode)
+
+    def forward(self, x):
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_LAYERS = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+def _matches(name: str, keys) -> bool:
+    return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
+
+
+def layers_to_skip(model: nn.Module, config) -> set[str]:
+    """Names of the float layers that stay full precision: the stem (the first layer, when it reads
+    the model input rather than an embedding table), the head (the last layer) and
+    ``config.modules_to_not_convert``."""
+    order = [(name, m) for name, m in model.named_modules()]
+    layers = [name for name, m in order if type(m) in QUANT_LAYERS]
+    skip = {name for name in layers if _matches(name, config.modules_to_not_convert or ())}
+    if layers and config.skip_head:
+        skip.add(layers[-1])
+    if layers and config.skip_stem:
+        first = next(i for i, (name, _) in enumerate(order) if name == layers[0])
+        if not any(isinstance(m, nn.Embedding) for _, m in order[:first]):
+            skip.add(layers[0])
+    return skip
+
+
+def quantize(model: nn.Module, config, skip: set[str] | None = None) -> nn.Module:
+    """Swap every nn.Linear / nn.Conv2d of ``model`` (in place) for its PEGE counterpart, except the
+    layers in ``skip`` (default: :func:`layers_to_skip`). Returns the model."""
+    skip = layers_to_skip(model, config) if skip is None else skip
+    targets = [(name, m) for name, m in model.named_modules() if type(m) in QUANT_LAYERS and name not in skip]
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        seed = zlib.crc32(name.encode()) ^ int(config.seed)
+        setattr(parent, child, QUANT_LAYERS[type(layer)].from_float(layer, config, seed))
+    return model
+
+
+def fake_quantizers(model: nn.Module):
+    return (m for m in model.modules() if isinstance(m, FakeQuantizer))
+
+
+def set_progress(model: nn.Module, progress: float) -> None:
+    """Set training progress p = t / T in [0, 1] on every PEGE fake quantizer (drives r(t))."""
+    if not isinstance(progress, (int, float)) or not 0.0 <= float(progress) <= 1.0:
+        raise ValueError(f"progress must be a number in [0, 1], got {progress!r}")
+    for fq in fake_quantizers(model):
+        fq.set_progress(float(progress))

@@ -1,0 +1,244 @@
+"""Forward quantizers: uniform fake quantization Q(x) = s * round(clamp(x / s, qmin, qmax)).
+
+Each quantizer owns its parameters (a learnable step size for LSQ, a learnable clip for PACT, an
+observed range for min-max) and takes the rounding function as an argument, so any gradient
+estimator plugs into any quantizer. Pure torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .estimators import round_ste
+
+QUANTIZERS = ("lsq", "minmax", "pact")
+SCALE_INITS = ("lsq", "mse")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer code range: [-2^(b-1), 2^(b-1) - 1] signed, [0, 2^b - 1] unsigned."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def scale_grad(x: torch.Tensor, factor) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``factor`` (LSQ's gradient scale)."""
+    return (x - x.detach()) * factor + x.detach()
+
+
+def broadcast_to(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """View a per-channel (C,) scale so it broadcasts along ``axis`` of x; per-tensor scales pass through."""
+    if axis is None:
+        return scale
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.view(shape)
+
+
+def fake_quantize(x, scale, qmin, qmax, round_fn=round_ste):
+    """s * round(clamp(x / s, qmin, qmax)); ``scale`` already broadcast to x."""
+    return round_fn(torch.clamp(x / scale, qmin, qmax)) * scale
+
+
+def quantize_codes(x, scale, qmin, qmax) -> torch.Tensor:
+    """The integer codes of fake_quantize (same ops, so codes * scale reproduces it bit for bit)."""
+    return torch.round(torch.clamp(x / scale, qmin, qmax))
+
+
+def _reduce_dims(x: torch.Tensor, axis: int | None) -> list[int]:
+    return [d for d in range(x.dim()) if d != axis]
+
+
+def init_scale_lsq(x: torch.Tensor, qmax: float, axis: int | None) -> torch.Tensor:
+    """LSQ's initial step size 2 * mean|x| / sqrt(qmax) (Esser et al., 2020)."""
+    return 2 * x.abs().mean(dim=_reduce_dims(x, axis)) / math.sqrt(qmax)
+
+
+def init_scale_mse(x: torch.Tensor, qmin: float, qmax: float, axis: int | None, grid: int = 80) -> torch.Tensor:
+    """The step size minimising ||x - Q(x)||^2 over a grid of clip fractions of max|x|."""
+    dims = _reduce_dims(x, axis)
+    xmax = x.abs().amax(dim=dims).clamp_min(1e-8)
+    best, best_err = None, None
+    for frac in torch.linspace(0.05, 1.0, grid).tolist():
+        s = xmax * frac / qmax
+        sb = broadcast_to(s, x, axis)
+        err = (fake_quantize(x, sb, qmin, qmax, torch.round) - x).pow(2).mean(dim=dims)
+        if best is None:
+            best, best_err = s.clone(), err
+        else:
+            better = err < best_err
+            best = torch.where(better, s, best)
+            best_err = torch.where(better, err, best_err)
+    return best
+
+
+class UniformQuantizer(nn.Module):
+    """Base class: bit width, signedness, per-channel axis and data-driven initialisation.
+
+    ``signed=None`` decides from the first tensor seen: unsigned when it is non-negative (after a
+    ReLU), signed otherwise. The code range lives in buffers so it is saved with the model.
+    """
+
+    def __init__(self, bits: int, *, signed: bool | None = None, channels: int | None = None,
+                 axis: int | None = None, scale_init: str = "lsq"):
+        super().__init__()
+        if not MIN_BITS <= int(bits) <= MAX_BITS:
+            raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        if scale_init not in SCALE_INITS:
+            raise ValueError(f"scale_init must be one of {', '.join(SCALE_INITS)}, got {scale_init!r}")
+        self.bits, self.axis, self.scale_init, self.auto_sign = int(bits), axis, scale_init, signed is None
+        qmin, qmax = qrange(self.bits, bool(signed))
+        self.register_buffer("qmin", torch.tensor([float(qmin)]))
+        self.register_buffer("qmax", torch.tensor([float(qmax)]))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # python mirror of `initialized`, so the hot path never syncs a device
+        self.n_scales = channels if axis is not None else 1
+
+    # -- state ---------------------------------------------------------------------------------
+    def is_initialized(self) -> bool:
+        if not self._ready and bool(self.initialized):
+            self._mark_ready()
+        return self._ready
+
+    def _mark_ready(self) -> None:
+        self._ready, self._qp = True, float(self.qmax)
+
+    def mark_uninitialized(self) -> None:
+        self.initialized.fill_(False)
+        self._ready = False
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set the code range (if automatic) and the scale from data; averaged across ranks under DDP."""
+        x = x.detach().float()
+        if self.auto_sign:
+            qmin, qmax = qrange(self.bits, signed=bool(x.min() < 0))
+            self.qmin.fill_(qmin)
+            self.qmax.fill_(qmax)
+        scale = self._initial_scale(x)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(scale)
+            scale /= torch.distributed.get_world_size()
+            torch.distributed.all_reduce(self.qmin, op=torch.distributed.ReduceOp.MIN)
+            self.qmax.fill_(float(qrange(self.bits, signed=bool(self.qmin < 0))[1]))
+        self._set_scale(scale.clamp_min(1e-8))
+        self.initialized.fill_(True)
+        self._mark_ready()
+
+    def _initial_scale(self, x):
+        qmin, qmax = self.qmin.item(), self.qmax.item()
+        if self.scale_init == "mse":
+            return init_scale_mse(x, qmin, qmax, self.axis)
+        return init_scale_lsq(x, qmax, self.axis)
+
+    # -- subclass interface ----------------------------------------------------------------------
+    def _set_scale(self, scale: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step_size(self, x: torch.Tensor) -> torch.Tensor:
+        """The step size broadcast to x, carrying the quantizer's own parameter gradient."""
+        raise NotImplementedError
+
+    # -- quantization ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, round_fn=round_ste) -> torch.Tensor:
+        if not self.is_initialized():
+            self.initialize(x)
+        return fake_quantize(x, self.step_size(x), self.qmin, self.qmax, round_fn)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (as int16, shifted by nothing: values in [qmin, qmax])."""
+        return quantize_codes(x, self.step_size(x).detach(), self.qmin, self.qmax).to(torch.int16)
+
+    @torch.no_grad()
+    def scale_tensor(self) -> torch.Tensor:
+        """The step size as stored for export, shape (n_scales,)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.axis is not None else "per-tensor"
+        return f"bits={self.bits}, {kind}, scale_init={self.scale_init}"
+
+
+class LSQQuantizer(UniformQuantizer):
+    """Learned step size quantization (Esser et al., ICLR 2020): s is a parameter whose gradient is
+    scaled by 1 / sqrt(N * qmax), N the number of elements sharing one step size."""
+
+    def __init__(self, bits, **kw):
+        super().__init__(bits, **kw)
+        self.scale = nn.Parameter(torch.ones(self.n_scales))
+
+    def _set_scale(self, scale):
+        self.scale.data.copy_(scale.reshape(self.scale.shape))
+
+    def step_size(self, x):
+        n = x.numel() // self.n_scales
+        s = scale_grad(self.scale, 1.0 / math.sqrt(n * self._qp))
+        return broadcast_to(s, x, self.axis)
+
+    def scale_tensor(self):
+        return self.scale.detach()
+
+
+class PACTQuantizer(UniformQuantizer):
+    """Learnable clipping (PACT, Choi et al. 2018): the parameter is the clip value alpha and
+    s = alpha / qmax, so values above alpha send their gradient to alpha."""
+
+    def __init__(self, bits, **kw):
+        super().__init__(bits, **kw)
+        self.clip = nn.Parameter(torch.ones(self.n_scales))
+
+    def _set_scale(self, scale):
+        self.clip.data.copy_((scale * self.qmax).reshape(self.clip.shape))
+
+    def step_size(self, x):
+        return broadcast_to(self.clip / self.qmax, x, self.axis)
+
+    def scale_tensor(self):
+        return (self.clip / self.qmax).detach()
+
+
+class MinMaxQuantizer(UniformQuantizer):
+    """A fixed (not learned) uniform quantizer: s = max|x| / qmax. Weights re-observe their range on
+    every training forward; activations keep an exponential moving average of the batch maximum."""
+
+    def __init__(self, bits, *, momentum: float = 0.1, dynamic: bool = False, **kw):
+        super().__init__(bits, **kw)
+        self.momentum, self.dynamic = momentum, dynamic
+        self.register_buffer("scale", torch.ones(self.n_scales))
+
+    def _initial_scale(self, x):
+        return self._observe(x)
+
+    def _observe(self, x):
+        return x.abs().amax(dim=_reduce_dims(x, self.axis)).clamp_min(1e-8) / self.qmax
+
+    def _set_scale(self, scale):
+        self.scale.copy_(scale.reshape(self.scale.shape))
+
+    def step_size(self, x):
+        if self.training and self.is_initialized():
+            with torch.no_grad():
+                seen = self._observe(x.detach().float())
+                self.scale.copy_(seen if self.dynamic else torch.lerp(self.scale, seen, self.momentum))
+        return broadcast_to(self.scale, x, self.axis)
+
+    def scale_tensor(self):
+        return self.scale.detach()
+
+
+def make_quantizer(name: str, bits: int, *, weight: bool, channels: int | None = None,
+                   axis: int = 0, scale_init: str = "lsq") -> UniformQuantizer:
+    """The factory from a quantizer name to a module: weights per output channel and signed,
+    activations per tensor with automatic signedness."""
+    if name not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)}")
+    kw = dict(signed=True, channels=channels, axis=axis) if weight else dict(signed=None)
+    if name == "lsq":
+        return LSQQuantizer(bits, scale_init=scale_init, **kw)
+    if name == "pact":
+        return PACTQuantizer(bits, scale_init=scale_init, **kw)
+    return MinMaxQuantizer(bits, dynamic=weight, **kw)

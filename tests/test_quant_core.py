@@ -1,0 +1,357 @@
+"""The PEGE core against independent float64 formulas (method: shared/docs/pege-method.md)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pege_hf
+from pege_hf import PEGEConfig
+from pege_hf.quant.curriculum import element_priority, replacement_mask, replacement_ratio
+from pege_hf.quant.modules import FakeQuantizer, QuantConv2d, QuantLinear, layers_to_skip, make_fake_quantizer
+from pege_hf.quant.packing import pack_codes, packed_size, unpack_codes
+from pege_hf.quant.quantizers import make_quantizer
+
+torch.set_default_dtype(torch.float32)
+
+
+def ref_lsq(x, s, qn, qp, g, gscale, delta=0.0):
+    """Float64 LSQ fake quantization and its gradients (STE when delta = 0, EWGS otherwise), written
+    from the formulas: out = s round(clamp(x/s)); d/dx = g 1[in] (times EWGS' factor);
+    d/ds = g (round(v) - x/s) inside, g * qn / g * qp outside, times the LSQ scale."""
+    v = x / s
+    inside = ((v >= qn) & (v <= qp)).double()
+    vc = v.clamp(qn, qp)
+    r = torch.round(vc)
+    out = r * s
+    factor = 1 + delta * torch.sign(g) * (vc - r) / (qp - qn)
+    grad_x = g * factor * inside
+    grad_s_el = g * (r + s * factor * (-x / s**2) * inside)
+    return out, grad_x, grad_s_el, gscale
+
+
+def sum_per_channel(t, axis):
+    if axis is None:
+        return t.sum().reshape(1)
+    return t.transpose(0, axis).reshape(t.shape[axis], -1).sum(1)
+
+
+def make_fq(estimator="pege", bits=2, weight=True, channels=8, **kw):
+    cfg = PEGEConfig(w_bits=bits, a_bits=bits, estimator=estimator, **kw)
+    return make_fake_quantizer(cfg, weight=weight, channels=channels, seed=123).double()
+
+
+SHAPES = [(8, 3, 3, 3), (16, 40), (5, 7)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Curriculum and masks
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 0.5, 0.75, 0.9, 1.0])
+def test_log_curriculum_matches_formula(p):
+    alpha, ramp = 9.0, 0.75
+    expected = min(1.0, math.log(1 + alpha * min(p / ramp, 1.0)) / math.log(1 + alpha))
+    assert replacement_ratio(p, "log", alpha, ramp) == pytest.approx(expected, abs=1e-12)
+    assert replacement_ratio(p, "linear", alpha, ramp) == pytest.approx(min(1.0, p / ramp))
+    assert replacement_ratio(p, "cosine", alpha, ramp) == pytest.approx((1 - math.cos(math.pi * min(1.0, p / ramp))) / 2)
+    assert replacement_ratio(p, "instant") == 1.0
+
+
+def test_log_curriculum_anchor_points_from_method_doc():
+    assert replacement_ratio(0.1 * 0.75) == pytest.approx(0.28, abs=0.005)
+    assert replacement_ratio(0.5 * 0.75) == pytest.approx(0.74, abs=0.005)
+
+
+def test_progressive_mask_fraction_monotone_and_deterministic():
+    x = torch.zeros(64, 64, 3, 3)
+    previous = torch.zeros_like(x, dtype=torch.bool)
+    for r in [0.0, 0.1, 0.28, 0.5, 0.74, 0.9, 1.0]:
+        m = replacement_mask(x, r, "progressive", seed=7)
+        assert abs(m.float().mean().item() - r) < 0.01
+        assert bool((m | ~previous).all()), "an element left the quantized set as r grew"
+        previous = m
+    assert torch.equal(replacement_mask(x, 0.4, "progressive", seed=7), replacement_mask(x, 0.4, "progressive", seed=7))
+    assert not torch.equal(replacement_mask(x, 0.4, "progressive", seed=7), replacement_mask(x, 0.4, "progressive", seed=8))
+
+
+def test_priorities_are_uniform():
+    p = element_priority((200_000,), seed=3)
+    hist = torch.histc(p, bins=10, min=0, max=1) / p.numel()
+    assert (hist - 0.1).abs().max() < 0.005
+    assert p.min() >= 0 and p.max() < 1
+
+
+def test_bernoulli_and_error_masks():
+    x = torch.randn(100_000)
+    m1, m2 = replacement_mask(x, 0.3, "bernoulli"), replacement_mask(x, 0.3, "bernoulli")
+    assert abs(m1.float().mean() - 0.3) < 0.01 and not torch.equal(m1, m2)
+    err = torch.randn(1000)
+    m = replacement_mask(err, 0.25, "error", error=err)
+    assert int(m.sum()) == 250
+    assert err.abs()[m].max() <= err.abs()[~m].min()
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: r = 0 is float, r = 1 is the forward quantizer
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", [nn.Conv2d(16, 32, 3, padding=1), nn.Linear(64, 48)])
+def test_pege_layer_endpoints(layer):
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4, 16, 8, 8)) if isinstance(layer, nn.Conv2d) else torch.randn(4, 64)
+    reference = layer(x)
+    q = QuantConv2d.from_float(layer, PEGEConfig(w_bits=3, a_bits=3)) if isinstance(layer, nn.Conv2d) \
+        else QuantLinear.from_float(layer, PEGEConfig(w_bits=3, a_bits=3))
+    q.train()
+    pege_hf.set_progress(q, 0.0)
+    assert torch.equal(q(x), reference)
+    # r = 1 (end of the ramp): exactly the forward quantizer's output
+    pege_hf.set_progress(q, 1.0)
+    wq = q.weight_quantizer.quantizer(q.weight)
+    xq = q.input_quantizer.quantizer(x)
+    expected = q._conv_forward(xq, wq, q.bias) if isinstance(q, nn.Conv2d) else nn.functional.linear(xq, wq, q.bias)
+    assert torch.equal(q(x), expected)
+    q.eval()  # evaluation always uses r = 1
+    pege_hf.set_progress(q, 0.0)
+    assert torch.equal(q(x), expected)
+
+
+def test_replaced_fraction_tracks_ratio_and_only_grows():
+    fq = make_fq(channels=64).float()
+    w = torch.randn(64, 64, 3, 3)
+    fq.train()
+    previous = None
+    for p in [0.02, 0.1, 0.3, 0.5, 0.7]:
+        fq.set_progress(p)
+        qw = fq.quantizer(w)
+        out = fq(w)
+        replaced = (out == qw) & (qw != w)
+        assert abs(replaced.float().mean().item() - fq.ratio) < 0.01
+        if previous is not None:
+            assert bool((replaced | ~previous).all())
+        previous = replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients against float64 formulas
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("estimator,delta", [("ste", 0.0), ("ewgs", 0.05)])
+def test_ste_and_ewgs_gradients(shape, bits, estimator, delta):
+    torch.manual_seed(bits)
+    fq = make_fq(estimator, bits, channels=shape[0], ewgs_delta=delta)
+    x = (torch.randn(shape, dtype=torch.float64) * 0.5).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64)
+    out = fq(x)
+    out.backward(g)
+    q = fq.quantizer
+    s = q.scale.detach().view(-1, *[1] * (len(shape) - 1))
+    qn, qp = float(q.qmin), float(q.qmax)
+    n = x[0].numel()
+    ref_out, ref_gx, ref_gs_el, _ = ref_lsq(x.detach(), s, qn, qp, g, None, delta)
+    assert torch.allclose(out, ref_out, rtol=0, atol=1e-12)
+    assert torch.allclose(x.grad, ref_gx, rtol=1e-10, atol=1e-12)
+    ref_gs = sum_per_channel(ref_gs_el, 0) / math.sqrt(n * qp)
+    assert torch.allclose(q.scale.grad, ref_gs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("scope", ["all", "replaced"])
+@pytest.mark.parametrize("progress", [0.1, 0.4, 1.0])
+def test_pege_gradients(shape, bits, scope, progress):
+    torch.manual_seed(10 * bits)
+    lam = 0.7
+    fq = make_fq("pege", bits, channels=shape[0], discretization_lambda=lam, discretization_scope=scope)
+    fq.train()
+    fq.set_progress(progress)
+    x = (torch.randn(shape, dtype=torch.float64) * 0.5).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64)
+    out = fq(x)
+    out.backward(g)
+    q = fq.quantizer
+    s = q.scale.detach().view(-1, *[1] * (len(shape) - 1))
+    qn, qp = float(q.qmin), float(q.qmax)
+    r = replacement_ratio(progress)
+    m = (element_priority(shape, fq.seed) < r).double()
+    xd = x.detach()
+    qx, gx_q, gs_el, _ = ref_lsq(xd, s, qn, qp, g * m, None)
+    ref_out = m * qx + (1 - m) * xd
+    d_grad = 2 * lam / xd.numel() * (xd - qx) / s**2       # d/dx of lam * mean(((x - sg Q) / sg s)^2)
+    if scope == "replaced":
+        d_grad = d_grad * m
+    ref_gx = g * (1 - m) + gx_q + d_grad
+    ref_gs = sum_per_channel(gs_el, 0) / math.sqrt(xd[0].numel() * qp)
+    assert torch.equal(out, ref_out)
+    assert torch.allclose(x.grad, ref_gx, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(q.scale.grad, ref_gs, rtol=1e-9, atol=1e-12)
+
+
+def test_pege_sum_reduction_and_follow_schedule():
+    fq = make_fq("pege", 2, channels=5, discretization_lambda=0.3, discretization_reduction="sum",
+                 lambda_schedule="follow", curriculum="instant")
+    fq.train()
+    fq.set_progress(0.5)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 7, dtype=torch.float64)
+    fq(x).backward(g)
+    q = fq.quantizer
+    s = q.scale.detach().view(-1, 1)
+    qx, gx_q, _, _ = ref_lsq(x.detach(), s, float(q.qmin), float(q.qmax), g, None)
+    assert torch.allclose(x.grad, gx_q + 2 * 0.3 * 1.0 * (x.detach() - qx) / s**2, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pege_instant_without_lambda_is_ste(bits):
+    torch.manual_seed(1)
+    layer = nn.Conv2d(8, 16, 3)
+    x = torch.relu(torch.randn(2, 8, 10, 10))
+    outs, grads = [], []
+    for est in ("ste", "pege"):
+        cfg = PEGEConfig(w_bits=bits, a_bits=bits, estimator=est, curriculum="instant", discretization_lambda=0.0)
+        q = QuantConv2d.from_float(nn.Conv2d(8, 16, 3).requires_grad_(), cfg)
+        q.load_state_dict({k: v for k, v in layer.state_dict().items()}, strict=False)
+        q.init_weight_scale()
+        q.train()
+        pege_hf.set_progress(q, 0.2)
+        xi = x.clone().requires_grad_()
+        out = q(xi)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([xi.grad] + [p.grad for p in q.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_pact_clip_gradient():
+    q = make_quantizer("pact", 2, weight=False).double()
+    x = torch.tensor([0.0, 0.3, 0.9, 2.0, 5.0], dtype=torch.float64, requires_grad=True)
+    q.initialize(torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64))
+    alpha = q.clip.detach().clone()
+    out = q(x)
+    out.sum().backward()
+    s = alpha / 3
+    v = x.detach() / s
+    ref = torch.where(v > 3, torch.ones_like(v), (torch.round(v.clamp(0, 3)) - v) / 3)
+    assert torch.allclose(out, torch.round((x.detach() / s).clamp(0, 3)) * s)
+    assert torch.allclose(q.clip.grad, ref.sum().reshape(1))
+
+
+def test_minmax_quantizer_is_absmax_and_not_learned():
+    q = make_quantizer("minmax", 4, weight=True, channels=3)
+    w = torch.randn(3, 10)
+    out = q(w)
+    s = w.abs().amax(1, keepdim=True) / 7
+    assert torch.allclose(out, torch.round((w / s).clamp(-8, 7)) * s)
+    assert not list(q.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Codes, activations, the swap
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_weight_levels_and_codes(bits):
+    layer = QuantConv2d.from_float(nn.Conv2d(16, 32, 3), PEGEConfig(w_bits=bits, a_bits=bits))
+    layer.eval()
+    wq = layer.quantized_weight()
+    for channel in wq:
+        assert channel.unique().numel() <= 2**bits
+    q = layer.weight_quantizer.quantizer
+    codes = q.codes(layer.weight)
+    assert int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) <= 2 ** (bits - 1) - 1
+    assert torch.equal(codes.float() * q.scale_tensor().view(-1, 1, 1, 1), wq)
+
+
+def test_activation_signedness_from_data():
+    unsigned = make_quantizer("lsq", 2, weight=False)
+    unsigned(torch.relu(torch.randn(100)))
+    assert (float(unsigned.qmin), float(unsigned.qmax)) == (0.0, 3.0)
+    signed = make_quantizer("lsq", 2, weight=False)
+    signed(torch.randn(100))
+    assert (float(signed.qmin), float(signed.qmax)) == (-2.0, 1.0)
+
+
+def test_quantize_keeps_stem_and_head_float():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 10))
+    cfg = PEGEConfig(w_bits=2, a_bits=2)
+    assert layers_to_skip(model, cfg) == {"0", "5"}
+    pege_hf.quantize(model, cfg)
+    assert type(model[0]) is nn.Conv2d and type(model[5]) is nn.Linear and isinstance(model[2], QuantConv2d)
+    text = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    assert layers_to_skip(text, cfg) == {"2"}  # an embedding reads the input: no stem layer to keep
+    every = PEGEConfig(skip_stem=False, skip_head=False, modules_to_not_convert=["2"])
+    model = pege_hf.quantize(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)), every)
+    assert [type(m).__name__ for m in model] == ["QuantLinear", "QuantLinear", "Linear"]
+
+
+def test_quantized_model_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    pege_hf.quantize(model, PEGEConfig(w_bits=2, a_bits=2))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    losses = []
+    for step in range(60):
+        pege_hf.set_progress(model, step / 59)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 8, 9, 1001])
+def test_packing_round_trip(bits, n):
+    codes = torch.randint(0, 2**bits, (n,))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(n, bits) == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_codes(packed, bits, n).long(), codes)
+
+
+def test_packing_layout_is_lsb_first():
+    assert pack_codes(torch.tensor([1, 2, 3, 0]), 2).tolist() == [0b00111001]
+    assert pack_codes(torch.tensor([5, 7, 1]), 3).tolist() == [0b01111101, 0]  # 5=101, 7=111, 1=001 -> stream 1011111 00
+
+
+def test_packing_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        pack_codes(torch.tensor([4]), 2)
+    with pytest.raises(ValueError, match="bits"):
+        pack_codes(torch.tensor([1]), 9)
+    with pytest.raises(ValueError, match="3 bytes"):
+        unpack_codes(torch.zeros(2, dtype=torch.uint8), 3, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,allowed", [
+    ("w_bits", 1, "2 to 8"), ("w_bits", 9, "2 to 8"), ("a_bits", 0, "2 to 8"), ("w_bits", 2.5, "2 to 8"),
+    ("estimator", "lsq", "'pege', 'ste', 'ewgs'"), ("w_quantizer", "pact", "'lsq', 'minmax'"),
+    ("a_quantizer", "foo", "'lsq', 'minmax', 'pact'"), ("curriculum", "exp", "'log', 'linear', 'cosine', 'instant'"),
+    ("w_mask", "random", "'progressive', 'bernoulli', 'error'"), ("discretization_lambda", -1e-3, ">= 0"),
+    ("alpha", 0, "> 0"), ("ramp_fraction", 1.5, "<= 1.0"), ("lambda_schedule", "x", "'constant', 'follow'"),
+])
+def test_config_rejects_bad_values(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"PEGEConfig\.{field}.*{allowed}"):
+        PEGEConfig(**{field: value})
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, "half", None])
+def test_set_progress_rejects_out_of_range(p):
+    with pytest.raises(ValueError, match=r"progress must be a number in \[0, 1\]"):
+        pege_hf.set_progress(nn.Linear(2, 2), p)
+
+
+def test_config_round_trips_through_dict():
+    cfg = PEGEConfig(w_bits=3, a_bits=None, estimator="ewgs", modules_to_not_convert=["head"])
+    again = PEGEConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict() and again.quant_method == "pege"
