@@ -355,3 +355,31 @@ def test_config_round_trips_through_dict():
     cfg = PEGEConfig(w_bits=3, a_bits=None, estimator="ewgs", modules_to_not_convert=["head"])
     again = PEGEConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict() and again.quant_method == "pege"
+
+
+@pytest.mark.parametrize("estimator", ["ste", "ewgs", "pege"])
+@pytest.mark.parametrize("quantizer", ["lsq", "pact", "minmax"])
+@pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("mask", ["progressive", "bernoulli", "error"])
+def test_fused_path_matches_composite_path(estimator, quantizer, progress, mask):
+    """The fused autograd Functions give the composite (plug-in) path's values and gradients exactly."""
+    if estimator != "pege" and (progress, mask) != (0.3, "progressive"):
+        pytest.skip("only PEGE depends on progress and mask")
+    cfg = PEGEConfig(w_bits=3, a_bits=3, estimator=estimator, a_quantizer=quantizer, a_mask=mask,
+                     discretization_lambda=0.5, ewgs_delta=0.1)
+    x0 = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        fq = make_fake_quantizer(cfg, weight=False, seed=5).double().train()
+        fq.fused = fused
+        fq.set_progress(progress)
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(0)
+        out = fq(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        params = [p.grad.clone() for p in fq.parameters() if p.grad is not None]
+        results.append((out.detach(), x.grad.clone(), params))
+    (o1, g1, p1), (o2, g2, p2) = results
+    assert torch.equal(o1, o2)
+    assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-14)
+    assert len(p1) == len(p2) and all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(p1, p2))

@@ -78,6 +78,82 @@ class PEGEMix(torch.autograd.Function):
         return grad_x, grad_xq, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------
+# Fused fast path for uniform quantizers Q(x) = s * round(clamp(x / s, qmin, qmax)).
+# One autograd node per estimator that saves x (often already saved by the ReLU before it) and
+# recomputes everything else in backward: the same values and gradients as the composite path
+# (quantizer(x, round_fn) + PEGEMix), far fewer passes over memory. Gradients to s are the
+# quantizer's own (LSQ's); the quantizer's parameterisation of s (grad scale, PACT clip) stays
+# outside, in autograd.
+# ---------------------------------------------------------------------------------------------
+def _uniform(x, s, qmin, qmax):
+    v = x / s
+    r = torch.round(torch.clamp(v, qmin, qmax))
+    return v, r
+
+
+def _uniform_grads(g, v, r, s, qmin, qmax, factor=1.0):
+    """Gradients of s * round(clamp(v)) with d round / dv = factor: to x, and to s (summed to s's shape)."""
+    inside = (v >= qmin) & (v <= qmax)
+    grad_x = torch.where(inside, g * factor, 0.0)
+    grad_s = (g * torch.where(inside, r - factor * v, r)).sum_to_size(s.shape)
+    return grad_x, grad_s
+
+
+class FakeQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s, qmin, qmax):
+        ctx.save_for_backward(x, s, qmin, qmax)
+        return _uniform(x, s, qmin, qmax)[1] * s
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, qmin, qmax = ctx.saved_tensors
+        v, r = _uniform(x, s, qmin, qmax)
+        return *_uniform_grads(g, v, r, s, qmin, qmax), None, None
+
+
+class FakeQuantEWGS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s, qmin, qmax, delta: float):
+        ctx.save_for_backward(x, s, qmin, qmax)
+        ctx.delta = delta
+        return _uniform(x, s, qmin, qmax)[1] * s
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, qmin, qmax = ctx.saved_tensors
+        v, r = _uniform(x, s, qmin, qmax)
+        factor = 1 + ctx.delta * torch.sign(g) * (torch.clamp(v, qmin, qmax) - r) / (qmax - qmin)
+        return *_uniform_grads(g, v, r, s, qmin, qmax, factor), None, None, None
+
+
+class FakeQuantPEGE(torch.autograd.Function):
+    """where(M, Q(x), x) for a uniform Q, with the discretization pull coef * (x - Q(x)) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, s, qmin, qmax, mask, coef, scope: str):
+        ctx.save_for_backward(x, s, qmin, qmax, mask, coef)
+        ctx.scope = scope
+        xq = _uniform(x, s, qmin, qmax)[1] * s
+        return xq if mask is None else torch.where(mask, xq, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, qmin, qmax, mask, coef = ctx.saved_tensors
+        v, r = _uniform(x, s, qmin, qmax)
+        gm = g if mask is None else torch.where(mask, g, 0.0)
+        grad_x, grad_s = _uniform_grads(gm, v, r, s, qmin, qmax)
+        if mask is not None:
+            grad_x = torch.where(mask, grad_x, g)
+        if coef is not None:
+            pull = coef * (x - r * s)
+            if ctx.scope == "replaced" and mask is not None:
+                pull = torch.where(mask, pull, 0.0)
+            grad_x = grad_x + pull
+        return grad_x, grad_s, None, None, None, None, None
+
+
 def round_ste(v: torch.Tensor) -> torch.Tensor:
     return RoundSTE.apply(v)
 

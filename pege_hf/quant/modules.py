@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .curriculum import replacement_mask, replacement_ratio
-from .estimators import pege_mix, round_ewgs, round_ste
+from .estimators import FakeQuantEWGS, FakeQuantPEGE, FakeQuantSTE, pege_mix, round_ewgs, round_ste
 from .quantizers import UniformQuantizer, make_quantizer
 
 FLOAT_LAYERS = (nn.Linear, nn.Conv2d)
@@ -26,6 +26,9 @@ class FakeQuantizer(nn.Module):
 
     For "pege", training forwards return where(M, Q(x), x) with mean(M) = r(progress), and the
     discretization-error gradient is added in the backward pass; evaluation always uses r = 1.
+
+    Any quantizer module with ``forward(x, round_fn)`` and ``step_size(x)`` plugs in (the composite
+    path); the uniform quantizers of this package take a fused path with identical results.
     """
 
     def __init__(self, quantizer: UniformQuantizer, config, *, mask: str, seed: int = 0):
@@ -37,6 +40,7 @@ class FakeQuantizer(nn.Module):
         self.base_lambda, self.lambda_schedule = config.discretization_lambda, config.lambda_schedule
         self.scope, self.reduction = config.discretization_scope, config.discretization_reduction
         self.ewgs_delta = config.ewgs_delta
+        self.fused = isinstance(quantizer, UniformQuantizer)
         self.set_progress(0.0)
 
     def set_progress(self, progress: float) -> None:
@@ -45,16 +49,36 @@ class FakeQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
+        if self.fused and not q.is_initialized():
+            q.initialize(x)
         if self.estimator == "ste":
+            if self.fused:
+                return FakeQuantSTE.apply(x, q.step_size(x), q.qmin, q.qmax)
             return q(x, round_ste)
         if self.estimator == "ewgs":
+            if self.fused:
+                return FakeQuantEWGS.apply(x, q.step_size(x), q.qmin, q.qmax, self.ewgs_delta)
             return q(x, partial(round_ewgs, delta=self.ewgs_delta, span=q.qmax - q.qmin))
+        return self._pege(x)
+
+    def _pege(self, x):
+        q = self.quantizer
         ratio, lam = (self.ratio, self.lam) if self.training else (1.0, 0.0)
         pull = lam > 0 and (self.scope == "all" or ratio > 0)
         if ratio <= 0 and not pull:
-            if not q.is_initialized():
-                q.initialize(x)
+            if not self.fused:
+                q(x)  # lets a lazily initialised quantizer see data
             return x
+        if self.fused:
+            s = q.step_size(x)
+            mask = None
+            if ratio < 1:
+                error = (x - FakeQuantSTE.apply(x.detach(), s.detach(), q.qmin, q.qmax)) if self.mask == "error" else None
+                mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
+            if mask is None and not pull:
+                return FakeQuantSTE.apply(x, s, q.qmin, q.qmax)
+            coef = self._pull_coefficient(s.detach(), x.numel(), lam) if pull else None
+            return FakeQuantPEGE.apply(x, s, q.qmin, q.qmax, mask, coef, self.scope)
         xq = q(x, round_ste)
         if ratio >= 1 and not pull:
             return xq
@@ -62,13 +86,12 @@ class FakeQuantizer(nn.Module):
         if ratio < 1:
             error = (x - xq) if self.mask == "error" else None
             mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
-        coef = self._pull_coefficient(x, lam) if pull else None
+        coef = self._pull_coefficient(q.step_size(x).detach(), x.numel(), lam) if pull else None
         return pege_mix(x, xq.to(x.dtype), mask, coef, self.scope)
 
-    def _pull_coefficient(self, x, lam):
+    def _pull_coefficient(self, s, numel, lam):
         """2 * lambda / (s^2 * N): the gradient of lambda * mean(((x - sg Q(x)) / sg s)^2) is coef * (x - Q(x))."""
-        s = self.quantizer.step_size(x).detach()
-        n = x.numel() if self.reduction == "mean" else 1
+        n = numel if self.reduction == "mean" else 1
         return (2.0 * lam / n) / (s * s)
 
     def extra_repr(self) -> str:

@@ -224,7 +224,7 @@ class MinMaxQuantizer(UniformQuantizer):
             with torch.no_grad():
                 seen = self._observe(x.detach().float())
                 self.scale.copy_(seen if self.dynamic else torch.lerp(self.scale, seen, self.momentum))
-        return broadcast_to(self.scale, x, self.axis)
+        return broadcast_to(self.scale.clone(), x, self.axis)  # a copy: later updates must not touch saved tensors
 
     def scale_tensor(self):
         return self.scale.detach()

@@ -1,0 +1,175 @@
+"""Benchmarks: training-step speed and memory (FP vs STE vs PEGE), checkpoint size, accuracy matrix.
+
+Every benchmark writes JSON + a markdown table under its output folder; numbers are quoted from
+those files, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import PEGEConfig
+from .quant.modules import quantize, set_progress
+
+DEFAULT_OUT = Path("benchmarks")
+
+
+# ---------------------------------------------------------------------------------------------
+# speed
+# ---------------------------------------------------------------------------------------------
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward pass of one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(_logits(model(batch[0])), batch[1])
+    return sum(seen.values())
+
+
+def _speed_variants(bits: int, progress: float):
+    """name -> (config or None, progress)."""
+    return {
+        "fp": (None, None),
+        "ste": (PEGEConfig(w_bits=bits, a_bits=bits, estimator="ste"), None),
+        "pege": (PEGEConfig(w_bits=bits, a_bits=bits, estimator="pege"), progress),
+        "pege_r1": (PEGEConfig(w_bits=bits, a_bits=bits, estimator="pege"), 1.0),
+    }
+
+
+def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progress=0.3, device=None,
+                compile=False, seed=0) -> dict:
+    """Median time of one training step (forward + backward + SGD step) per variant, interleaved:
+    every round runs one step of each variant, so machine noise hits them alike."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    runs = {}
+    for name, (cfg, p) in _speed_variants(bits, progress).items():
+        torch.manual_seed(seed)
+        model = model_fn().to(device).train()
+        if cfg is not None:
+            quantize(model, cfg)
+            model(x[:8])  # initialise activation scales from data
+            if p is not None:
+                set_progress(model, p)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        step_model = torch.compile(model) if compile else model
+        runs[name] = dict(model=step_model, opt=opt, times=[], memory=saved_activation_bytes(model, (x, y)))
+
+    def step(run):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = F.cross_entropy(_logits(run["model"](x)), y)
+        run["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        run["opt"].step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for i in tqdm(range(warmup + steps), desc="speed (interleaved steps)"):
+        for run in runs.values():
+            t = step(run)
+            if i >= warmup:
+                run["times"].append(t)
+    fp = statistics.median(runs["fp"]["times"])
+    ste = statistics.median(runs["ste"]["times"])
+    result = {
+        "benchmark": "speed",
+        "model": "cifar_resnet20",
+        "batch_size": batch_size,
+        "bits": bits,
+        "pege_progress": progress,
+        "steps": steps,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "compile": compile,
+        "variants": {},
+    }
+    for name, run in runs.items():
+        med = statistics.median(run["times"])
+        result["variants"][name] = {
+            "median_step_s": med,
+            "step_times_s": run["times"],
+            "ratio_vs_fp": med / fp,
+            "ratio_vs_ste": med / ste,
+            "saved_activation_mb": run["memory"] / 2**20,
+            "memory_ratio_vs_fp": run["memory"] / runs["fp"]["memory"],
+        }
+    return result
+
+
+def speed_table(result: dict) -> str:
+    lines = [f"Training step, CIFAR ResNet-20, batch {result['batch_size']}, W{result['bits']}A{result['bits']}, "
+             f"{result['device']} ({result['threads']} threads), median of {result['steps']} interleaved steps; "
+             f"`pege` runs mid-ramp (progress {result['pege_progress']}), `pege_r1` at r = 1.",
+             "",
+             "| variant | median step (s) | vs FP | vs STE | saved activations (MB) | memory vs FP |",
+             "|---|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {v['median_step_s']:.4f} | {v['ratio_vs_fp']:.2f}x | {v['ratio_vs_ste']:.2f}x | "
+                     f"{v['saved_activation_mb']:.1f} | {v['memory_ratio_vs_fp']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def write_result(result: dict, table: str, out_dir: Path, stem: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
+
+
+def _resnet20():
+    from .hf.cifar import cifar_resnet
+
+    return cifar_resnet(20)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed}")
+    sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
+                        description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
+                                    "in full precision, with STE and with PEGE, interleaved in one process.")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--bits", type=int, default=2, help="weight and activation bits (default 2)")
+    sp.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
+    sp.add_argument("--warmup", type=int, default=3)
+    sp.add_argument("--progress", type=float, default=0.3, help="PEGE training progress for the mid-ramp variant")
+    sp.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile each model first")
+    sp.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.bench == "speed":
+        result = bench_speed(_resnet20, batch_size=args.batch_size, bits=args.bits, steps=args.steps,
+                             warmup=args.warmup, progress=args.progress, device=args.device, compile=args.compile)
+        write_result(result, speed_table(result), args.out, "speed")
+    return 0

@@ -1,0 +1,37 @@
+"""The `pege` command: train | eval | push | demo | bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help); each module has add_arguments(parser) and main(args) -> int
+COMMANDS = {
+    "train": ("pege_hf.train", "train a model (full precision or QAT); same as `accelerate launch -m pege_hf.train`"),
+    "eval": ("pege_hf.evaluate", "accuracy (top-1, top-5) of a float or PEGE checkpoint on a data set"),
+    "push": ("pege_hf.hub", "upload a checkpoint folder to the Hugging Face Hub with a model card"),
+    "demo": ("pege_hf.demo", "open the Gradio demo: full precision vs 2/3/4-bit predictions"),
+    "bench": ("pege_hf.bench", "benchmarks: speed, size, accuracy"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pege", description="PEGE quantization-aware training for Hugging Face models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only in (None, name):
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
