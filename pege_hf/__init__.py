@@ -1,10 +1,16 @@
 """pege_hf: PEGE quantization-aware training for Hugging Face models.
 
-Importing the package registers quant_method "pege" with transformers (idempotently).
+Importing the package registers quant_method "pege" with transformers (idempotently) and the
+project's CIFAR models with the Auto classes.
 """
 
 from .config import PEGEConfig
-from .quant.modules import QuantConv2d, QuantLinear, quantize, set_progress
+from .hf.cifar import register_cifar_models
+from .hf.quantizer import PEGEHfQuantizer, dequantize, quantize, register
+from .quant.modules import QuantConv2d, QuantLinear, set_progress
 
-__all__ = ["PEGEConfig", "QuantConv2d", "QuantLinear", "quantize", "set_progress"]
+register()
+register_cifar_models()
+
+__all__ = ["PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "quantize", "set_progress"]
 __version__ = "0.1.0"

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .curriculum import replacement_mask, replacement_ratio
+from .packing import pack_codes, packed_size, unpack_codes
 from .estimators import FakeQuantEWGS, FakeQuantPEGE, FakeQuantSTE, pege_mix, round_ewgs, round_ste
-from .quantizers import UniformQuantizer, make_quantizer
+from .quantizers import UniformQuantizer, broadcast_to, make_quantizer
 
 FLOAT_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -125,6 +126,43 @@ class QuantLayer:
     def init_weight_scale(self) -> None:
         """(Re)initialise the weight step sizes from the current weights."""
         self.weight_quantizer.quantizer.initialize(self.weight)
+
+    def reset_quantizers(self) -> None:
+        """Give every quantizer buffer a defined value again, then take the weight scales from the weights."""
+        self.weight_quantizer.quantizer.reset(signed=True)
+        if self.input_quantizer is not None:
+            self.input_quantizer.quantizer.reset()
+        self.init_weight_scale()
+
+    # -- packed low-bit storage ----------------------------------------------------------------
+    @torch.no_grad()
+    def packed_weight(self) -> torch.Tensor:
+        """The weight's integer codes (shifted to start at 0) packed at the weight bit width."""
+        q = self.weight_quantizer.quantizer
+        if not q.is_initialized():
+            q.initialize(self.weight)
+        return pack_codes(q.codes(self.weight).to(torch.int64) - int(q.qmin), q.bits)
+
+    def expected_packed_bytes(self) -> int:
+        return packed_size(self.weight.numel() if "weight" in self._parameters else self._weight_shape.numel(),
+                           self.weight_quantizer.quantizer.bits)
+
+    def to_packed_form(self) -> None:
+        """Replace the float `weight` parameter by a `weight_packed` uint8 buffer (for loading a packed checkpoint)."""
+        self._weight_shape = self.weight.shape
+        device = self.weight.device
+        nbytes = self.expected_packed_bytes()
+        del self.weight
+        self.register_buffer("weight_packed", torch.empty(nbytes, dtype=torch.uint8, device=device))
+
+    @torch.no_grad()
+    def from_packed_form(self) -> None:
+        """Rebuild the float latent `weight` = codes * scale from `weight_packed` (exactly the quantized weight)."""
+        q = self.weight_quantizer.quantizer
+        codes = unpack_codes(self.weight_packed, q.bits, self._weight_shape.numel()).view(self._weight_shape)
+        weight = (codes.to(q.scale_tensor().dtype) + q.qmin) * broadcast_to(q.scale_tensor(), codes, 0)
+        del self.weight_packed
+        self.weight = nn.Parameter(weight)
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)

@@ -91,41 +91,53 @@ class UniformQuantizer(nn.Module):
             raise ValueError(f"scale_init must be one of {', '.join(SCALE_INITS)}, got {scale_init!r}")
         self.bits, self.axis, self.scale_init, self.auto_sign = int(bits), axis, scale_init, signed is None
         qmin, qmax = qrange(self.bits, bool(signed))
-        self.register_buffer("qmin", torch.tensor([float(qmin)]))
-        self.register_buffer("qmax", torch.tensor([float(qmax)]))
-        self.register_buffer("initialized", torch.tensor(False))
-        self._ready = False  # python mirror of `initialized`, so the hot path never syncs a device
+        # [qmin, qmax, initialized] in one buffer: saved with the model, one tensor per quantizer
+        self.register_buffer("qstate", torch.tensor([float(qmin), float(qmax), 0.0]))
+        self._ready = False  # python mirror of qstate[2], so the hot path never syncs a device
         self.n_scales = channels if axis is not None else 1
 
     # -- state ---------------------------------------------------------------------------------
+    @property
+    def qmin(self) -> torch.Tensor:
+        return self.qstate[0:1]
+
+    @property
+    def qmax(self) -> torch.Tensor:
+        return self.qstate[1:2]
+
+    def _set_state(self, qmin: float, qmax: float, initialized: bool) -> None:
+        self.qstate.copy_(torch.tensor([float(qmin), float(qmax), float(initialized)]))
+
     def is_initialized(self) -> bool:
-        if not self._ready and bool(self.initialized):
+        if not self._ready and bool(self.qstate[2]):
             self._mark_ready()
         return self._ready
 
     def _mark_ready(self) -> None:
         self._ready, self._qp = True, float(self.qmax)
 
-    def mark_uninitialized(self) -> None:
-        self.initialized.fill_(False)
+    @torch.no_grad()
+    def reset(self, signed: bool = False) -> None:
+        """Forget everything learned from data (used after a meta-device build left memory uninitialised)."""
+        self._set_state(*qrange(self.bits, signed), initialized=False)
         self._ready = False
+        self._set_scale(torch.ones(self.n_scales, device=self.qmin.device))
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Set the code range (if automatic) and the scale from data; averaged across ranks under DDP."""
         x = x.detach().float()
         if self.auto_sign:
-            qmin, qmax = qrange(self.bits, signed=bool(x.min() < 0))
-            self.qmin.fill_(qmin)
-            self.qmax.fill_(qmax)
+            self._set_state(*qrange(self.bits, signed=bool(x.min() < 0)), initialized=False)
         scale = self._initial_scale(x)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(scale)
             scale /= torch.distributed.get_world_size()
-            torch.distributed.all_reduce(self.qmin, op=torch.distributed.ReduceOp.MIN)
-            self.qmax.fill_(float(qrange(self.bits, signed=bool(self.qmin < 0))[1]))
+            qmin = self.qmin.clone()
+            torch.distributed.all_reduce(qmin, op=torch.distributed.ReduceOp.MIN)
+            self._set_state(*qrange(self.bits, signed=bool(qmin < 0)), initialized=False)
         self._set_scale(scale.clamp_min(1e-8))
-        self.initialized.fill_(True)
+        self.qstate[2] = 1.0
         self._mark_ready()
 
     def _initial_scale(self, x):

@@ -1,0 +1,155 @@
+"""The transformers side: quant_method "pege" as an HfQuantizer.
+
+Lifecycle inside `from_pretrained`:
+  before weight loading  swap Linear/Conv2d for QuantLinear/QuantConv2d on the meta model; for a
+                         packed checkpoint the float `weight` becomes a `weight_packed` uint8 buffer
+  weight loading         transformers fills parameters and buffers by name
+  after weight loading   float source: give every quantizer a defined state and take the weight
+                         step sizes from the loaded weights; packed source: unpack the codes into
+                         the latent weights (= the quantized weights) and set r = 1
+`save_pretrained` stores each quantized layer's weight as packed codes plus its step sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..config import QUANT_METHOD, PEGEConfig
+from ..quant.modules import QuantLayer, layers_to_skip, set_progress
+from ..quant.modules import quantize as quantize_module
+
+
+def quant_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+class PEGEHfQuantizer(HfQuantizer):
+    """Quantization-aware training with PEGE (or STE / EWGS) and packed low-bit checkpoints."""
+
+    requires_calibration = False
+    quantization_config: PEGEConfig
+
+    def __init__(self, quantization_config, **kwargs):
+        if isinstance(quantization_config, dict):
+            quantization_config = PEGEConfig.from_dict(quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args, **kwargs):
+        return None
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False  # weights stay float latents; quantization happens in the layers' forward
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs):
+        cfg = self.quantization_config
+        quantize_module(model, cfg, skip=layers_to_skip(model, cfg))
+        if self.pre_quantized:
+            for _, layer in quant_layers(model):
+                layer.to_packed_form()
+        return model
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs):
+        for name, layer in quant_layers(model):
+            if self.pre_quantized:
+                check_loaded_layer(name, layer)
+                layer.from_packed_form()
+            else:
+                layer.reset_quantizers()
+        set_progress(model, 1.0 if self.pre_quantized else 0.0)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        state_dict = model.state_dict()
+        for name, layer in quant_layers(model):
+            prefix = f"{name}." if name else ""
+            state_dict.pop(prefix + "weight")
+            state_dict[prefix + "weight_packed"] = layer.packed_weight()
+        return state_dict, {"pege_format": "packed-v1"}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        return dequantize(model)
+
+
+def check_loaded_layer(name: str, layer: QuantLayer) -> None:
+    """A packed layer must hold the bytes its shape and bits need, and finite positive step sizes."""
+    expected = layer.expected_packed_bytes()
+    packed = layer.weight_packed
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
+        raise ValueError(f"tensor {name}.weight_packed has {packed.numel()} {packed.dtype} values; a "
+                         f"{layer.weight_quantizer.quantizer.bits}-bit weight of shape {tuple(layer._weight_shape)} "
+                         f"needs {expected} uint8 bytes: the checkpoint does not match its quantization_config")
+    for qname, fq in (("weight_quantizer", layer.weight_quantizer), ("input_quantizer", layer.input_quantizer)):
+        if fq is None:
+            continue
+        scale = fq.quantizer.scale_tensor()
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise ValueError(f"tensor {name}.{qname}: step sizes must be finite and positive; the checkpoint is corrupt")
+
+
+@torch.no_grad()
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every quant layer by a plain nn.Linear / nn.Conv2d holding its quantized weight. Input
+    activations that were quantized keep a fixed fake-quantization pre-hook, so the function is unchanged."""
+    for name, layer in quant_layers(model):
+        float_cls = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
+        with torch.device("meta"):
+            plain = layer._empty_like(layer)
+            plain.__class__ = float_cls
+        layer.eval()
+        plain.weight = nn.Parameter(layer.quantized_weight().detach())
+        plain.bias = layer.bias
+        plain.train(layer.training)
+        if layer.input_quantizer is not None:
+            plain.register_forward_pre_hook(_frozen_input_quantizer(layer.input_quantizer.quantizer))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
+    return model
+
+
+def _frozen_input_quantizer(q):
+    from ..quant.quantizers import fake_quantize
+
+    scale, qmin, qmax = q.scale_tensor().clone(), q.qmin.clone(), q.qmax.clone()
+
+    def hook(module, args):
+        x = args[0]
+        return (fake_quantize(x, scale.to(x.device), qmin.to(x.device), qmax.to(x.device), torch.round), *args[1:])
+
+    return hook
+
+
+def quantize(model: nn.Module, config: PEGEConfig) -> nn.Module:
+    """`pege_hf.quantize`: the PEGE layer swap on any nn.Module. On a transformers PreTrainedModel it
+    also attaches the PEGE quantizer, so `save_pretrained` writes a packed checkpoint."""
+    if not isinstance(config, PEGEConfig):
+        raise TypeError(f"config must be a PEGEConfig, got {type(config).__name__}")
+    quantize_module(model, config)
+    if isinstance(model, PreTrainedModel):
+        model.hf_quantizer = PEGEHfQuantizer(config, pre_quantized=False)
+        model.config.quantization_config = config
+        model.is_quantized = True
+        model.quantization_method = QUANT_METHOD
+    return model
+
+
+def register() -> None:
+    """Register quant_method "pege" with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(PEGEConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(PEGEHfQuantizer)
