@@ -6,11 +6,13 @@ project's CIFAR models with the Auto classes.
 
 from .config import PEGEConfig
 from .hf.cifar import register_cifar_models
+from .hf.callback import PEGECallback
+from .hf.loading import from_pretrained
 from .hf.quantizer import PEGEHfQuantizer, dequantize, quantize, register
 from .quant.modules import QuantConv2d, QuantLinear, set_progress
 
 register()
 register_cifar_models()
 
-__all__ = ["PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "quantize", "set_progress"]
+__all__ = ["PEGECallback", "PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "from_pretrained", "quantize", "set_progress"]
 __version__ = "0.1.0"

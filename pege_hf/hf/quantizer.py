@@ -23,6 +23,9 @@ from ..quant.modules import QuantLayer, layers_to_skip, set_progress
 from ..quant.modules import quantize as quantize_module
 
 
+QUANTIZER_KEYS = r"\.(weight|input)_quantizer\.quantizer\.(scale|clip|qstate)$"
+
+
 def quant_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLayer)]
 
@@ -47,9 +50,12 @@ class PEGEHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs):
         cfg = self.quantization_config
         quantize_module(model, cfg, skip=layers_to_skip(model, cfg))
+        # a float checkpoint has no quantizer state: the after-hook creates it, so it is not "missing"
+        model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {QUANTIZER_KEYS}
         if self.pre_quantized:
             for _, layer in quant_layers(model):
                 layer.to_packed_form()
+            check_packed_checkpoint(model, kwargs.get("checkpoint_files") or [])
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs):
@@ -85,10 +91,47 @@ class PEGEHfQuantizer(HfQuantizer):
         return dequantize(model)
 
 
+def _read_header(path) -> dict:
+    """{tensor name: (dtype, shape)} of a safetensors file; a clear error for a corrupt or truncated one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for every kind of damage
+        raise ValueError(f"checkpoint file {path} is corrupt or truncated ({e}); re-download or re-save it") from e
+
+
+def check_packed_checkpoint(model: nn.Module, checkpoint_files) -> None:
+    """Before any weight is read: each quantized layer's packed tensor has the size its shape and bit
+    width need."""
+    header, where = {}, {}
+    for path in checkpoint_files:
+        if str(path).endswith(".safetensors"):
+            for key, info in _read_header(path).items():
+                header[key], where[key] = info, path
+    if not header:
+        return
+    for name, layer in quant_layers(model):
+        key = f"{name}.weight_packed" if name else "weight_packed"
+        expected = layer.expected_packed_bytes()
+        bits = layer.weight_quantizer.quantizer.bits
+        if key not in header:
+            continue  # stored under another name (some models rename keys on save): checked after loading
+        dtype, shape = header[key]
+        if dtype != "U8" or shape != (expected,):
+            raise ValueError(f"tensor {key} in {where[key]} is {dtype} of shape {list(shape)}, but a {bits}-bit "
+                             f"weight of shape {list(layer._weight_shape)} packs into U8 of shape [{expected}]: "
+                             f"the checkpoint does not match its quantization_config (w_bits={bits})")
+
+
 def check_loaded_layer(name: str, layer: QuantLayer) -> None:
     """A packed layer must hold the bytes its shape and bits need, and finite positive step sizes."""
     expected = layer.expected_packed_bytes()
     packed = layer.weight_packed
+    if not getattr(packed, "_is_hf_initialized", False):
+        raise ValueError(f"tensor {name}.weight_packed is missing from the checkpoint: it is not a PEGE packed "
+                         f"checkpoint for this model and quantization_config")
     if packed.dtype != torch.uint8 or packed.numel() != expected:
         raise ValueError(f"tensor {name}.weight_packed has {packed.numel()} {packed.dtype} values; a "
                          f"{layer.weight_quantizer.quantizer.bits}-bit weight of shape {tuple(layer._weight_shape)} "

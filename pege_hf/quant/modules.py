@@ -154,6 +154,7 @@ class QuantLayer:
         nbytes = self.expected_packed_bytes()
         del self.weight
         self.register_buffer("weight_packed", torch.empty(nbytes, dtype=torch.uint8, device=device))
+        self._is_hf_initialized = True  # the weight comes from the codes: transformers must not re-initialise it
 
     @torch.no_grad()
     def from_packed_form(self) -> None:
