@@ -383,3 +383,28 @@ def test_fused_path_matches_composite_path(estimator, quantizer, progress, mask)
     assert torch.equal(o1, o2)
     assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-14)
     assert len(p1) == len(p2) and all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(p1, p2))
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager():
+    """torch.compile'd kernels (the fast training path) agree with the eager formulas."""
+    from pege_hf.quant import kernels
+
+    cfg = PEGEConfig(w_bits=2, a_bits=2, discretization_lambda=0.5, ewgs_delta=0.1, a_mask="progressive")
+    x0 = torch.relu(torch.randn(8, 4, 6, 6))
+    results = {}
+    try:
+        for compiled in (False, True):
+            kernels.use_compiled_kernels(compiled)
+            for est in ("ste", "ewgs", "pege"):
+                fq = make_fake_quantizer(PEGEConfig(**{**cfg.to_dict(), "estimator": est}), weight=False, seed=1).train()
+                fq.set_progress(0.3)
+                x = x0.clone().requires_grad_()
+                out = fq(x)
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+                results[compiled, est] = (out.detach(), x.grad, fq.quantizer.scale.grad)
+    finally:
+        kernels.use_compiled_kernels(False)
+    for est in ("ste", "ewgs", "pege"):
+        for a, b in zip(results[False, est], results[True, est]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), est

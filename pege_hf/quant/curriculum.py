@@ -5,9 +5,12 @@ Pure torch; nothing here knows about layers or configs.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+
+from . import kernels
 
 SCHEDULES = ("log", "linear", "cosine", "instant")
 MASK_POLICIES = ("progressive", "bernoulli", "error")
@@ -50,8 +53,15 @@ def _hash32(v: torch.Tensor) -> torch.Tensor:
 def element_priority(shape: torch.Size | tuple[int, ...], seed: int, device=None) -> torch.Tensor:
     """A fixed pseudo-random priority in [0, 1) for every element, derived from (seed, flat index).
 
-    Counter-based: the same (seed, shape) gives the same priorities on any device, with no stored state.
+    Counter-based: the same (seed, shape) gives the same priorities on any device, with nothing
+    saved in checkpoints. Recent results are memoised (the hash costs a few passes over the tensor);
+    treat the returned tensor as read-only.
     """
+    return _element_priority(tuple(shape), int(seed), torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=128)
+def _element_priority(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
     n = math.prod(shape)
     offset = _hash32(torch.tensor(seed & _MASK32, dtype=torch.int64)).item()
     idx = (torch.arange(n, device=device, dtype=torch.int64) + offset) & _MASK32
@@ -76,7 +86,7 @@ def replacement_mask(
     if policy == "progressive":
         return element_priority(x.shape, seed, x.device) < ratio
     if policy == "bernoulli":
-        return torch.rand(x.shape, device=x.device) < ratio
+        return kernels.impl["bernoulli_mask"](x, ratio)
     if policy == "error":
         if error is None:
             raise ValueError("mask policy 'error' needs the quantization error |x - Q(x)|")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 ESTIMATORS = ("pege", "ste", "ewgs")
 DISCRETIZATION_SCOPES = ("all", "replaced")
 
@@ -81,36 +83,22 @@ class PEGEMix(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Fused fast path for uniform quantizers Q(x) = s * round(clamp(x / s, qmin, qmax)).
 # One autograd node per estimator that saves x (often already saved by the ReLU before it) and
-# recomputes everything else in backward: the same values and gradients as the composite path
-# (quantizer(x, round_fn) + PEGEMix), far fewer passes over memory. Gradients to s are the
-# quantizer's own (LSQ's); the quantizer's parameterisation of s (grad scale, PACT clip) stays
-# outside, in autograd.
+# recomputes everything else in backward (kernels.py): the same values and gradients as the
+# composite path (quantizer(x, round_fn) + PEGEMix), far fewer passes over memory. Gradients to s
+# are the quantizer's own (LSQ's); how the quantizer parameterises s (LSQ's gradient scale, PACT's
+# clip) stays outside, in autograd.
 # ---------------------------------------------------------------------------------------------
-def _uniform(x, s, qmin, qmax):
-    v = x / s
-    r = torch.round(torch.clamp(v, qmin, qmax))
-    return v, r
-
-
-def _uniform_grads(g, v, r, s, qmin, qmax, factor=1.0):
-    """Gradients of s * round(clamp(v)) with d round / dv = factor: to x, and to s (summed to s's shape)."""
-    inside = (v >= qmin) & (v <= qmax)
-    grad_x = torch.where(inside, g * factor, 0.0)
-    grad_s = (g * torch.where(inside, r - factor * v, r)).sum_to_size(s.shape)
-    return grad_x, grad_s
-
-
 class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, qmin, qmax):
         ctx.save_for_backward(x, s, qmin, qmax)
-        return _uniform(x, s, qmin, qmax)[1] * s
+        return kernels.impl["uniform_forward"](x, s, qmin, qmax)
 
     @staticmethod
     def backward(ctx, g):
         x, s, qmin, qmax = ctx.saved_tensors
-        v, r = _uniform(x, s, qmin, qmax)
-        return *_uniform_grads(g, v, r, s, qmin, qmax), None, None
+        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, qmin, qmax, 0.0)
+        return grad_x, grad_s.sum_to_size(s.shape), None, None
 
 
 class FakeQuantEWGS(torch.autograd.Function):
@@ -118,14 +106,13 @@ class FakeQuantEWGS(torch.autograd.Function):
     def forward(ctx, x, s, qmin, qmax, delta: float):
         ctx.save_for_backward(x, s, qmin, qmax)
         ctx.delta = delta
-        return _uniform(x, s, qmin, qmax)[1] * s
+        return kernels.impl["uniform_forward"](x, s, qmin, qmax)
 
     @staticmethod
     def backward(ctx, g):
         x, s, qmin, qmax = ctx.saved_tensors
-        v, r = _uniform(x, s, qmin, qmax)
-        factor = 1 + ctx.delta * torch.sign(g) * (torch.clamp(v, qmin, qmax) - r) / (qmax - qmin)
-        return *_uniform_grads(g, v, r, s, qmin, qmax, factor), None, None, None
+        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, qmin, qmax, ctx.delta)
+        return grad_x, grad_s.sum_to_size(s.shape), None, None, None
 
 
 class FakeQuantPEGE(torch.autograd.Function):
@@ -134,24 +121,16 @@ class FakeQuantPEGE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s, qmin, qmax, mask, coef, scope: str):
         ctx.save_for_backward(x, s, qmin, qmax, mask, coef)
-        ctx.scope = scope
-        xq = _uniform(x, s, qmin, qmax)[1] * s
-        return xq if mask is None else torch.where(mask, xq, x)
+        ctx.replaced_only = scope == "replaced"
+        if mask is None:
+            return kernels.impl["uniform_forward"](x, s, qmin, qmax)
+        return kernels.impl["mixed_forward"](x, s, qmin, qmax, mask)
 
     @staticmethod
     def backward(ctx, g):
         x, s, qmin, qmax, mask, coef = ctx.saved_tensors
-        v, r = _uniform(x, s, qmin, qmax)
-        gm = g if mask is None else torch.where(mask, g, 0.0)
-        grad_x, grad_s = _uniform_grads(gm, v, r, s, qmin, qmax)
-        if mask is not None:
-            grad_x = torch.where(mask, grad_x, g)
-        if coef is not None:
-            pull = coef * (x - r * s)
-            if ctx.scope == "replaced" and mask is not None:
-                pull = torch.where(mask, pull, 0.0)
-            grad_x = grad_x + pull
-        return grad_x, grad_s, None, None, None, None, None
+        grad_x, grad_s = kernels.impl["pege_backward"](g, x, s, qmin, qmax, mask, coef, ctx.replaced_only)
+        return grad_x, grad_s.sum_to_size(s.shape), None, None, None, None, None
 
 
 def round_ste(v: torch.Tensor) -> torch.Tensor:
