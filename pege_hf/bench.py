@@ -145,6 +145,56 @@ def write_result(result: dict, table: str, out_dir: Path, stem: str) -> None:
     print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}")
 
 
+# ---------------------------------------------------------------------------------------------
+# size
+# ---------------------------------------------------------------------------------------------
+def bench_size(model_fn, bits_list=(2, 3, 4, 8), work_dir: Path | None = None) -> dict:
+    """Bytes of model.safetensors: the float checkpoint vs the packed PEGE checkpoint per bit width
+    (weights and activations at the same width; stem, head and norms stay float)."""
+    import tempfile
+
+    from .hf.quantizer import quantize as quantize_pretrained
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        model_fn().save_pretrained(tmp / "fp")
+        float_bytes = (tmp / "fp" / "model.safetensors").stat().st_size
+        rows = {}
+        for bits in bits_list:
+            model = quantize_pretrained(model_fn(), PEGEConfig(w_bits=bits, a_bits=bits))
+            model(torch.randn(4, 3, 32, 32))  # activation step sizes from a first batch
+            model.save_pretrained(tmp / f"w{bits}")
+            nbytes = (tmp / f"w{bits}" / "model.safetensors").stat().st_size
+            rows[f"W{bits}A{bits}"] = {"bits": bits, "bytes": nbytes, "ratio_vs_float": nbytes / float_bytes}
+    return {"benchmark": "size", "model": "cifar_resnet20", "float_bytes": float_bytes, "packed": rows}
+
+
+def size_table(result: dict) -> str:
+    lines = [f"Checkpoint size (model.safetensors), CIFAR ResNet-20; float: {result['float_bytes']:,} bytes.", "",
+             "| bits | bytes | vs float |", "|---|---|---|"]
+    for name, row in result["packed"].items():
+        lines.append(f"| {name} | {row['bytes']:,} | {row['ratio_vs_float']:.3f} (1/{1 / row['ratio_vs_float']:.1f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def size_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["float"] + list(result["packed"])
+    kb = [result["float_bytes"] / 1024] + [r["bytes"] / 1024 for r in result["packed"].values()]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(names, kb, color=["#888"] + ["#2a7"] * len(result["packed"]))
+    ax.set_ylabel("checkpoint size (KiB)")
+    ax.set_title("CIFAR ResNet-20 checkpoint size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _resnet20():
     from .hf.cifar import cifar_resnet
 
@@ -155,7 +205,7 @@ def _resnet20():
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -168,6 +218,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--compile", action="store_true",
                     help="run the quantizers' elementwise kernels through torch.compile (the FP model has none)")
     sp.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    sz = sub.add_parser("size", help="packed checkpoint bytes vs the float safetensors, per bit width",
+                        description="Save a CIFAR ResNet-20 as float and as packed PEGE checkpoints; compare bytes.")
+    sz.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    sz.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -175,4 +229,8 @@ def main(args: argparse.Namespace) -> int:
         result = bench_speed(_resnet20, batch_size=args.batch_size, bits=args.bits, steps=args.steps,
                              warmup=args.warmup, progress=args.progress, device=args.device, compile=args.compile)
         write_result(result, speed_table(result), args.out, "speed")
+    elif args.bench == "size":
+        result = bench_size(_resnet20, tuple(args.bits))
+        write_result(result, size_table(result), args.out, "size")
+        size_plot(result, args.out / "size.png")
     return 0
