@@ -11,6 +11,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -195,6 +196,183 @@ def size_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------
+# accuracy: the resumable matrix FP / STE / EWGS / PEGE x W2A2 / W3A3 / W4A4
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One training run of the matrix: its folder name and its `pege_hf.train` arguments."""
+
+    name: str
+    args: tuple[str, ...]
+    estimator: str
+    bits: int | None
+    seed: int
+    variant: str = "main"  # "main" or an ablation tag
+    depends: str | None = None  # a run whose output folder is this run's --model
+
+
+def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=(2, 3, 4),
+                  estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 2, seeds: int = 1,
+                  ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra=()) -> list[Run]:
+    """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
+    optimiser, schedule, epochs, augmentation and seeds (more seeds at the lowest width), plus the
+    W2A2 ablations PEGE without the discretization term and PEGE with the linear curriculum."""
+    fp = Run("resnet20-fp", ("--estimator", "none", "--arch", "resnet20", "--dataset", data,
+                             "--epochs", str(fp_epochs), "--lr", "0.1", *extra), "fp", None, 0)
+    model = str(runs_dir / fp.name)
+    plan = [fp]
+
+    def qat(estimator, b, seed, variant="main", more=()):
+        name = f"resnet20-w{b}a{b}-{estimator}" + ("" if variant == "main" else f"-{variant}") + f"-s{seed}"
+        args = ("--model", model, "--dataset", data, "--estimator", estimator, "--w-bits", str(b), "--a-bits", str(b),
+                "--epochs", str(qat_epochs), "--lr", "0.01", "--seed", str(seed), *more, *extra)
+        return Run(name, args, estimator, b, seed, variant, depends=fp.name)
+
+    low = min(bits)
+    for seed in range(max(seeds, seeds_low_bits)):
+        for b in bits:
+            if seed < (seeds_low_bits if b == low else seeds):
+                plan += [qat(e, b, seed) for e in estimators]
+    if ablations and "pege" in estimators:
+        plan += [qat("pege", low, 0, "lambda0", ("--lambda", "0")),
+                 qat("pege", low, 0, "linear", ("--curriculum", "linear"))]
+    return plan
+
+
+def run_is_finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()
+
+
+def execute_run(run: Run, runs_dir: Path, checkpointing_steps: int = 100) -> int:
+    """Train one run in a child process (or continue it: --resume), logging to its train.log."""
+    import subprocess
+    import sys
+
+    run_dir = runs_dir / run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pege_hf.train", *run.args, "--output-dir", str(run_dir), "--resume",
+           "--checkpointing-steps", str(checkpointing_steps), "--no-tensorboard"]
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
+    """Every finished run's config, seed, per-epoch accuracy, final accuracy and wall time, plus
+    summaries (mean and spread over seeds, delta to FP)."""
+    runs = {}
+    for run in plan:
+        path = runs_dir / run.name / "metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        runs[run.name] = {
+            "estimator": run.estimator, "bits": run.bits, "seed": run.seed, "variant": run.variant,
+            "accuracy": m["accuracy"], "top5": m.get("top5"), "best_accuracy": m.get("best_accuracy"),
+            "epoch_accuracy": [h["accuracy"] for h in m.get("history", [])], "wall_time_s": m.get("wall_time_s"),
+            "steps": m.get("steps"), "quantization_config": m.get("quantization_config"), "command": m.get("command"),
+        }
+    fp = next((r["accuracy"] for r in runs.values() if r["estimator"] == "fp"), None)
+    groups: dict[tuple, list[float]] = {}
+    for r in runs.values():
+        if r["estimator"] != "fp":
+            groups.setdefault((r["estimator"], r["bits"], r["variant"]), []).append(r["accuracy"])
+    summary = []
+    for (est, b, variant), accs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2] != "main", kv[0][0])):
+        mean = statistics.fmean(accs)
+        summary.append({"estimator": est, "bits": b, "variant": variant, "seeds": len(accs), "mean": mean,
+                        "spread": (max(accs) - min(accs)) / 2 if len(accs) > 1 else 0.0,
+                        "delta_vs_fp": None if fp is None else mean - fp})
+    return {"benchmark": "accuracy", "model": "cifar_resnet20", "fp_accuracy": fp, "runs": runs,
+            "summary": summary, "planned": [r.name for r in plan],
+            "missing": [r.name for r in plan if r.name not in runs]}
+
+
+def accuracy_table(result: dict) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["CIFAR-10 ResNet-20 top-1 (%) on the 10k test images, QAT from one FP model with LSQ forward quantizers; "
+             "mean +- half-range over seeds.", "",
+             f"Full precision: {pct(result['fp_accuracy'])}", "",
+             "| bits | estimator | variant | seeds | top-1 | delta vs FP |", "|---|---|---|---|---|---|"]
+    for row in result["summary"]:
+        spread = f" +- {100 * row['spread']:.2f}" if row["seeds"] > 1 else ""
+        delta = "-" if row["delta_vs_fp"] is None else f"{100 * row['delta_vs_fp']:+.2f}"
+        lines.append(f"| W{row['bits']}A{row['bits']} | {row['estimator']} | {row['variant']} | {row['seeds']} | "
+                     f"{pct(row['mean'])}{spread} | {delta} |")
+    if result["missing"]:
+        lines += ["", f"Not finished yet ({len(result['missing'])}): {', '.join(result['missing'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_plots(result: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for est in ("ste", "ewgs", "pege"):
+        rows = sorted((r for r in result["summary"] if r["estimator"] == est and r["variant"] == "main"),
+                      key=lambda r: r["bits"])
+        if rows:
+            ax.errorbar([r["bits"] for r in rows], [100 * r["mean"] for r in rows],
+                        yerr=[100 * r["spread"] for r in rows], marker="o", capsize=3, label=est.upper())
+    if result["fp_accuracy"] is not None:
+        ax.axhline(100 * result["fp_accuracy"], color="k", ls="--", lw=1, label="FP")
+    ax.set_xlabel("bits (weights = activations)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_xticks([2, 3, 4])
+    ax.set_title("CIFAR-10 ResNet-20")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_bits.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, r in result["runs"].items():
+        if r["epoch_accuracy"] and (r["variant"] == "main" and r["seed"] == 0 or r["estimator"] == "fp"):
+            ax.plot(range(1, len(r["epoch_accuracy"]) + 1), [100 * a for a in r["epoch_accuracy"]], label=name, lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Accuracy over training")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_over_training.png", dpi=120)
+    plt.close(fig)
+
+
+def write_accuracy_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dict:
+    result = collect_accuracy(plan, runs_dir)
+    write_result(result, accuracy_table(result), out_dir, "accuracy")
+    if result["runs"]:
+        accuracy_plots(result, out_dir)
+    return result
+
+
+def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int | None = None) -> dict:
+    """Run what is not finished, in plan order (a cut-off run continues from its last checkpoint; a
+    finished one is never redone); rewrite the report after every run."""
+    started = 0
+    for run in plan:
+        if run_is_finished(runs_dir / run.name):
+            continue
+        if run.depends and not run_is_finished(runs_dir / run.depends):
+            print(f"skip {run.name}: {run.depends} has not finished")
+            continue
+        if max_runs is not None and started >= max_runs:
+            break
+        started += 1
+        print(f"run {run.name} (log: {runs_dir / run.name / 'train.log'})", flush=True)
+        code = execute_run(run, runs_dir)
+        if code != 0:
+            print(f"{run.name} exited with code {code}; see its train.log", flush=True)
+            break
+        write_accuracy_report(plan, runs_dir, out_dir)
+    return write_accuracy_report(plan, runs_dir, out_dir)
+
+
 def _resnet20():
     from .hf.cifar import cifar_resnet
 
@@ -205,7 +383,7 @@ def _resnet20():
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -222,6 +400,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         description="Save a CIFAR ResNet-20 as float and as packed PEGE checkpoints; compare bytes.")
     sz.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     sz.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    ac = sub.add_parser(
+        "accuracy", help="the resumable accuracy matrix: FP vs STE vs EWGS vs PEGE at W2A2/W3A3/W4A4",
+        description="Train an FP CIFAR ResNet-20, then QAT from it with every estimator and bit width (same recipe "
+                    "and seeds), one child process per run. Resumable: finished runs are never redone and a "
+                    "cut-off run continues from its last checkpoint. Writes accuracy.json/.md and PNG plots.")
+    ac.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 folder, parquet or Hub id")
+    ac.add_argument("--fp-epochs", type=int, default=60)
+    ac.add_argument("--qat-epochs", type=int, default=15)
+    ac.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ac.add_argument("--estimators", nargs="+", default=["ste", "ewgs", "pege"])
+    ac.add_argument("--seeds", type=int, default=1, help="seeds per estimator and width (default 1)")
+    ac.add_argument("--seeds-low-bits", type=int, default=2, help="seeds at the lowest width (default 2)")
+    ac.add_argument("--no-ablations", action="store_true", help="skip the W2A2 PEGE ablations")
+    ac.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")
+    ac.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    ac.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument passed to every training run (repeat), e.g. --train-arg=--compile-kernels")
+    ac.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -233,4 +429,13 @@ def main(args: argparse.Namespace) -> int:
         result = bench_size(_resnet20, tuple(args.bits))
         write_result(result, size_table(result), args.out, "size")
         size_plot(result, args.out / "size.png")
+    elif args.bench == "accuracy":
+        runs_dir = args.out / "runs"
+        plan = accuracy_plan(data=args.data, fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, bits=tuple(args.bits),
+                             estimators=tuple(args.estimators), seeds=args.seeds, seeds_low_bits=args.seeds_low_bits,
+                             ablations=not args.no_ablations, runs_dir=runs_dir, extra=tuple(args.train_arg))
+        if args.report_only:
+            write_accuracy_report(plan, runs_dir, args.out)
+        else:
+            run_accuracy(plan, runs_dir, args.out, args.max_runs)
     return 0

@@ -1,5 +1,8 @@
 """Benchmarks: the size benchmark measures the real files; the speed benchmark's bookkeeping."""
 
+import json
+
+import pytest
 import torch
 
 from pege_hf import bench
@@ -34,3 +37,41 @@ def test_speed_benchmark_structure():
     for v in variants.values():
         assert len(v["step_times_s"]) == 2 and v["median_step_s"] > 0
     assert variants["ste"]["memory_ratio_vs_fp"] > 1.0  # quantizers add saved tensors
+
+
+def test_accuracy_plan_protocol():
+    plan = bench.accuracy_plan(data="D", fp_epochs=60, qat_epochs=15)
+    names = [r.name for r in plan]
+    assert names[0] == "resnet20-fp" and len(names) == len(set(names))
+    qat = [r for r in plan if r.estimator != "fp"]
+    assert all(r.depends == "resnet20-fp" for r in qat)
+    # identical recipe across estimators: the arguments differ only in the estimator (and ablation flags)
+    def recipe(r):
+        args = list(r.args)
+        i = args.index("--estimator")
+        return args[:i] + args[i + 2:]
+    for b in (2, 3, 4):
+        main = [r for r in qat if r.bits == b and r.variant == "main" and r.seed == 0]
+        assert {r.estimator for r in main} == {"ste", "ewgs", "pege"}
+        assert len({tuple(recipe(r)) for r in main}) == 1
+    assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 6  # 2 seeds at W2A2
+    assert {r.variant for r in qat if r.variant != "main"} == {"lambda0", "linear"}
+
+
+@pytest.mark.slow
+def test_accuracy_runner_is_resumable(tmp_path):
+    """A tiny matrix runs end to end; a second invocation redoes nothing."""
+    from pege_hf.data import DEFAULT_DATASET
+
+    runs = tmp_path / "runs"
+    plan = bench.accuracy_plan(data=DEFAULT_DATASET, fp_epochs=1, qat_epochs=1, bits=(2,), estimators=("pege",),
+                               seeds_low_bits=1, ablations=False, runs_dir=runs,
+                               extra=("--max-train", "256", "--max-test", "128", "--batch-size", "64"))
+    result = bench.run_accuracy(plan, runs, tmp_path)
+    assert not result["missing"] and set(result["runs"]) == {r.name for r in plan}
+    fp = json.loads((runs / "resnet20-fp" / "metrics.json").read_text())
+    assert result["fp_accuracy"] == fp["accuracy"]
+    assert (tmp_path / "accuracy.md").is_file() and (tmp_path / "accuracy_vs_bits.png").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+    bench.run_accuracy(plan, runs, tmp_path)
+    assert stamps == {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
