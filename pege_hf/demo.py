@@ -1,0 +1,71 @@
+"""`pege demo`: the Gradio page comparing a float model with its PEGE 4/3/2-bit checkpoints.
+
+    pege demo                                   # the shipped ResNet-20 checkpoints, http://127.0.0.1:7860
+    pege demo --model runs/quickstart           # a folder holding the four checkpoints
+    pege demo --fp runs/fp --w2 runs/w2a2 --w3 runs/w3a3 --w4 runs/w4a4 --host 0.0.0.0 --port 8080
+    pege demo --w2 user/resnet20-pege-w2a2      # Hub ids work too (when online)
+
+It runs app/app.py of the source checkout (`python app/app.py` takes the same options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+APP_PATH = Path(__file__).resolve().parents[1] / "app" / "app.py"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("models (default: the shipped checkpoints in pege_hf/assets/models)")
+    models.add_argument("--model", metavar="DIR", default=None,
+                        help="a parent folder holding the float checkpoint and its PEGE W4A4/W3A3/W2A2 checkpoints "
+                             "(one subfolder each, e.g. resnet20-fp, resnet20-pege-w2a2, ...)")
+    for key, title in (("fp", "full-precision"), ("w4", "PEGE W4A4"), ("w3", "PEGE W3A3"), ("w2", "PEGE W2A2")):
+        models.add_argument(f"--{key}", metavar="DIR_OR_HUB_ID", default=None,
+                            help=f"the {title} checkpoint (a folder or a Hub id); overrides --model")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port (default: $GRADIO_SERVER_PORT, else the first free one from 7860)")
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="requests computed at the same time (default 2: one per CPU core of a small machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads per request (default 1: one image is too small to split; "
+                             "0 leaves torch's default)")
+    parser.add_argument("--examples", type=int, default=12, help="CIFAR-10 test images in the gallery (default 12)")
+    parser.add_argument("--benchmarks", metavar="JSON", default=None,
+                        help="accuracy benchmark results for the accuracy-vs-bits plot (default: "
+                             "benchmarks/accuracy.json of the checkout; the models' metrics.json without it)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not APP_PATH.is_file():
+        print(f"pege demo: the Gradio app is missing: {APP_PATH} does not exist. `pege demo` runs app/app.py of a "
+              f"source checkout of pege_hf (git clone the repository, then `pip install -e .` there).",
+              file=sys.stderr)
+        return 2
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
+    app = load_app_module()
+    return app.main(args=args)
+
+
+def load_app_module(path: Path | None = None):
+    """Import app/app.py (not a package) as the module `pege_demo_app`."""
+    path = Path(path) if path is not None else APP_PATH
+    if "pege_demo_app" in sys.modules and getattr(sys.modules["pege_demo_app"], "__file__", None) == str(path):
+        return sys.modules["pege_demo_app"]
+    spec = importlib.util.spec_from_file_location("pege_demo_app", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pege_demo_app"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="pege demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

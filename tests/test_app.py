@@ -1,0 +1,487 @@
+"""The demo: pege_hf.inference (known answers), the `pege demo` CLI, app/app.py served on 127.0.0.1
+through gradio_client (every endpoint, bad inputs, 20 concurrent requests) and in chromium.
+
+Checkpoints are built here (a float CIFAR ResNet-20 and its PEGE W4A4/W3A3/W2A2 packed copies),
+so nothing depends on shipped models or the network.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import pege_hf  # noqa: E402
+from pege_hf import demo as demo_cli  # noqa: E402
+from pege_hf import inference as inf  # noqa: E402
+from pege_hf.data import CIFAR10_CLASSES, preprocess_pil  # noqa: E402
+from pege_hf.hf.cifar import cifar_resnet  # noqa: E402
+
+pytestmark = [  # pandas 3 deprecations raised inside gradio's queue, not in this project
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+TITLES = ["Full precision", "PEGE W4A4", "PEGE W3A3", "PEGE W2A2"]
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    """resnet20-fp (metrics.json: accuracy 0.91), resnet20-pege-w4a4 (metrics.json in percent: 88.5),
+    -w3a3 and -w2a2 (no metrics.json)."""
+    root = tmp_path_factory.mktemp("demo_models")
+    torch.manual_seed(0)
+    fp = cifar_resnet(20)
+    fp.save_pretrained(root / "resnet20-fp")
+    (root / "resnet20-fp" / "metrics.json").write_text(json.dumps({"accuracy": 0.91, "top5": 0.99}))
+    for bits in (4, 3, 2):
+        model = cifar_resnet(20)
+        model.load_state_dict(fp.state_dict())
+        q = pege_hf.quantize(model, pege_hf.PEGEConfig(w_bits=bits, a_bits=bits))
+        q(torch.randn(8, 3, 32, 32))
+        q.eval()
+        q.save_pretrained(root / f"resnet20-pege-w{bits}a{bits}")
+    (root / "resnet20-pege-w4a4" / "metrics.json").write_text(json.dumps({"accuracy": 88.5}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The app runs one torch thread per request; restore the test process's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(ckpt_root, one_thread):
+    return inf.ModelSet.load(inf.resolve_sources(ckpt_root))
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    return inf.example_images(12, out_dir=tmp_path_factory.mktemp("examples"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Upload files: good PNG, grayscale, RGBA, a text file, an empty file."""
+    d = tmp_path_factory.mktemp("uploads")
+    g = torch.Generator().manual_seed(1)
+    rgb = Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy())
+    rgb.save(d / "photo.png")
+    rgb.convert("L").save(d / "gray.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(d / "rgba.png")
+    (d / "notes.txt").write_text("this is not an image\n")
+    (d / "empty.png").write_bytes(b"")
+    return {p.stem: p for p in d.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    return demo_cli.load_app_module()
+
+
+@pytest.fixture(scope="module")
+def server(app_module, models, examples):
+    demo = app_module.build_demo(models, examples, benchmark_file=None)
+    _, url, _ = app_module.launch(demo, "127.0.0.1", None, concurrency=2, prevent_thread_lock=True,
+                                  allowed_paths=[str(Path(examples[0][0]).parent)], quiet=True)
+    yield url
+    demo.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False)
+
+
+# --------------------------------------------------------------------------------------------- unit: inference
+
+
+def test_top5_is_softmax_of_the_models_own_logits(models, ckpt_root, examples):
+    """Against models loaded afresh (no inference freezing): equal logits bit for bit, top-5 =
+    the 5 largest of softmax(logits), most probable first, summing to at most 1."""
+    path = examples[3][0]
+    pred = models.predict(path)
+    x = preprocess_pil(Image.open(path))
+    dirs = {"fp": "resnet20-fp", "w4": "resnet20-pege-w4a4", "w3": "resnet20-pege-w3a3", "w2": "resnet20-pege-w2a2"}
+    for key, name in dirs.items():
+        reference = pege_hf.from_pretrained(str(ckpt_root / name)).eval()
+        with torch.no_grad():
+            logits = reference(pixel_values=x).logits[0]
+        assert torch.equal(torch.tensor(pred.logits[key]), logits), key
+        probs = torch.softmax(logits.double(), -1)
+        top = pred.top_k(key, 5)
+        assert len(top) == 5
+        assert sum(top.values()) <= 1 + 1e-6
+        values, indices = probs.topk(5)
+        assert list(top) == [CIFAR10_CLASSES[i] for i in indices.tolist()]
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-6)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+        assert pred.top1[key] == CIFAR10_CLASSES[int(logits.argmax())]
+    assert set(pred.latency_ms) == set(dirs) and all(ms > 0 for ms in pred.latency_ms.values())
+
+
+def test_quantized_models_really_are_low_bit(models):
+    for key, bits in (("w4", 4), ("w3", 3), ("w2", 2)):
+        entry = models.models[key]
+        assert (entry.w_bits, entry.a_bits) == (bits, bits) and entry.title == f"PEGE W{bits}A{bits}"
+        assert pege_hf.hf.quantizer.quant_layers(entry.model)
+    assert models.models["fp"].w_bits is None and models.titles["fp"] == "Full precision"
+    assert models.keys == ["fp", "w4", "w3", "w2"]
+
+
+def test_agreement_flags():
+    assert inf.agreement({"fp": "cat", "w4": "cat", "w3": "dog", "w2": "cat"}) == {"w4": True, "w3": False, "w2": True}
+    assert inf.agreement({"w4": "cat", "w2": "dog"}) == {}
+    pred = inf.Prediction(class_names=["a", "b", "c"], probs={"fp": [0.1, 0.7, 0.2], "w4": [0.2, 0.5, 0.3],
+                                                             "w2": [0.6, 0.3, 0.1]},
+                          logits={}, latency_ms={"fp": 1.0, "w4": 2.0, "w2": 3.0}, preprocess_ms=0.5,
+                          titles={"fp": "Full precision", "w4": "PEGE W4A4", "w2": "PEGE W2A2"})
+    assert pred.top1 == {"fp": "b", "w4": "b", "w2": "a"}
+    assert pred.agreement == {"w4": True, "w2": False}
+    md = inf.agreement_markdown(pred)
+    assert "✓ **PEGE W4A4** agrees" in md and "✗ **PEGE W2A2** disagrees: *a*" in md and "1 of 2" in md
+    assert inf.Prediction.from_dict(json.loads(json.dumps(pred.to_dict()))).probs == pred.probs
+    with pytest.raises(ValueError, match="not a prediction"):
+        inf.Prediction.from_dict({"class_names": ["a"], "probabilities": {"fp": [0.5, 0.5]}})
+
+
+def test_sizes_are_the_safetensors_bytes(models, ckpt_root):
+    fp_size = os.path.getsize(ckpt_root / "resnet20-fp" / "model.safetensors")
+    for key, entry in models.models.items():
+        assert entry.size_bytes == os.path.getsize(Path(entry.source) / "model.safetensors")
+        assert inf.model_size_bytes(entry.source) == entry.size_bytes
+    for key in ("w4", "w3", "w2"):
+        assert models.models[key].size_bytes < fp_size / 4  # packed low-bit codes
+    assert models.models["w2"].size_bytes < models.models["w3"].size_bytes < models.models["w4"].size_bytes
+    rows = inf.summary_rows(models)
+    assert [r[0] for r in rows] == TITLES
+    assert rows[0][3] == f"{fp_size:,}"
+    w2 = models.models["w2"].size_bytes
+    assert rows[3][3] == f"{w2:,} ({fp_size / w2:.1f}x smaller)"
+
+
+def test_accuracy_from_metrics_json(models):
+    assert models.models["fp"].accuracy == pytest.approx(0.91)
+    assert models.models["w4"].accuracy == pytest.approx(0.885)  # percent in the file
+    assert models.models["w3"].accuracy is None and models.models["w2"].accuracy is None
+    rows = {r[0]: r for r in inf.summary_rows(models)}
+    assert rows["Full precision"][4] == "91.00%" and rows["PEGE W4A4"][4] == "88.50%"
+    assert rows["PEGE W3A3"][4] == "not measured" and rows["PEGE W2A2"][4] == "not measured"
+
+
+def test_accuracy_by_bits_prefers_the_benchmark_file(models, tmp_path):
+    series, source = inf.accuracy_by_bits(models, tmp_path / "absent.json")
+    assert series == {"fp": {None: pytest.approx(0.91)}, "pege": {4: pytest.approx(0.885)}}
+    assert "metrics.json" in source
+    bench = tmp_path / "accuracy.json"
+    bench.write_text(json.dumps({"results": [
+        {"method": "pege", "w_bits": 2, "a_bits": 2, "accuracy": 0.80, "seed": 0},
+        {"method": "pege", "w_bits": 2, "a_bits": 2, "accuracy": 0.82, "seed": 1},
+        {"method": "ste", "w_bits": 2, "a_bits": 2, "accuracy": 0.75},
+        {"method": "fp", "accuracy": 0.92}]}))
+    series, source = inf.accuracy_by_bits(models, bench)
+    assert source == str(bench)
+    assert series == {"fp": {None: pytest.approx(0.92)}, "pege": {2: pytest.approx(0.81)},
+                      "ste": {2: pytest.approx(0.75)}}
+    bench.write_text("{not json")
+    assert "metrics.json" in inf.accuracy_by_bits(models, bench)[1]
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"fp": 91.2, "pege": {"w2a2": 85.0, "w4a4": 90.1}, "ste": {"W2A2": {"accuracy": {"mean": 80.0, "std": 1}}}},
+     {"fp": {None: 0.912}, "pege": {2: 0.85, 4: 0.901}, "ste": {2: 0.80}}),
+    ({"W3A3": {"pege": 0.88, "ewgs": 0.86}},
+     {"pege": {3: 0.88}, "ewgs": {3: 0.86}}),
+    ([{"estimator": "pege", "quant": "w3a3", "top1": 0.87}, {"estimator": "none", "top1": 0.9}],
+     {"pege": {3: 0.87}, "fp": {None: 0.9}}),
+    ({"nothing": "here"}, {}),
+])
+def test_parse_benchmark_accuracy_layouts(data, expected):
+    got = inf.parse_benchmark_accuracy(data)
+    assert got == {m: {b: pytest.approx(v) for b, v in pts.items()} for m, pts in expected.items()}
+
+
+def test_load_image_converts_or_refuses_clearly(images, tmp_path):
+    for name in ("photo", "gray", "rgba"):
+        x = inf.load_image(images[name])
+        assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert torch.equal(inf.load_image(images["photo"].read_bytes()), inf.load_image(images["photo"]))
+    assert torch.equal(inf.load_image(Image.open(images["photo"])), inf.load_image(images["photo"]))
+    # transparent pixels go onto white; 16-bit grayscale and palette images are converted too
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    white = Image.new("RGB", (8, 8), (255, 255, 255))
+    assert torch.allclose(inf.load_image(clear), inf.load_image(white))
+    assert inf.load_image(Image.new("I;16", (20, 20), 300)).shape == (1, 3, 32, 32)
+    assert inf.load_image(Image.new("P", (20, 20), 3)).shape == (1, 3, 32, 32)
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (3000, 2000), (10, 200, 30)).save(big, quality=90)
+    assert inf.load_image(big).shape == (1, 3, 32, 32)
+
+    with pytest.raises(ValueError, match="is not an image"):
+        inf.load_image(images["notes"])
+    with pytest.raises(ValueError, match="is not an image"):
+        inf.load_image(b"GIF89a-but-not-really")
+    with pytest.raises(ValueError, match=r"empty \(0 bytes\)"):
+        inf.load_image(images["empty"])
+    with pytest.raises(ValueError, match=r"empty \(0 bytes\)"):
+        inf.load_image(b"")
+    with pytest.raises(ValueError, match="No image"):
+        inf.load_image(None)
+    with pytest.raises(ValueError, match="too large: 3000 x 2000"):
+        inf.load_image(big, max_pixels=1_000_000)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(images["photo"].read_bytes()[:200])
+    with pytest.raises(ValueError, match="image"):
+        inf.load_image(truncated)
+
+
+def test_example_gallery_images(examples):
+    assert len(examples) == 12
+    assert [name for _, name in examples[:10]] == list(CIFAR10_CLASSES)  # one per class first
+    for path, name in examples:
+        with Image.open(path) as im:
+            assert im.size == (32, 32) and im.format == "PNG"
+        assert name in CIFAR10_CLASSES and name in Path(path).name
+
+
+def test_figures(models, examples):
+    pred = models.predict(examples[0][0])
+    fig = inf.probability_figure(pred.to_dict())
+    ax = fig.axes[0]
+    assert len(ax.containers) == 4  # one bar group per model
+    for container, key in zip(ax.containers, pred.keys):
+        assert [bar.get_height() for bar in container] == pytest.approx(pred.probs[key])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == TITLES
+    acc = inf.accuracy_figure({"fp": {None: 0.91}, "pege": {2: 0.8, 3: 0.85, 4: 0.9}})
+    line = acc.axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [2, 3, 4] and list(line.get_ydata()) == pytest.approx([80, 85, 90])
+    assert inf.accuracy_figure({}).axes[0].texts  # "No accuracy measured yet"
+
+
+def test_resolve_sources(ckpt_root, tmp_path):
+    conventional = inf.resolve_sources(ckpt_root)
+    assert conventional == {"fp": str(ckpt_root / "resnet20-fp"), "w4": str(ckpt_root / "resnet20-pege-w4a4"),
+                            "w3": str(ckpt_root / "resnet20-pege-w3a3"), "w2": str(ckpt_root / "resnet20-pege-w2a2")}
+    # any folder names: told apart by their config.json
+    other = tmp_path / "runs"
+    other.mkdir()
+    for src, dst in (("resnet20-fp", "float"), ("resnet20-pege-w4a4", "q-a"), ("resnet20-pege-w3a3", "q-b"),
+                     ("resnet20-pege-w2a2", "q-c")):
+        shutil.copytree(ckpt_root / src, other / dst)
+    assert inf.resolve_sources(other) == {"fp": str(other / "float"), "w4": str(other / "q-a"),
+                                          "w3": str(other / "q-b"), "w2": str(other / "q-c")}
+    # explicit flags win; a missing variant is named with the flag that provides it
+    assert inf.resolve_sources(other, w2=str(ckpt_root / "resnet20-pege-w2a2"))["w2"] == str(
+        ckpt_root / "resnet20-pege-w2a2")
+    assert inf.resolve_sources(other, w2="someone/resnet20-pege-w2a2")["w2"] == "someone/resnet20-pege-w2a2"  # Hub id
+    shutil.rmtree(other / "q-c")
+    with pytest.raises(FileNotFoundError, match="PEGE W2A2 \\(--w2 DIR"):
+        inf.resolve_sources(other)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        inf.resolve_sources(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="--fp ./does-not-exist: no such folder"):
+        inf.resolve_sources(ckpt_root, fp="./does-not-exist")
+    with pytest.raises(ValueError, match="not a PEGE checkpoint"):
+        inf.ModelSet.load({"fp": str(ckpt_root / "resnet20-fp"), "w2": str(ckpt_root / "resnet20-fp")})
+
+
+def test_server_side_latency_of_the_four_models(models, examples):
+    """Not a timed assertion: prints the median server-side time of predict() (four models, one
+    32x32 image, decoding included) and of predict + the probability chart."""
+    stats = inf.measure_latency(models, examples[0][0], n=50, warmup=5)
+    assert stats["n"] == 50 and 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+    assert set(stats["per_model_median_ms"]) == {"fp", "w4", "w3", "w2"}
+
+    def with_chart(image):
+        fig = inf.probability_figure(models.predict(image))
+        fig.savefig(io.BytesIO(), format="webp")
+
+    chart = inf.measure_latency(models, examples[0][0], n=10, warmup=2, fn=with_chart)
+    per_model = ", ".join(f"{k} {v:.1f}" for k, v in stats["per_model_median_ms"].items())
+    print(f"\n[demo latency] four models, one 32x32 image: median {stats['median_ms']:.1f} ms, "
+          f"p90 {stats['p90_ms']:.1f} ms over {stats['n']} calls ({stats['torch_threads']} torch thread; "
+          f"per model: {per_model}); with the probability chart: median {chart['median_ms']:.1f} ms")
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+def test_demo_cli_options_and_clear_errors(app_module, tmp_path, capsys, monkeypatch):
+    from pege_hf import cli
+
+    args = cli.build_parser("demo").parse_args(["demo", "--fp", "a", "--w2", "b", "--port", "9999"])
+    assert (args.fp, args.w2, args.port, args.host, args.model) == ("a", "b", 9999, "127.0.0.1", None)
+    assert demo_cli.APP_PATH == ROOT / "app" / "app.py" and demo_cli.APP_PATH.is_file()
+    # a folder without models: a clear message, exit code 2, no server
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["demo", "--model", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint found for: Full precision" in err and "--model" in err
+    # no app/app.py (e.g. a wheel install)
+    monkeypatch.setattr(demo_cli, "APP_PATH", tmp_path / "app" / "app.py")
+    assert cli.main(["demo"]) == 2
+    assert "the Gradio app is missing" in capsys.readouterr().err
+
+
+def test_app_script_runs_standalone():
+    out = subprocess.run([sys.executable, str(ROOT / "app" / "app.py"), "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr
+    for flag in ("--model", "--fp", "--w2", "--w3", "--w4", "--host", "--port"):
+        assert flag in out.stdout
+
+
+# --------------------------------------------------------------------------------------------- API
+
+
+def _check_prediction(result, n_rows=4):
+    *labels, markdown, table, probabilities = result
+    assert len(labels) == 4
+    for label in labels:
+        assert label["label"] in CIFAR10_CLASSES
+        confidences = label["confidences"]
+        assert len(confidences) == 5 and sum(c["confidence"] for c in confidences) <= 1 + 1e-6
+    assert "Full precision says" in markdown
+    assert table["headers"] == inf.SUMMARY_HEADERS and len(table["data"]) == n_rows
+    assert [row[0] for row in table["data"]] == TITLES
+    assert set(probabilities["probabilities"]) == {"fp", "w4", "w3", "w2"}
+    for key, label in zip(("fp", "w4", "w3", "w2"), labels):
+        assert probabilities["top1"][key] == label["label"]
+    return labels, table, probabilities
+
+
+def test_api_every_endpoint(server, examples, models):
+    from gradio_client import handle_file
+
+    client = _client(server)
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(endpoints) == {"/predict", "/probability_plot"}
+    labels, table, probabilities = _check_prediction(client.predict(handle_file(examples[5][0]), api_name="/predict"))
+    expected = models.predict(examples[5][0])
+    assert probabilities["probabilities"] == {k: pytest.approx(v, abs=1e-6) for k, v in expected.probs.items()}
+    assert probabilities["agrees_with_full_precision"] == expected.agreement
+    fp_row = table["data"][0]
+    assert fp_row[3] == f"{models.models['fp'].size_bytes:,}" and fp_row[4] == "91.00%"
+    assert fp_row[2] == "reference" and fp_row[1].startswith(labels[0]["label"] + " (")
+    for row, key in zip(table["data"][1:], ("w4", "w3", "w2")):
+        assert row[2] == ("✓ yes" if expected.agreement[key] else "✗ NO")
+    assert all(row[4] == "not measured" for row in table["data"][2:])
+    assert all(float(row[5]) > 0 for row in table["data"])
+    plot = client.predict(probabilities, api_name="/probability_plot")
+    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/")
+
+
+def test_api_bad_inputs_get_a_clear_error_and_the_server_keeps_serving(server, images, examples, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client = _client(server)
+    with pytest.raises(AppError, match="'notes.txt' is not an image"):
+        client.predict(handle_file(str(images["notes"])), api_name="/predict")
+    _check_prediction(client.predict(handle_file(examples[0][0]), api_name="/predict"))
+    with pytest.raises(AppError, match=r"empty \(0 bytes\)"):
+        client.predict(handle_file(str(images["empty"])), api_name="/predict")
+    with pytest.raises(AppError, match="No image"):
+        client.predict(None, api_name="/predict")
+    with pytest.raises(AppError, match="not a prediction"):
+        client.predict({"class_names": ["a"], "probabilities": {"fp": [1, 2]}}, api_name="/probability_plot")
+    for name in ("gray", "rgba"):  # converted, not refused
+        _check_prediction(client.predict(handle_file(str(images[name])), api_name="/predict"))
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (8000, 8000), (180, 40, 40)).save(huge, compress_level=1)
+    _check_prediction(client.predict(handle_file(str(huge)), api_name="/predict"))
+    _check_prediction(client.predict(handle_file(str(images["photo"])), api_name="/predict"))
+
+
+def test_load_20_concurrent_requests(server, examples):
+    from gradio_client import handle_file
+
+    client = _client(server)
+
+    def one(i):
+        start = time.perf_counter()
+        result = client.predict(handle_file(examples[i % len(examples)][0]), api_name="/predict")
+        return result, time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(20)))
+    wall = time.perf_counter() - start
+    for i, (result, _) in enumerate(results):
+        _check_prediction(result)
+        assert result[-1]["top1"] == results[i % 12][0][-1]["top1"]  # same image, same answer
+    worst = max(t for _, t in results)
+    print(f"\n[demo load] 20 concurrent requests: all succeeded in {wall:.2f} s (slowest {worst:.2f} s)")
+    _check_prediction(_client(server).predict(handle_file(examples[1][0]), api_name="/predict"))
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+
+@pytest.mark.browser
+def test_browser_upload_and_predict(server, images):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is absent (apt-get install -y chromium); the browser test needs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+            page.locator("#predict-button").wait_for(timeout=60_000)
+            # the button reaches the server: with no image yet, its handler's message shows up
+            page.locator("#predict-button").click()
+            sync_api.expect(page.get_by_text("No image: upload an image").first).to_be_visible(timeout=30_000)
+            page.locator("#input-image input[type=file]").set_input_files(str(images["photo"]))
+            page.locator("#input-image img").first.wait_for(timeout=30_000)  # the preview: upload done
+            page.locator("#predict-button").click()
+            pattern = "|".join(CIFAR10_CLASSES)
+            for key in ("fp", "w4", "w3", "w2"):
+                sync_api.expect(page.locator(f"#pred-{key}")).to_contain_text(
+                    re.compile(pattern), timeout=60_000)
+            sync_api.expect(page.locator("#agreement")).to_contain_text("Full precision says", timeout=30_000)
+            texts = {key: page.locator(f"#pred-{key}").inner_text() for key in ("fp", "w4", "w3", "w2")}
+            for key, text in texts.items():
+                assert any(name in text for name in CIFAR10_CLASSES), (key, text)
+            sync_api.expect(page.locator("#probability-plot img")).to_have_count(1, timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+            # the gallery: clicking a CIFAR-10 test image puts it into the input and predicts it
+            page.locator("#examples img").first.click()
+            sync_api.expect(page.locator("#input-image img").first).to_have_attribute(
+                "src", re.compile("airplane"), timeout=30_000)
+            sync_api.expect(page.locator("#pred-fp")).to_contain_text(re.compile(pattern),
+                                                                       timeout=30_000)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
