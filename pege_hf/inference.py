@@ -546,78 +546,18 @@ def agreement_markdown(prediction: Prediction) -> str:
 # --------------------------------------------------------------------------------------------- accuracy
 
 
-_FP_NAMES = {"fp", "fp32", "float", "full_precision", "full-precision", "none", "baseline"}
-_METHOD_NAMES = {"pege", "ste", "ewgs"}
-_BITS_RE = re.compile(r"^w(\d+)a(\d+|32|fp)?$", re.IGNORECASE)
-_ACC_KEYS = ("accuracy", "top1", "test_accuracy", "acc", "mean_accuracy", "accuracy_mean")
-
-
-def _bits_from(text: Any) -> int | None:
-    m = _BITS_RE.match(str(text).strip()) if text is not None else None
-    return int(m.group(1)) if m else None
-
-
 def parse_benchmark_accuracy(data: Any) -> dict[str, dict[int | None, float]]:
-    """Accuracy per method and bit width out of a benchmark JSON whose exact layout is not fixed:
-    {method: {bits: accuracy}}; fp under None. Understands lists of records ({"method"/"estimator",
-    "w_bits"/"bits", "accuracy"/"top1"}), nested {method: {"w2a2": acc}} / {"w2a2": {method: acc}}
-    mappings, percentages or fractions, {"mean": ...} values; repeated entries (seeds) are averaged."""
-    found: dict[tuple[str, int | None], list[float]] = {}
-
-    def add(method, bits, value):
-        acc = _as_fraction(value)
-        if acc is None:
-            return
-        method = str(method or "pege").lower()
-        if method in _FP_NAMES or bits in (None, 32):
-            method, bits = "fp", None
-        found.setdefault((method, bits), []).append(acc)
-
-    def walk(obj, method=None, bits=None):
-        if isinstance(obj, list):
-            for item in obj:
-                walk(item, method, bits)
-            return
-        if not isinstance(obj, Mapping):
-            return
-        m = obj.get("method", obj.get("estimator", method))
-        b = obj.get("w_bits", obj.get("bits", bits))
-        if b is None:
-            for name in ("quant", "config", "name", "tag", "precision"):
-                if _bits_from(obj.get(name)) is not None:
-                    b = _bits_from(obj.get(name))
-                    break
-        if isinstance(b, str):
-            b = _bits_from(b) if _bits_from(b) is not None else (int(b) if b.isdigit() else None)
-        for key in _ACC_KEYS:
-            if key in obj and not isinstance(obj[key], (list,)):
-                add(m, b, obj[key])
-                return
-        for key, value in obj.items():
-            k = str(key).lower()
-            sub_m, sub_b = m, b
-            if k in _METHOD_NAMES or k in _FP_NAMES:
-                sub_m = k
-                if k in _FP_NAMES:
-                    sub_b = None
-            elif _bits_from(k) is not None:
-                sub_b = _bits_from(k)
-            elif k.isdigit():
-                sub_b = int(k)
-            else:
-                if isinstance(value, (Mapping, list)):
-                    walk(value, m, b)
-                continue
-            if isinstance(value, (Mapping, list)):
-                walk(value, sub_m, sub_b)
-            elif sub_m != m or sub_b != b:
-                add(sub_m, sub_b if sub_m not in _FP_NAMES else None, value)
-
-    walk(data)
-    result: dict[str, dict[int | None, float]] = {}
-    for (method, bits), values in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        result.setdefault(method, {})[bits] = statistics.fmean(values)
-    return result
+    """{estimator: {bits: mean accuracy}} from `pege bench accuracy`'s accuracy.json (its "main" summary
+    rows; ablations left out), with the full-precision model under "fp" / None."""
+    if not isinstance(data, Mapping):
+        return {}
+    series: dict[str, dict[int | None, float]] = {}
+    if data.get("fp_accuracy") is not None:
+        series["fp"] = {None: float(data["fp_accuracy"])}
+    for row in data.get("summary") or []:
+        if row.get("variant") == "main":
+            series.setdefault(row["estimator"], {})[int(row["bits"])] = float(row["mean"])
+    return series
 
 
 def accuracy_by_bits(models: ModelSet | None = None,

@@ -201,11 +201,12 @@ def test_accuracy_by_bits_prefers_the_benchmark_file(models, tmp_path):
     assert series == {"fp": {None: pytest.approx(0.91)}, "pege": {4: pytest.approx(0.885)}}
     assert "metrics.json" in source
     bench = tmp_path / "accuracy.json"
-    bench.write_text(json.dumps({"results": [
-        {"method": "pege", "w_bits": 2, "a_bits": 2, "accuracy": 0.80, "seed": 0},
-        {"method": "pege", "w_bits": 2, "a_bits": 2, "accuracy": 0.82, "seed": 1},
-        {"method": "ste", "w_bits": 2, "a_bits": 2, "accuracy": 0.75},
-        {"method": "fp", "accuracy": 0.92}]}))
+    bench.write_text(json.dumps({  # the layout `pege bench accuracy` writes (pege_hf.bench.collect_accuracy)
+        "fp_accuracy": 0.92,
+        "summary": [
+            {"estimator": "pege", "bits": 2, "variant": "main", "seeds": 2, "mean": 0.81},
+            {"estimator": "ste", "bits": 2, "variant": "main", "seeds": 2, "mean": 0.75},
+            {"estimator": "pege", "bits": 2, "variant": "lambda0", "seeds": 1, "mean": 0.5}]}))
     series, source = inf.accuracy_by_bits(models, bench)
     assert source == str(bench)
     assert series == {"fp": {None: pytest.approx(0.92)}, "pege": {2: pytest.approx(0.81)},
@@ -214,18 +215,15 @@ def test_accuracy_by_bits_prefers_the_benchmark_file(models, tmp_path):
     assert "metrics.json" in inf.accuracy_by_bits(models, bench)[1]
 
 
-@pytest.mark.parametrize("data, expected", [
-    ({"fp": 91.2, "pege": {"w2a2": 85.0, "w4a4": 90.1}, "ste": {"W2A2": {"accuracy": {"mean": 80.0, "std": 1}}}},
-     {"fp": {None: 0.912}, "pege": {2: 0.85, 4: 0.901}, "ste": {2: 0.80}}),
-    ({"W3A3": {"pege": 0.88, "ewgs": 0.86}},
-     {"pege": {3: 0.88}, "ewgs": {3: 0.86}}),
-    ([{"estimator": "pege", "quant": "w3a3", "top1": 0.87}, {"estimator": "none", "top1": 0.9}],
-     {"pege": {3: 0.87}, "fp": {None: 0.9}}),
-    ({"nothing": "here"}, {}),
-])
-def test_parse_benchmark_accuracy_layouts(data, expected):
-    got = inf.parse_benchmark_accuracy(data)
-    assert got == {m: {b: pytest.approx(v) for b, v in pts.items()} for m, pts in expected.items()}
+def test_benchmark_reader_matches_the_benchmark_writer(tmp_path):
+    from pege_hf import bench
+
+    plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("pege",), seeds_low_bits=1, ablations=False)
+    for run, acc in zip(plan, (0.9, 0.8)):
+        (tmp_path / run.name).mkdir()
+        (tmp_path / run.name / "metrics.json").write_text(json.dumps({"accuracy": acc, "history": []}))
+    result = bench.collect_accuracy(plan, tmp_path)
+    assert inf.parse_benchmark_accuracy(result) == {"fp": {None: 0.9}, "pege": {2: 0.8}}
 
 
 def test_load_image_converts_or_refuses_clearly(images, tmp_path):
