@@ -66,6 +66,7 @@ class PEGEHfQuantizer(HfQuantizer):
             else:
                 layer.reset_quantizers()
         set_progress(model, 1.0 if self.pre_quantized else 0.0)
+        attach_model_card(model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -187,7 +188,15 @@ def quantize(model: nn.Module, config: PEGEConfig) -> nn.Module:
         model.config.quantization_config = config
         model.is_quantized = True
         model.quantization_method = QUANT_METHOD
+        attach_model_card(model)
     return model
+
+
+def attach_model_card(model) -> None:
+    """Make transformers' model.push_to_hub upload the PEGE model card (lazy import: hub sits above hf)."""
+    from ..hub import attach_model_card as attach
+
+    attach(model)
 
 
 def register() -> None:
