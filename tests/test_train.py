@@ -1,0 +1,336 @@
+"""Tests for pege_hf.train / pege_hf.evaluate: the Accelerate training loop, its CLI and `pege eval`.
+
+Runs are tiny (a few hundred images of the shipped CIFAR-10 sample, one or two epochs); the
+data-parallel and kill/resume tests start real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from pege_hf import cli
+from pege_hf import train as T
+from pege_hf.data import DEFAULT_DATASET
+from pege_hf.evaluate import evaluate_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--dataset", DEFAULT_DATASET, "--max-train", "300", "--max-test", "200", "--epochs", "1",
+         "--batch-size", "64", "--no-tensorboard", "--log-every", "1"]
+METRICS_KEYS = {"accuracy", "top5", "loss", "history", "wall_time_s", "steps", "quantization_config", "base_model",
+                "command", "dataset", "seed", "world_size", "best_accuracy", "best_epoch"}
+
+
+def _train(argv: list[str]) -> dict:
+    """`pege train ARGV` in this process; returns metrics.json."""
+    assert cli.main(["train", *argv]) == 0
+    out = Path(argv[argv.index("--output-dir") + 1])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(path):
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    """A 1-epoch full-precision ResNet-20 on 300 images: (output dir, metrics)."""
+    out = tmp_path_factory.mktemp("fp") / "run"
+    metrics = _train(["--estimator", "none", *SMALL, "--output-dir", str(out)])
+    return out, metrics
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def test_fp_run_writes_metrics_model_and_logs(fp_run, capsys):
+    out, metrics = fp_run
+    assert METRICS_KEYS <= set(metrics)
+    assert metrics["quantization_config"] is None and metrics["base_model"] is None
+    assert metrics["steps"] == math.ceil(300 / 64) == metrics["total_steps"]
+    assert metrics["world_size"] == 1 and metrics["seed"] == 0 and metrics["dataset"] == DEFAULT_DATASET
+    assert isinstance(metrics["command"], list) and metrics["command"] == sys.argv
+    assert len(metrics["history"]) == 1 and metrics["history"][0]["accuracy"] == metrics["accuracy"]
+    assert 0.0 <= metrics["accuracy"] <= metrics["top5"] <= 1.0
+    assert metrics["num_test"] == 200 and metrics["num_train"] == 300
+
+    model = _load(out)
+    assert not T.is_quantized(model) and model.config.num_labels == 10
+    assert (out / "best" / "config.json").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "config"
+    steps = [rec["step"] for rec in lines if "train/loss" in rec]
+    assert steps == list(range(1, metrics["steps"] + 1))  # --log-every 1
+    assert any("eval/accuracy" in rec for rec in lines)
+
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--dataset", DEFAULT_DATASET, "--max-test", "200"]) == 0
+    text = capsys.readouterr().out
+    assert "full precision" in text and f"{100 * metrics['accuracy']:.2f}%" in text
+
+
+def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, capsys):
+    fp_dir, _ = fp_run
+    out = tmp_path / "qat"
+    metrics = _train(["--model", str(fp_dir), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2",
+                      *SMALL, "--output-dir", str(out)])
+    qc = metrics["quantization_config"]
+    assert qc["w_bits"] == 2 and qc["a_bits"] == 2 and qc["estimator"] == "pege" and qc["quant_method"] == "pege"
+    assert metrics["base_model"] == str(fp_dir)
+
+    # progress drives the curriculum: r(t) rises step by step from (near) 0
+    ratios = [rec["quant/replacement_ratio"] for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "quant/replacement_ratio" in rec]
+    assert len(ratios) == metrics["steps"] and ratios == sorted(ratios) and ratios[0] < ratios[-1]
+
+    model = _load(out)
+    assert T.is_quantized(model)
+
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--dataset", DEFAULT_DATASET, "--max-test", "200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["quantized"] and result["samples"] == 200
+    assert result["accuracy"] == metrics["accuracy"] and result["top5"] == metrics["top5"]
+    assert result["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+
+
+def test_param_groups_no_decay_on_bn_bias_and_quantizers(fp_run):
+    import pege_hf
+
+    model = _load(fp_run[0])
+    pege_hf.quantize(model, pege_hf.PEGEConfig(w_bits=2, a_bits=2))
+    groups = {g["name"]: g for g in T.param_groups(model, lr=0.1, weight_decay=5e-4, quantizer_lr=0.01)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups["weights"]["weight_decay"] == 5e-4
+    assert all(p.ndim > 1 and "quantizer" not in names[id(p)] for p in groups["weights"]["params"])
+    assert groups["bn_bias"]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups["bn_bias"]["params"])
+    assert groups["quantizer"]["weight_decay"] == 0.0 and groups["quantizer"]["lr"] == 0.01
+    assert all("quantizer" in names[id(p)] for p in groups["quantizer"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    fn = T.lr_lambda("cosine", warmup=4, total=20)
+    assert [fn(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert fn(4) == 1.0 and fn(12) == pytest.approx(0.5) and fn(20) == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
+    # 2 epochs x 6 batches; a checkpoint every 2 optimizer steps
+    args = ["--estimator", "none", "--dataset", DEFAULT_DATASET, "--max-train", "192", "--max-test", "100",
+            "--epochs", "2", "--batch-size", "32", "--checkpointing-steps", "2", "--log-every", "1",
+            "--no-tensorboard"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pege_hf.train", *args, "--output-dir", str(killed)], cwd=ROOT,
+                            env=_subprocess_env(PEGE_TRAIN_STEP_SLEEP=0.5), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    first = killed / "checkpoints" / "step_2" / T.STATE_FILE
+    deadline = time.time() + 120
+    while not first.is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    state = json.loads(first.read_text())
+    assert state["global_step"] == 2 and state["epoch"] == 0 and state["batch_in_epoch"] == 2  # mid-epoch
+    assert not (killed / "metrics.json").exists()
+    logged_before = (killed / "metrics.jsonl").read_text().splitlines()
+    assert logged_before
+
+    hashes = tmp_path / "hashes"
+    monkeypatch.setenv(T._HASH_DIR_ENV, str(hashes / "resumed"))
+    resumed = _train([*args, "--output-dir", str(killed), "--resume"])
+    monkeypatch.setenv(T._HASH_DIR_ENV, str(hashes / "straight"))
+    straight = _train([*args, "--output-dir", str(tmp_path / "straight")])
+
+    assert resumed["steps"] == straight["steps"] == 2 * 6
+    assert resumed["resumed_from"].endswith("step_2")
+    assert resumed["accuracy"] == straight["accuracy"] and len(resumed["history"]) == 2
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]])
+    assert (hashes / "resumed" / "rank0.txt").read_text() == (hashes / "straight" / "rank0.txt").read_text()
+
+    # nothing the killed run wrote is lost; the newest checkpoints are complete and load
+    assert (killed / "metrics.jsonl").read_text().splitlines()[: len(logged_before)] == logged_before
+    kept = T.complete_checkpoints(killed)
+    assert [p.name for p in kept] == ["step_10", "step_12"]  # every 2 steps, the last 2 kept
+    assert not list((killed / "checkpoints").glob(".tmp_*"))
+    from safetensors.torch import load_file
+
+    from pege_hf.hf.cifar import cifar_resnet
+
+    cifar_resnet(20).load_state_dict(load_file(str(kept[-1] / "model.safetensors")), strict=True)
+    assert json.loads((kept[-1] / T.STATE_FILE).read_text())["global_step"] == 12
+
+    # a fresh run into a directory holding checkpoints must be asked for explicitly
+    with pytest.raises(FileExistsError, match="--resume"):
+        _train([*args, "--output-dir", str(killed)])
+
+
+# --------------------------------------------------------------------------------------------- distributed
+
+
+def test_two_process_data_parallel_cpu(fp_run, tmp_path):
+    fp_dir, _ = fp_run
+    out, hashes = tmp_path / "ddp", tmp_path / "hashes"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "pege_hf.train",
+           "--model", str(fp_dir), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2",
+           "--dataset", DEFAULT_DATASET, "--max-train", "256", "--max-test", "150", "--epochs", "1",
+           "--batch-size", "32", "--eval-batch-size", "64", "--no-tensorboard", "--output-dir", str(out)]
+    env = _subprocess_env(ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, **{T._HASH_DIR_ENV: hashes})
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["steps"] == math.ceil(256 / 32 / 2)  # each rank sees half of every global batch
+    rank_hashes = [(hashes / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert rank_hashes[0] == rank_hashes[1], "parameters or buffers differ between the ranks"
+
+    single = evaluate_checkpoint(str(out), DEFAULT_DATASET, max_test=150, batch_size=64)
+    assert single["samples"] == 150 and single["world_size"] == 1
+    assert single["accuracy"] == metrics["accuracy"] and single["top5"] == metrics["top5"]
+    assert single["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _gray_digit_dataset(path: Path, n_train=96, n_test=40, labels=10) -> Path:
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L") for _ in range(n)],
+             "digit": [i % labels for i in range(n)]},
+            features=datasets.Features({"image": datasets.Image(), "digit": datasets.Value("int64")}))
+
+    datasets.DatasetDict({"train": split(n_train), "test": split(n_test)}).save_to_disk(str(path))
+    return path
+
+
+def test_grayscale_image_digit_columns_train(tmp_path):
+    data = _gray_digit_dataset(tmp_path / "digits")
+    out = tmp_path / "run"
+    metrics = _train(["--estimator", "none", "--dataset", str(data), "--image-column", "image",
+                      "--label-column", "digit", "--epochs", "1", "--batch-size", "32", "--no-tensorboard",
+                      "--gradient-accumulation-steps", "2", "--output-dir", str(out)])
+    assert metrics["class_names"] == [str(i) for i in range(10)]
+    assert metrics["image_column"] == "image" and metrics["label_column"] == "digit"
+    # 3 batches, 2 per optimizer step: the last step takes the remaining batch
+    assert metrics["num_train"] == 96 and metrics["num_test"] == 40 and metrics["steps"] == 2
+    model = _load(out)
+    assert model.config.num_labels == 10 and model.config.id2label[3] == "3"
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _assert_nothing_trained(out: Path) -> None:
+    assert not (out / "metrics.jsonl").exists() and not (out / "metrics.json").exists()
+    assert not (out / "checkpoints").exists()
+
+
+def test_bad_inputs_fail_before_training(fp_run, tmp_path):
+    fp_dir, _ = fp_run
+    out = tmp_path / "out"
+    base = ["--epochs", "1", "--no-tensorboard", "--output-dir", str(out)]
+
+    with pytest.raises(FileNotFoundError, match="no_such_data"):
+        _train(["--estimator", "none", "--dataset", str(tmp_path / "no_such_data"), *base])
+
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        _train(["--model", str(not_a_model), "--dataset", DEFAULT_DATASET, *base])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _train(["--model", str(tmp_path / "missing_model"), "--dataset", DEFAULT_DATASET, *base])
+
+    with pytest.raises(ValueError, match="w_bits"):
+        _train(["--model", str(fp_dir), "--w-bits", "1", "--dataset", DEFAULT_DATASET, *base])
+    with pytest.raises(ValueError, match="a_bits"):
+        _train(["--model", str(fp_dir), "--a-bits", "9", "--dataset", DEFAULT_DATASET, *base])
+    with pytest.raises(ValueError, match="estimator"):
+        _train(["--model", str(fp_dir), "--estimator", "magic", "--dataset", DEFAULT_DATASET, *base])
+    with pytest.raises(ValueError, match="--model"):
+        _train(["--estimator", "pege", "--dataset", DEFAULT_DATASET, *base])
+
+    # label column: absent by name, or none recognisable
+    digits = _gray_digit_dataset(tmp_path / "digits", n_train=20, n_test=10)
+    with pytest.raises(ValueError, match="nope"):
+        _train(["--estimator", "none", "--dataset", str(digits), "--label-column", "nope", *base])
+    unnamed = tmp_path / "unnamed"
+    datasets.load_from_disk(str(digits)).rename_column("digit", "value").save_to_disk(str(unnamed))
+    with pytest.raises(ValueError, match="label column"):
+        _train(["--estimator", "none", "--dataset", str(unnamed), *base])
+
+    # labels 0..11 do not fit the 10-way head of the FP checkpoint
+    twelve = _gray_digit_dataset(tmp_path / "twelve", n_train=24, n_test=12, labels=12)
+    with pytest.raises(ValueError, match=r"labels in \[0, 11\].*10 outputs"):
+        _train(["--model", str(fp_dir), "--dataset", str(twelve), *base])
+    with pytest.raises(ValueError, match="10 outputs"):
+        evaluate_checkpoint(str(fp_dir), str(twelve))
+
+    _assert_nothing_trained(out)
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--dataset", "--estimator", "--w-bits", "--a-bits", "--curriculum", "--lambda",
+                   "--mask", "--checkpointing-steps", "--resume", "--output-dir", "--optimizer", "quickstart"):
+        assert option in text
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    assert "--json" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- quickstart
+
+
+@pytest.mark.slow
+def test_quickstart_default(tmp_path, capsys):
+    """`pege train` with no --model/--dataset (data subset to keep it short)."""
+    out = tmp_path / "qs"
+    assert cli.main(["train", "--max-train", "512", "--max-test", "200", "--epochs", "1", "--no-tensorboard",
+                     "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quantization"] == "W2A2-pege"
+    assert "full precision ResNet-20" in text and "W2A2-pege" in text
+    assert T.is_quantized(_load(summary["quantized_model"]))
