@@ -334,3 +334,15 @@ def test_quickstart_default(tmp_path, capsys):
     assert summary["quantization"] == "W2A2-pege"
     assert "full precision ResNet-20" in text and "W2A2-pege" in text
     assert T.is_quantized(_load(summary["quantized_model"]))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    """`pege train` with a bad bit width: exit code 2 and one clear line, not a traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pege_hf.cli", "train", "--estimator", "pege", "--w-bits", "9",
+                          "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "pege train: error: PEGEConfig.w_bits must be an integer from 2 to 8; got 9" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
