@@ -341,7 +341,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "pege_hf.cli", "train", "--estimator", "pege", "--w-bits", "9",
+    out = subprocess.run([sys.executable, "-m", "pege_hf.cli", "train", "--estimator", "pege", "--w-bits", "9", "--model", str(tmp_path / "fp"),
                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "pege train: error: PEGEConfig.w_bits must be an integer from 2 to 8; got 9" in out.stderr
