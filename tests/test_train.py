@@ -34,8 +34,9 @@ METRICS_KEYS = {"accuracy", "top5", "loss", "history", "wall_time_s", "steps", "
 
 
 def _train(argv: list[str]) -> dict:
-    """`pege train ARGV` in this process; returns metrics.json."""
-    assert cli.main(["train", *argv]) == 0
+    """`pege train ARGV` in this process (exceptions propagate; the CLI's one-line errors are tested
+    separately); returns metrics.json."""
+    assert T.main(cli.build_parser("train").parse_args(["train", *argv])) == 0
     out = Path(argv[argv.index("--output-dir") + 1])
     return json.loads((out / "metrics.json").read_text())
 
@@ -341,8 +342,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "pege_hf.cli", "train", "--estimator", "pege", "--w-bits", "9", "--model", str(tmp_path / "fp"),
-                          "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    cmd = ["train", "--estimator", "pege", "--w-bits", "9", "--model", str(tmp_path / "fp"),
+           "--output-dir", str(tmp_path / "run")]
+    out = subprocess.run([sys.executable, "-m", "pege_hf.cli", *cmd], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "pege train: error: PEGEConfig.w_bits must be an integer from 2 to 8; got 9" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
