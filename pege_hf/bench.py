@@ -127,7 +127,8 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
 
 def speed_table(result: dict) -> str:
     lines = [f"Training step, CIFAR ResNet-20, batch {result['batch_size']}, W{result['bits']}A{result['bits']}, "
-             f"{result['device']} ({result['threads']} threads), median of {result['steps']} interleaved steps; "
+             f"{result['device']} ({result['threads']} threads), median of {result['steps']} interleaved steps, "
+             f"quantizer kernels {'torch.compile' if result['compile'] else 'eager'}; "
              f"`pege` runs mid-ramp (progress {result['pege_progress']}), `pege_r1` at r = 1.",
              "",
              "| variant | median step (s) | vs FP | vs STE | saved activations (MB) | memory vs FP |",
@@ -424,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
     if args.bench == "speed":
         result = bench_speed(_resnet20, batch_size=args.batch_size, bits=args.bits, steps=args.steps,
                              warmup=args.warmup, progress=args.progress, device=args.device, compile=args.compile)
-        write_result(result, speed_table(result), args.out, "speed")
+        write_result(result, speed_table(result), args.out, "speed_compiled" if args.compile else "speed")
     elif args.bench == "size":
         result = bench_size(_resnet20, tuple(args.bits))
         write_result(result, size_table(result), args.out, "size")

@@ -82,6 +82,16 @@ def test_priorities_are_uniform():
     assert p.min() >= 0 and p.max() < 1
 
 
+def test_random_bytes_are_uniform():
+    from pege_hf.quant.curriculum import random_bytes
+
+    b = random_bytes(1_000_003)
+    assert b.dtype == torch.uint8 and b.numel() == 1_000_003
+    freq = torch.bincount(b.long(), minlength=256).double() / b.numel()
+    assert (freq * 256 - 1).abs().max() < 0.06  # each of the 256 values within 6% of 1/256 (~4 sigma)
+    assert b.double().mean().item() == pytest.approx(127.5, abs=0.3)
+
+
 def test_bernoulli_and_error_masks():
     x = torch.randn(100_000)
     m1, m2 = replacement_mask(x, 0.3, "bernoulli"), replacement_mask(x, 0.3, "bernoulli")

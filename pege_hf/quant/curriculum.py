@@ -10,7 +10,6 @@ import math
 
 import torch
 
-from . import kernels
 
 SCHEDULES = ("log", "linear", "cosine", "instant")
 MASK_POLICIES = ("progressive", "bernoulli", "error")
@@ -69,6 +68,12 @@ def _element_priority(shape: tuple[int, ...], seed: int, device: torch.device) -
     return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).view(shape)
 
 
+def random_bytes(n: int, device=None) -> torch.Tensor:
+    """n uniform random bytes: 3 from each 31-bit word that random_() draws (its top byte is not uniform)."""
+    words = torch.empty((n + 2) // 3, dtype=torch.int32, device=device).random_()
+    return words.view(torch.uint8).view(-1, 4)[:, :3].reshape(-1)[:n]
+
+
 def replacement_mask(
     x: torch.Tensor,
     ratio: float,
@@ -80,13 +85,17 @@ def replacement_mask(
     """Boolean mask M (True = use the quantized value) with mean(M) ~= ratio.
 
     progressive: M = priority(seed, index) < ratio; monotone in ratio and fixed across steps.
-    bernoulli:   M ~ Bernoulli(ratio), fresh on every call.
+    bernoulli:   M ~ Bernoulli(ratio'), fresh on every call, ratio' = ratio rounded to 1/256 (one
+                 random byte per element: the cheapest fresh randomness, 2-4x faster than torch.rand).
     error:       the round(ratio * numel) elements with the smallest |x - Q(x)| (``error``).
     """
     if policy == "progressive":
         return element_priority(x.shape, seed, x.device) < ratio
     if policy == "bernoulli":
-        return kernels.impl["bernoulli_mask"](x, ratio)
+        threshold = int(round(ratio * 256))
+        if threshold >= 256:
+            return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        return (random_bytes(x.numel(), x.device) < threshold).view(x.shape)
     if policy == "error":
         if error is None:
             raise ValueError("mask policy 'error' needs the quantization error |x - Q(x)|")

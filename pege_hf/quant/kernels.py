@@ -49,11 +49,7 @@ def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool):
     return grad_x, gm * torch.where(inside, r - v, r)
 
 
-def bernoulli_mask(x, ratio: float):
-    return torch.rand_like(x) < ratio
-
-
-_EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backward, pege_backward, bernoulli_mask)}
+_EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backward, pege_backward)}
 impl = dict(_EAGER)
 
 
