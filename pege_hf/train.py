@@ -489,7 +489,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
         "Train an image classifier in full precision or with quantization-aware training (PEGE, STE, EWGS).\n\n"
-        "With neither --model nor --dataset this is the quickstart: train a full-precision CIFAR ResNet-20 on\n"
+        "With no --model, --dataset or --estimator this is the quickstart: train a full-precision CIFAR ResNet-20 on\n"
         "the shipped CIFAR-10 sample (unless a shipped FP model exists), then a short W2A2 PEGE QAT from it,\n"
         "and print both accuracies (a few minutes on 2 CPU cores).\n\n"
         "`pege train ARGS` runs one process; `accelerate launch [launch options] -m pege_hf.train ARGS` runs the\n"
