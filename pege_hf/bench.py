@@ -374,6 +374,24 @@ def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int |
     return write_accuracy_report(plan, runs_dir, out_dir)
 
 
+# ---------------------------------------------------------------------------------------------
+# latency: the demo's four models on one image
+# ---------------------------------------------------------------------------------------------
+def bench_latency(n: int = 50) -> dict:
+    """Server-side time of one demo request (FP + W4A4 + W3A3 + W2A2 on one 32x32 CIFAR-10 image)."""
+    from . import inference
+
+    sources = inference.resolve_sources()
+    result = inference.measure_latency(inference.ModelSet.load(sources), n=n)
+    return {"benchmark": "latency", "models": {k: str(v) for k, v in sources.items()}, **result}
+
+
+def latency_table(result: dict) -> str:
+    per_model = ", ".join(f"{k} {v:.1f} ms" for k, v in result["per_model_median_ms"].items())
+    return (f"Demo request, four models on one 32x32 image, {result['n']} calls, {result['torch_threads']} threads: "
+            f"median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms ({per_model}).\n")
+
+
 def _resnet20():
     from .hf.cifar import cifar_resnet
 
@@ -384,7 +402,7 @@ def _resnet20():
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy,latency}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -401,6 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         description="Save a CIFAR ResNet-20 as float and as packed PEGE checkpoints; compare bytes.")
     sz.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     sz.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    la = sub.add_parser("latency", help="server-side time of one demo request (the four shipped models)",
+                        description="Median time of the demo's predict call: FP, W4A4, W3A3, W2A2 on one image.")
+    la.add_argument("--calls", type=int, default=50)
+    la.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     ac = sub.add_parser(
         "accuracy", help="the resumable accuracy matrix: FP vs STE vs EWGS vs PEGE at W2A2/W3A3/W4A4",
         description="Train an FP CIFAR ResNet-20, then QAT from it with every estimator and bit width (same recipe "
@@ -430,6 +452,9 @@ def main(args: argparse.Namespace) -> int:
         result = bench_size(_resnet20, tuple(args.bits))
         write_result(result, size_table(result), args.out, "size")
         size_plot(result, args.out / "size.png")
+    elif args.bench == "latency":
+        result = bench_latency(args.calls)
+        write_result(result, latency_table(result), args.out, "latency")
     elif args.bench == "accuracy":
         runs_dir = args.out / "runs"
         plan = accuracy_plan(data=args.data, fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, bits=tuple(args.bits),

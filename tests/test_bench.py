@@ -75,3 +75,10 @@ def test_accuracy_runner_is_resumable(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
     bench.run_accuracy(plan, runs, tmp_path)
     assert stamps == {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+
+
+def test_latency_benchmark_times_the_four_shipped_models():
+    result = bench.bench_latency(n=3)
+    assert set(result["per_model_median_ms"]) == {"fp", "w4", "w3", "w2"}
+    assert result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
+    assert "median" in bench.latency_table(result)
