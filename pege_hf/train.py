@@ -125,30 +125,16 @@ def load_model(source: str | os.PathLike, quant_config: PEGEConfig | None = None
     """Load a saved image classifier (local folder or Hub id), float or PEGE; with ``quant_config``, a
     float checkpoint comes back ready for QAT.
 
-    This is the ONE place where train/eval build a model from a checkpoint:
-    ``AutoModelForImageClassification.from_pretrained(source, quantization_config=quant_config)``
-    (quant_method "pege" is registered by ``import pege_hf``, see hf/quantizer.py). ``num_labels``
-    different from the checkpoint's re-initialises the head for a new label set.
+    This is the ONE place where train/eval build a model from a checkpoint; the loading itself is
+    ``pege_hf.from_pretrained`` (registers quant_method "pege" first and refuses a float result for a
+    PEGE checkpoint). ``num_labels`` different from the checkpoint's re-initialises the head.
     """
-    from transformers import AutoModelForImageClassification
+    from .hf.loading import from_pretrained
 
-    from .hf.quantizer import register
-
-    register()
-    register_cifar_models()
     source = check_checkpoint(source)
     if num_labels is not None:
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
-    if quant_config is not None:
-        kwargs["quantization_config"] = quant_config
-    model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
-    saved = Path(source) / "config.json"
-    saved_pege = saved.is_file() and (json.loads(saved.read_text()).get("quantization_config") or {}).get(
-        "quant_method") == "pege"
-    if (quant_config is not None or saved_pege) and not is_quantized(model):
-        raise RuntimeError(f"{source} was loaded without its PEGE layers; is quant_method 'pege' registered "
-                           "(pege_hf.hf.quantizer.register)?")
-    return model
+    return from_pretrained(source, quantization_config=quant_config, **kwargs)
 
 
 def build_model(arch: str, class_names: list[str], num_channels: int = 3) -> nn.Module:
