@@ -21,6 +21,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..config import QUANT_METHOD, PEGEConfig
 from ..quant.modules import QuantLayer, layers_to_skip, set_progress
 from ..quant.modules import quantize as quantize_module
+from ..quant.quantizers import fake_quantize
 
 
 QUANTIZER_KEYS = r"\.(weight|input)_quantizer\.quantizer\.(scale|clip|qstate)$"
@@ -166,8 +167,6 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 
 def _frozen_input_quantizer(q):
-    from ..quant.quantizers import fake_quantize
-
     scale, qmin, qmax = q.scale_tensor().clone(), q.qmin.clone(), q.qmax.clone()
 
     def hook(module, args):
