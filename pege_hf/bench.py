@@ -215,38 +215,81 @@ class Run:
 
 def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=(2, 3, 4),
                   estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 2, seeds: int = 1,
-                  ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra=()) -> list[Run]:
+                  ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra=(),
+                  pege_args=()) -> list[Run]:
     """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
     optimiser, schedule, epochs, augmentation and seeds (more seeds at the lowest width), plus the
-    W2A2 ablations PEGE without the discretization term and PEGE with the linear curriculum."""
+    W2A2 ablations PEGE without the discretization term and PEGE with the linear curriculum.
+    `pege_args` are PEGE's own settings (from tuning); they never reach the STE/EWGS runs.
+
+    Ordered by what the report needs first: FP, then the lowest width for every estimator, PEGE at
+    the other widths (the shipped models), the second seed, the remaining baselines, the ablations."""
     fp = Run("resnet20-fp", ("--estimator", "none", "--arch", "resnet20", "--dataset", data,
                              "--epochs", str(fp_epochs), "--lr", "0.1", *extra), "fp", None, 0)
     model = str(runs_dir / fp.name)
-    plan = [fp]
 
     def qat(estimator, b, seed, variant="main", more=()):
         name = f"resnet20-w{b}a{b}-{estimator}" + ("" if variant == "main" else f"-{variant}") + f"-s{seed}"
+        own = pege_args if estimator == "pege" else ()
         args = ("--model", model, "--dataset", data, "--estimator", estimator, "--w-bits", str(b), "--a-bits", str(b),
-                "--epochs", str(qat_epochs), "--lr", "0.01", "--seed", str(seed), *more, *extra)
+                "--epochs", str(qat_epochs), "--lr", "0.01", "--seed", str(seed), *extra, *own, *more)
         return Run(name, args, estimator, b, seed, variant, depends=fp.name)
 
     low = min(bits)
-    for seed in range(max(seeds, seeds_low_bits)):
-        for b in bits:
-            if seed < (seeds_low_bits if b == low else seeds):
-                plan += [qat(e, b, seed) for e in estimators]
+    runs = [qat(e, b, seed) for seed in range(max(seeds, seeds_low_bits)) for b in bits for e in estimators
+            if seed < (seeds_low_bits if b == low else seeds)]
     if ablations and "pege" in estimators:
-        plan += [qat("pege", low, 0, "lambda0", ("--lambda", "0")),
+        runs += [qat("pege", low, 0, "lambda0", ("--lambda", "0")),
                  qat("pege", low, 0, "linear", ("--curriculum", "linear"))]
+
+    def priority(r: Run):
+        if r.variant != "main":
+            return (5,)
+        if r.seed == 0 and r.bits == low:
+            return (1, r.estimator != "pege")
+        if r.seed == 0 and r.estimator == "pege":
+            return (2, -r.bits)
+        return (3,) if r.bits == low else (4, r.seed)
+
+    return [fp] + sorted(runs, key=priority)  # sorted() is stable: plan order within a priority
+
+
+def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, variants: dict | None = None,
+                extra=()) -> list[Run]:
+    """Short W{bits}A{bits} QAT runs from the FP model on a validation split carved from the
+    training set (`data` is the training file; 10% of it, seed 0, becomes the evaluation split),
+    one PEGE setting changed at a time, plus STE with the same budget as the reference."""
+    variants = TUNING_VARIANTS if variants is None else variants
+    base = ("--model", model, "--dataset", data, "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(epochs),
+            "--lr", "0.01", "--seed", "0", *extra)
+    plan = [Run(f"w{bits}a{bits}-ste", (*base, "--estimator", "ste"), "ste", bits, 0, "ste")]
+    plan += [Run(f"w{bits}a{bits}-pege-{tag}", (*base, "--estimator", "pege", *args), "pege", bits, 0, tag)
+             for tag, args in variants.items()]
     return plan
+
+
+# PEGE settings tried on the validation split, one change at a time from PEGEConfig's defaults
+TUNING_VARIANTS = {
+    "default": (),
+    "sum": ("--discretization-reduction", "sum"),
+    "lambda0.1": ("--lambda", "0.1"),
+    "lambda1": ("--lambda", "1"),
+    "lambda10": ("--lambda", "10"),
+    "alpha3": ("--alpha", "3"),
+    "alpha30": ("--alpha", "30"),
+    "ramp0.5": ("--ramp-fraction", "0.5"),
+    "mask-error": ("--mask", "error"),
+    "amask-progressive": ("--a-mask", "progressive"),
+}
 
 
 def run_is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()
 
 
-def execute_run(run: Run, runs_dir: Path, checkpointing_steps: int = 100) -> int:
+def start_run(run: Run, runs_dir: Path, threads: int | None = None, checkpointing_steps: int = 100):
     """Train one run in a child process (or continue it: --resume), logging to its train.log."""
+    import os
     import subprocess
     import sys
 
@@ -254,10 +297,56 @@ def execute_run(run: Run, runs_dir: Path, checkpointing_steps: int = 100) -> int
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pege_hf.train", *run.args, "--output-dir", str(run_dir), "--resume",
            "--checkpointing-steps", str(checkpointing_steps), "--no-tensorboard"]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(run_dir / "train.log", "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | None = None,
+             on_finish=lambda: None) -> None:
+    """Run what is not finished, in plan order, up to `jobs` at a time; a run waits for the run it
+    depends on. The cores are shared among the runs that can go now (FP alone gets them all). A
+    cut-off run continues from its last checkpoint; a finished one is never redone. `on_finish`
+    runs after every finished run (the report); a failed run stops new starts."""
+    import os
+    import time as _time
+
+    cores = os.cpu_count() or 1
+    finished = lambda name: run_is_finished(runs_dir / name)  # noqa: E731
+    pending = [r for r in plan if not finished(r.name)]
+    running: dict[str, object] = {}
+    started, failed = 0, False
+    while True:
+        waiting_on = set(running) | {r.name for r in pending}
+        for run in [r for r in pending if r.depends and not finished(r.depends) and r.depends not in waiting_on]:
+            print(f"skip {run.name}: {run.depends} has not finished", flush=True)
+            pending.remove(run)
+        ready = [r for r in pending if not r.depends or finished(r.depends)]
+        if max_runs is not None:
+            ready = ready[:max(0, max_runs - started)]
+        if failed:
+            ready = []
+        busy = min(jobs, len(running) + len(ready))
+        for run in ready[:jobs - len(running)]:
+            pending.remove(run)
+            started += 1
+            print(f"run {run.name} (log: {runs_dir / run.name / 'train.log'})", flush=True)
+            running[run.name] = start_run(run, runs_dir, threads=max(1, cores // busy) if jobs > 1 else None)
+        if not running:
+            return
+        _time.sleep(2)
+        for name, proc in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[name]
+            if code != 0:
+                print(f"{name} exited with code {code}; see its train.log", flush=True)
+                failed = True
+            else:
+                on_finish()
 
 
 def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
@@ -352,26 +441,48 @@ def write_accuracy_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dic
     return result
 
 
-def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int | None = None) -> dict:
-    """Run what is not finished, in plan order (a cut-off run continues from its last checkpoint; a
-    finished one is never redone); rewrite the report after every run."""
-    started = 0
-    for run in plan:
-        if run_is_finished(runs_dir / run.name):
-            continue
-        if run.depends and not run_is_finished(runs_dir / run.depends):
-            print(f"skip {run.name}: {run.depends} has not finished")
-            continue
-        if max_runs is not None and started >= max_runs:
-            break
-        started += 1
-        print(f"run {run.name} (log: {runs_dir / run.name / 'train.log'})", flush=True)
-        code = execute_run(run, runs_dir)
-        if code != 0:
-            print(f"{run.name} exited with code {code}; see its train.log", flush=True)
-            break
-        write_accuracy_report(plan, runs_dir, out_dir)
+def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int | None = None,
+                 jobs: int = 1) -> dict:
+    """Run the unfinished part of the matrix (see run_plan); rewrite the report after every run."""
+    run_plan(plan, runs_dir, jobs=jobs, max_runs=max_runs,
+             on_finish=lambda: write_accuracy_report(plan, runs_dir, out_dir))
     return write_accuracy_report(plan, runs_dir, out_dir)
+
+
+def collect_tuning(plan: list[Run], runs_dir: Path) -> dict:
+    """Every finished tuning run: the setting tried, validation accuracy per epoch and at the end."""
+    runs = {}
+    for run in plan:
+        path = runs_dir / run.name / "metrics.json"
+        if path.is_file():
+            m = json.loads(path.read_text())
+            runs[run.name] = {"estimator": run.estimator, "variant": run.variant,
+                              "setting": " ".join(TUNING_VARIANTS.get(run.variant, ())) or "-",
+                              "accuracy": m["accuracy"], "epoch_accuracy": [h["accuracy"] for h in m.get("history", [])],
+                              "wall_time_s": m.get("wall_time_s"), "quantization_config": m.get("quantization_config"),
+                              "command": m.get("command")}
+    ste = next((r["accuracy"] for r in runs.values() if r["estimator"] == "ste"), None)
+    return {"benchmark": "tuning", "split": "validation: 10% of the training file (seed 0), never the test set",
+            "ste_accuracy": ste, "runs": runs, "missing": [r.name for r in plan if r.name not in runs]}
+
+
+def tuning_table(result: dict) -> str:
+    lines = ["PEGE tuning on a validation split carved from the training set (10%, seed 0); one setting changed at "
+             "a time from PEGEConfig's defaults; STE with the same budget as the reference.", "",
+             "| run | setting | validation top-1 (%) | delta vs STE |", "|---|---|---|---|"]
+    ste = result["ste_accuracy"]
+    for name, r in sorted(result["runs"].items(), key=lambda kv: -kv[1]["accuracy"]):
+        delta = "-" if ste is None or r["estimator"] == "ste" else f"{100 * (r['accuracy'] - ste):+.2f}"
+        lines.append(f"| {name} | {r['setting']} | {100 * r['accuracy']:.2f} | {delta} |")
+    if result["missing"]:
+        lines += ["", f"Not finished yet ({len(result['missing'])}): {', '.join(result['missing'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tuning_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dict:
+    result = collect_tuning(plan, runs_dir)
+    write_result(result, tuning_table(result), out_dir, "tuning")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +513,7 @@ def _resnet20():
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy,latency}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy,tune,latency}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -440,7 +551,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ac.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     ac.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="extra argument passed to every training run (repeat), e.g. --train-arg=--compile-kernels")
+    ac.add_argument("--pege-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for the PEGE runs only (repeat), e.g. the tuned --lambda")
+    ac.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, sharing the CPU cores (default 1; 2 trains faster overall on 2 cores)")
     ac.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    tu = sub.add_parser(
+        "tune", help="PEGE settings compared on a validation split carved from the training set",
+        description="Short QAT runs from the FP model (default: the accuracy benchmark's) on 90%% of the training "
+                    "file, evaluated on the other 10%% (never the test set): STE, PEGE with its defaults and PEGE "
+                    "with one setting changed at a time (lambda, curriculum alpha, ramp, mask policies). Resumable "
+                    "like `accuracy`. Writes tuning.json/.md.")
+    tu.add_argument("--model", default=str(DEFAULT_OUT / "runs" / "resnet20-fp"), help="FP checkpoint to start from")
+    tu.add_argument("--data", default="../shared/data/cifar10/train.parquet",
+                    help="the training file; 10%% of it (seed 0) is the validation split")
+    tu.add_argument("--epochs", type=int, default=3)
+    tu.add_argument("--bits", type=int, default=2)
+    tu.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")
+    tu.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    tu.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument passed to every run (repeat)")
+    tu.add_argument("--jobs", type=int, default=1, help="runs at a time, sharing the CPU cores (default 1)")
+    tu.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -459,9 +591,21 @@ def main(args: argparse.Namespace) -> int:
         runs_dir = args.out / "runs"
         plan = accuracy_plan(data=args.data, fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, bits=tuple(args.bits),
                              estimators=tuple(args.estimators), seeds=args.seeds, seeds_low_bits=args.seeds_low_bits,
-                             ablations=not args.no_ablations, runs_dir=runs_dir, extra=tuple(args.train_arg))
+                             ablations=not args.no_ablations, runs_dir=runs_dir, extra=tuple(args.train_arg),
+                             pege_args=tuple(args.pege_arg))
         if args.report_only:
             write_accuracy_report(plan, runs_dir, args.out)
         else:
-            run_accuracy(plan, runs_dir, args.out, args.max_runs)
+            run_accuracy(plan, runs_dir, args.out, args.max_runs, jobs=args.jobs)
+    elif args.bench == "tune":
+        runs_dir = args.out / "tuning"
+        plan = tuning_plan(model=args.model, data=args.data, epochs=args.epochs, bits=args.bits,
+                           extra=tuple(args.train_arg))
+        if not args.report_only:
+            if not run_is_finished(Path(args.model)):
+                raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `pege bench accuracy` first "
+                                        "(its first run) or pass --model")
+            run_plan(plan, runs_dir, jobs=args.jobs, max_runs=args.max_runs,
+                     on_finish=lambda: write_tuning_report(plan, runs_dir, args.out))
+        write_tuning_report(plan, runs_dir, args.out)
     return 0

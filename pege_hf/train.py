@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -72,6 +73,11 @@ from .quant.modules import FakeQuantizer, QuantLayer, set_progress
 logger = logging.getLogger("pege_hf.train")
 
 ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg_small")
+PEGE_DEFAULTS = {p.name: p.default for p in inspect.signature(PEGEConfig.__init__).parameters.values()}
+# PEGEConfig fields with a command-line option of the same name; left out, PEGEConfig's default applies
+CLI_CONFIG_FIELDS = ("w_quantizer", "a_quantizer", "scale_init", "curriculum", "alpha", "ramp_fraction", "w_mask",
+                     "a_mask", "discretization_lambda", "lambda_schedule", "discretization_scope",
+                     "discretization_reduction", "ewgs_delta")
 ESTIMATOR_CHOICES = ("pege", "ste", "ewgs", "none")  # "none": full precision; the rest go to PEGEConfig
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -524,20 +530,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--w-bits", type=int, default=None, metavar="B", help="weight bits, 2..8 (default 4; quickstart 2)")
     g.add_argument("--a-bits", type=_a_bits, default=None, metavar="B",
                    help="activation bits, 2..8, or 'none' for float activations (default 4; quickstart 2)")
-    g.add_argument("--w-quantizer", default="lsq", help="weight forward quantizer: lsq | minmax (default lsq)")
-    g.add_argument("--a-quantizer", default="lsq", help="activation forward quantizer: lsq | minmax | pact")
-    g.add_argument("--scale-init", default="lsq", help="step-size initialisation: lsq | mse (default lsq)")
-    g.add_argument("--curriculum", default="log", help="replacement schedule r(t): log | linear | cosine | instant")
-    g.add_argument("--alpha", type=float, default=9.0, help="curvature of the log curriculum (default 9)")
-    g.add_argument("--ramp-fraction", type=float, default=0.75,
-                   help="share of training over which r(t) ramps to 1 (default 0.75)")
-    g.add_argument("--mask", default="progressive", help="weight mask policy: progressive | bernoulli | error")
-    g.add_argument("--a-mask", default="bernoulli", help="activation mask policy (default bernoulli)")
-    g.add_argument("--lambda", dest="discretization_lambda", type=float, default=1e-4, metavar="L",
-                   help="weight of the discretization-error term (default 1e-4)")
-    g.add_argument("--lambda-schedule", default="constant", help="constant | follow (lambda * r(t))")
-    g.add_argument("--discretization-scope", default="all", help="D over 'all' elements or only 'replaced' ones")
-    g.add_argument("--ewgs-delta", type=float, default=1e-3, help="EWGS delta (default 1e-3)")
+    d = PEGE_DEFAULTS
+    g.add_argument("--w-quantizer", metavar="Q", help=f"weight forward quantizer: lsq | minmax (default {d['w_quantizer']})")
+    g.add_argument("--a-quantizer", metavar="Q", help=f"activation forward quantizer: lsq | minmax | pact (default {d['a_quantizer']})")
+    g.add_argument("--scale-init", metavar="INIT", help=f"step-size initialisation: lsq | mse (default {d['scale_init']})")
+    g.add_argument("--curriculum", metavar="NAME", help=f"replacement schedule r(t): log | linear | cosine | instant (default {d['curriculum']})")
+    g.add_argument("--alpha", metavar="A", type=float, help=f"curvature of the log curriculum (default {d['alpha']})")
+    g.add_argument("--ramp-fraction", metavar="F", type=float,
+                   help=f"share of training over which r(t) ramps to 1 (default {d['ramp_fraction']})")
+    g.add_argument("--mask", dest="w_mask", metavar="POLICY", help=f"weight mask policy: progressive | bernoulli | error (default {d['w_mask']})")
+    g.add_argument("--a-mask", metavar="POLICY", help=f"activation mask policy (default {d['a_mask']})")
+    g.add_argument("--lambda", dest="discretization_lambda", type=float, metavar="L",
+                   help=f"weight of the discretization-error term (default {d['discretization_lambda']})")
+    g.add_argument("--lambda-schedule", metavar="NAME", help=f"constant | follow (lambda * r(t)) (default {d['lambda_schedule']})")
+    g.add_argument("--discretization-scope", metavar="SCOPE",
+                   help=f"D over 'all' elements or only 'replaced' ones (default {d['discretization_scope']})")
+    g.add_argument("--discretization-reduction", metavar="R",
+                   help=f"D as the 'mean' or the 'sum' over a tensor's elements (default {d['discretization_reduction']})")
+    g.add_argument("--ewgs-delta", metavar="D", type=float, help=f"EWGS delta (default {d['ewgs_delta']})")
     g.add_argument("--quantize-stem", action="store_true", help="quantize the first layer too")
     g.add_argument("--quantize-head", action="store_true", help="quantize the classifier too")
     g.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="NAME",
@@ -599,14 +609,9 @@ def build_quant_config(args) -> PEGEConfig | None:
     if not args.model:
         raise ValueError(f"--estimator {estimator} is quantization-aware training, which starts from a trained float "
                          "checkpoint: pass --model PATH_OR_ID (or --estimator none to train in full precision)")
-    kwargs = dict(
-        estimator=estimator, w_quantizer=args.w_quantizer, a_quantizer=args.a_quantizer, scale_init=args.scale_init,
-        curriculum=args.curriculum, alpha=args.alpha, ramp_fraction=args.ramp_fraction, w_mask=args.mask,
-        a_mask=args.a_mask, discretization_lambda=args.discretization_lambda, lambda_schedule=args.lambda_schedule,
-        discretization_scope=args.discretization_scope, ewgs_delta=args.ewgs_delta,
-        skip_stem=not args.quantize_stem, skip_head=not args.quantize_head,
-        modules_to_not_convert=args.modules_to_not_convert, seed=args.seed,
-    )
+    kwargs = dict(estimator=estimator, skip_stem=not args.quantize_stem, skip_head=not args.quantize_head,
+                  modules_to_not_convert=args.modules_to_not_convert, seed=args.seed)
+    kwargs.update({name: getattr(args, name) for name in CLI_CONFIG_FIELDS if getattr(args, name) is not None})
     if args.w_bits is not None:
         kwargs["w_bits"] = args.w_bits
     if args.a_bits is not None:

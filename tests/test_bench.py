@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pege_hf import bench
+from pege_hf import bench, cli
 from pege_hf.hf.cifar import cifar_resnet
 
 
@@ -56,6 +56,37 @@ def test_accuracy_plan_protocol():
         assert len({tuple(recipe(r)) for r in main}) == 1
     assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 6  # 2 seeds at W2A2
     assert {r.variant for r in qat if r.variant != "main"} == {"lambda0", "linear"}
+    # what the report needs first comes first: every estimator at W2A2, then the shipped PEGE widths
+    assert [(r.estimator, r.bits, r.seed) for r in plan[1:6]] == [
+        ("pege", 2, 0), ("ste", 2, 0), ("ewgs", 2, 0), ("pege", 4, 0), ("pege", 3, 0)]
+
+
+def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
+    plan = bench.accuracy_plan(data="D", pege_args=("--lambda", "0.5", "--alpha", "3"))
+    for r in plan[1:]:
+        assert ("--alpha" in r.args) == (r.estimator == "pege")
+    lambda0 = next(r for r in plan if r.variant == "lambda0")
+    args = cli.build_parser("train").parse_args(["train", *lambda0.args])
+    assert args.discretization_lambda == 0.0 and args.alpha == 3.0  # the ablation's own flag wins
+
+
+def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
+    plan = bench.tuning_plan(model="fp", data="train.parquet", epochs=3)
+    parse = lambda args: vars(cli.build_parser("train").parse_args(["train", *args]))  # noqa: E731
+    parsed = {r.name: parse(r.args) for r in plan}
+    assert plan[0].estimator == "ste" and len(parsed) == len(plan) == len(bench.TUNING_VARIANTS) + 1
+    default = parsed["w2a2-pege-default"]
+    for r in plan:
+        args = parsed[r.name]
+        # the carved validation split depends on the dataset and the seed: identical for every run
+        assert args["seed"] == 0 and args["dataset"] == "train.parquet" and args["test_split"] is None
+        changed = {k for k in args if args[k] != default[k]}
+        if r.estimator == "ste":
+            assert changed == {"estimator"}
+        else:
+            flags = bench.TUNING_VARIANTS[r.variant]
+            assert len(changed) == len(flags) // 2  # exactly the variant's own settings
+            assert all(args[k] is not None for k in changed)
 
 
 @pytest.mark.slow
@@ -64,10 +95,10 @@ def test_accuracy_runner_is_resumable(tmp_path):
     from pege_hf.data import DEFAULT_DATASET
 
     runs = tmp_path / "runs"
-    plan = bench.accuracy_plan(data=DEFAULT_DATASET, fp_epochs=1, qat_epochs=1, bits=(2,), estimators=("pege",),
+    plan = bench.accuracy_plan(data=DEFAULT_DATASET, fp_epochs=1, qat_epochs=1, bits=(2,), estimators=("ste", "pege"),
                                seeds_low_bits=1, ablations=False, runs_dir=runs,
                                extra=("--max-train", "256", "--max-test", "128", "--batch-size", "64"))
-    result = bench.run_accuracy(plan, runs, tmp_path)
+    result = bench.run_accuracy(plan, runs, tmp_path, jobs=2)  # FP alone, then the two QAT runs side by side
     assert not result["missing"] and set(result["runs"]) == {r.name for r in plan}
     fp = json.loads((runs / "resnet20-fp" / "metrics.json").read_text())
     assert result["fp_accuracy"] == fp["accuracy"]

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pege_hf import cli
 from pege_hf import train as T
+from pege_hf.config import PEGEConfig
 from pege_hf.data import DEFAULT_DATASET
 from pege_hf.evaluate import evaluate_checkpoint
 
@@ -319,6 +320,20 @@ def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--help"])
     assert "--json" in capsys.readouterr().out
+
+
+def test_cli_quantization_options_map_onto_pege_config():
+    parser = cli.build_parser("train")
+    parse = lambda *argv: T.build_quant_config(parser.parse_args(["train", "--model", "m", *argv]))  # noqa: E731
+    # left out: PEGEConfig's own defaults, so the CLI and the Python API never disagree
+    assert parse().to_dict() == PEGEConfig().to_dict()
+    given = parse("--estimator", "ste", "--w-bits", "3", "--a-bits", "none", "--alpha", "3", "--mask", "error",
+                  "--lambda", "0.5", "--discretization-reduction", "sum", "--ramp-fraction", "0.5")
+    expected = PEGEConfig(estimator="ste", w_bits=3, a_bits=None, alpha=3.0, w_mask="error", discretization_lambda=0.5,
+                          discretization_reduction="sum", ramp_fraction=0.5)
+    assert given.to_dict() == expected.to_dict()
+    with pytest.raises(ValueError, match="discretization_reduction"):
+        parse("--discretization-reduction", "max")
 
 
 # --------------------------------------------------------------------------------------------- quickstart
