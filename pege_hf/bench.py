@@ -485,6 +485,40 @@ def write_tuning_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dict:
     return result
 
 
+# the package's default models (quickstart, demo) <- the accuracy benchmark's runs
+SHIPPED_FROM_RUNS = {"resnet20-fp": "resnet20-fp", "resnet20-pege-w2a2": "resnet20-w2a2-pege-s0",
+                     "resnet20-pege-w3a3": "resnet20-w3a3-pege-s0", "resnet20-pege-w4a4": "resnet20-w4a4-pege-s0"}
+SHIPPED_FILES = ("config.json", "model.safetensors", "metrics.json")
+
+
+def ship_models(runs_dir: Path, dest: Path) -> list[str]:
+    """Copy the benchmark's FP and PEGE W2A2/W3A3/W4A4 models (final weights, config, metrics) into
+    `dest` with a fresh model card each; runs that have not finished are left as they are in `dest`.
+    Returns the names shipped."""
+    import shutil
+
+    from .hub import render_model_card
+
+    shipped = []
+    for name, run in SHIPPED_FROM_RUNS.items():
+        src = runs_dir / run
+        if not run_is_finished(src):
+            print(f"not shipped: {run} has not finished", flush=True)
+            continue
+        target = dest / name
+        staging = dest / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for file in SHIPPED_FILES:
+            shutil.copy2(src / file, staging / file)
+        render_model_card(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        shipped.append(name)
+        print(f"shipped {src} -> {target}", flush=True)
+    return shipped
+
+
 # ---------------------------------------------------------------------------------------------
 # latency: the demo's four models on one image
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +547,7 @@ def _resnet20():
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy,tune,latency}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy,tune,ship,latency}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -556,6 +590,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ac.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, sharing the CPU cores (default 1; 2 trains faster overall on 2 cores)")
     ac.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    sh = sub.add_parser("ship", help="copy the accuracy benchmark's FP and PEGE W2/W3/W4 models into the package",
+                        description="Copy the finished FP and PEGE W2A2/W3A3/W4A4 (seed 0) runs of `pege bench "
+                                    "accuracy` into pege_hf/assets/models (the quickstart's and the demo's default "
+                                    "models), each with its model card.")
+    sh.add_argument("--runs", type=Path, default=DEFAULT_OUT / "runs", help="the benchmark's runs folder")
+    sh.add_argument("--dest", type=Path, default=None, help="default: pege_hf/assets/models")
     tu = sub.add_parser(
         "tune", help="PEGE settings compared on a validation split carved from the training set",
         description="Short QAT runs from the FP model (default: the accuracy benchmark's) on 90%% of the training "
@@ -597,6 +637,10 @@ def main(args: argparse.Namespace) -> int:
             write_accuracy_report(plan, runs_dir, args.out)
         else:
             run_accuracy(plan, runs_dir, args.out, args.max_runs, jobs=args.jobs)
+    elif args.bench == "ship":
+        from .inference import SHIPPED_MODELS_DIR
+
+        ship_models(args.runs, args.dest or SHIPPED_MODELS_DIR)
     elif args.bench == "tune":
         runs_dir = args.out / "tuning"
         plan = tuning_plan(model=args.model, data=args.data, epochs=args.epochs, bits=args.bits,

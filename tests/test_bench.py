@@ -107,6 +107,16 @@ def test_accuracy_runner_is_resumable(tmp_path):
     bench.run_accuracy(plan, runs, tmp_path)
     assert stamps == {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
 
+    # shipping: FP and PEGE W2A2 copied byte for byte with a card quoting the run's own accuracy; W3/W4 not run
+    dest = tmp_path / "models"
+    assert bench.ship_models(runs, dest) == ["resnet20-fp", "resnet20-pege-w2a2"]
+    for name, run in (("resnet20-fp", "resnet20-fp"), ("resnet20-pege-w2a2", "resnet20-w2a2-pege-s0")):
+        for file in bench.SHIPPED_FILES:
+            assert (dest / name / file).read_bytes() == (runs / run / file).read_bytes()
+        accuracy = json.loads((runs / run / "metrics.json").read_text())["accuracy"]
+        assert f"{100 * accuracy:.2f}%" in (dest / name / "README.md").read_text()
+    assert sorted(p.name for p in dest.iterdir()) == ["resnet20-fp", "resnet20-pege-w2a2"]
+
 
 def test_latency_benchmark_times_the_four_shipped_models():
     result = bench.bench_latency(n=3)
