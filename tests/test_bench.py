@@ -89,6 +89,61 @@ def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
             assert all(args[k] is not None for k in changed)
 
 
+class _FakeProcess:
+    """Stands in for a training child: 'finishes' (writes the files a finished run has) when polled."""
+
+    def __init__(self, run_dir, code, log):
+        self.run_dir, self.code, self.log = run_dir, code, log
+
+    def poll(self):
+        if self.code == 0:
+            for name in ("metrics.json", "config.json"):
+                (self.run_dir / name).write_text("{}")
+        self.log.append(("end", self.run_dir.name))
+        return self.code
+
+
+def _fake_scheduler(monkeypatch, tmp_path, fail=()):
+    log = []
+
+    def start(run, runs_dir, threads=None):
+        log.append(("start", run.name, threads))
+        (runs_dir / run.name).mkdir(parents=True, exist_ok=True)
+        return _FakeProcess(runs_dir / run.name, 1 if run.name in fail else 0, log)
+
+    monkeypatch.setattr(bench, "start_run", start)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    (tmp_path / "runs").mkdir(parents=True)
+    return log
+
+
+def test_run_plan_waits_for_fp_then_shares_the_cores(monkeypatch, tmp_path):
+    log = _fake_scheduler(monkeypatch, tmp_path)
+    plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("ste", "pege"), seeds_low_bits=1, ablations=False)
+    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    starts = [e for e in log if e[0] == "start"]
+    # FP alone with every core; nothing starts before it ends; then two runs side by side, 2 cores each
+    assert starts[0] == ("start", "resnet20-fp", 4) and log[1] == ("end", "resnet20-fp")
+    assert starts[1:] == [("start", "resnet20-w2a2-pege-s0", 2), ("start", "resnet20-w2a2-ste-s0", 2)]
+    assert log.index(starts[2]) < log.index(("end", "resnet20-w2a2-pege-s0"))  # overlapping
+    log.clear()
+    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    assert log == []  # finished runs are never redone
+
+
+def test_run_plan_stops_starting_after_a_failure_and_respects_max_runs(monkeypatch, tmp_path, capsys):
+    log = _fake_scheduler(monkeypatch, tmp_path, fail={"resnet20-fp"})
+    plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("ste",), seeds_low_bits=1, ablations=False)
+    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    assert [e[1] for e in log if e[0] == "start"] == ["resnet20-fp"]
+    out = capsys.readouterr().out
+    assert "resnet20-fp exited with code 1" in out and "skip resnet20-w2a2-ste-s0: resnet20-fp has not finished" in out
+    log = _fake_scheduler(monkeypatch, tmp_path / "again")
+    bench.run_plan(plan, tmp_path / "again" / "runs", jobs=1, max_runs=1)
+    assert [e[1] for e in log if e[0] == "start"] == ["resnet20-fp"]
+
+
 @pytest.mark.slow
 def test_accuracy_runner_is_resumable(tmp_path):
     """A tiny matrix runs end to end; a second invocation redoes nothing."""
