@@ -178,3 +178,18 @@ def test_latency_benchmark_times_the_four_shipped_models():
     assert set(result["per_model_median_ms"]) == {"fp", "w4", "w3", "w2"}
     assert result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
     assert "median" in bench.latency_table(result)
+
+
+def test_readme_quotes_the_committed_benchmark_files_verbatim():
+    """Every number in the README's results comes from a file a benchmark run wrote: each
+    benchmarks/*.md table the README quotes is there unchanged (a re-run that changes the numbers
+    fails this until the README is updated)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    quoted = ["size", "speed", "speed_compiled", "latency"]
+    quoted += [name for name in ("accuracy", "tuning") if f"benchmarks/{name}.md" in readme]
+    for name in quoted:
+        table = (root / "benchmarks" / f"{name}.md").read_text().strip()
+        assert table in readme, f"README does not quote benchmarks/{name}.md as written"
