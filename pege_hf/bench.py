@@ -255,20 +255,37 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
 
 
 def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, variants: dict | None = None,
-                extra=()) -> list[Run]:
+                recipes: dict | None = None, extra=()) -> list[Run]:
     """Short W{bits}A{bits} QAT runs from the FP model on a validation split carved from the
-    training set (`data` is the training file; 10% of it, seed 0, becomes the evaluation split),
-    one PEGE setting changed at a time, plus STE with the same budget as the reference."""
+    training set (`data` is the training file; 10% of it, seed 0, becomes the evaluation split).
+    First the shared QAT recipe (step-size init, quantizer learning rate: applied to every
+    estimator alike) for STE and PEGE with its defaults, then PEGE with one of its own settings
+    changed at a time."""
     variants = TUNING_VARIANTS if variants is None else variants
+    recipes = TUNING_RECIPES if recipes is None else recipes
     base = ("--model", model, "--dataset", data, "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(epochs),
             "--lr", "0.01", "--seed", "0", *extra)
-    plan = [Run(f"w{bits}a{bits}-ste", (*base, "--estimator", "ste"), "ste", bits, 0, "ste")]
+    plan = []
+    for recipe, recipe_args in recipes.items():
+        tail = f"-{recipe}" if recipe else ""
+        plan += [Run(f"w{bits}a{bits}-ste{tail}", (*base, *recipe_args, "--estimator", "ste"), "ste", bits, 0,
+                     f"ste{tail}"),
+                 Run(f"w{bits}a{bits}-pege-default{tail}", (*base, *recipe_args, "--estimator", "pege"), "pege", bits, 0,
+                     f"default{tail}")]
     plan += [Run(f"w{bits}a{bits}-pege-{tag}", (*base, "--estimator", "pege", *args), "pege", bits, 0, tag)
-             for tag, args in variants.items()]
+             for tag, args in variants.items() if tag != "default"]
     return plan
 
 
-# PEGE settings tried on the validation split, one change at a time from PEGEConfig's defaults
+# the shared QAT recipe: tried for STE and PEGE alike ("" = the train CLI's defaults)
+TUNING_RECIPES = {
+    "": (),
+    "mse": ("--scale-init", "mse"),
+    "qlr1": ("--quantizer-lr-scale", "1"),
+    "mse-qlr1": ("--scale-init", "mse", "--quantizer-lr-scale", "1"),
+}
+
+# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the default recipe)
 TUNING_VARIANTS = {
     "default": (),
     "sum": ("--discretization-reduction", "sum"),
@@ -449,6 +466,19 @@ def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int |
     return write_accuracy_report(plan, runs_dir, out_dir)
 
 
+def _tuning_setting(variant: str) -> str:
+    """The flags a tuning run adds to the defaults, from its variant tag ("default-mse", "lambda1", ...)."""
+    name, recipe = _tuning_parts(variant)
+    flags = TUNING_RECIPES.get(recipe, ()) + (TUNING_VARIANTS.get(name, ()) if name != "ste" else ())
+    return " ".join(flags) or "-"
+
+
+def _tuning_parts(variant: str) -> tuple[str, str]:
+    """(setting name, recipe name) of a tuning run's variant tag."""
+    name, _, recipe = variant.partition("-") if variant.startswith(("ste", "default")) else (variant, "", "")
+    return name, recipe
+
+
 def collect_tuning(plan: list[Run], runs_dir: Path) -> dict:
     """Every finished tuning run: the setting tried, validation accuracy per epoch and at the end."""
     runs = {}
@@ -456,22 +486,22 @@ def collect_tuning(plan: list[Run], runs_dir: Path) -> dict:
         path = runs_dir / run.name / "metrics.json"
         if path.is_file():
             m = json.loads(path.read_text())
-            runs[run.name] = {"estimator": run.estimator, "variant": run.variant,
-                              "setting": " ".join(TUNING_VARIANTS.get(run.variant, ())) or "-",
+            runs[run.name] = {"estimator": run.estimator, "variant": run.variant, "recipe": _tuning_parts(run.variant)[1],
+                              "setting": _tuning_setting(run.variant),
                               "accuracy": m["accuracy"], "epoch_accuracy": [h["accuracy"] for h in m.get("history", [])],
                               "wall_time_s": m.get("wall_time_s"), "quantization_config": m.get("quantization_config"),
                               "command": m.get("command")}
-    ste = next((r["accuracy"] for r in runs.values() if r["estimator"] == "ste"), None)
+    ste = {r["recipe"]: r["accuracy"] for r in runs.values() if r["estimator"] == "ste"}
     return {"benchmark": "tuning", "split": "validation: 10% of the training file (seed 0), never the test set",
-            "ste_accuracy": ste, "runs": runs, "missing": [r.name for r in plan if r.name not in runs]}
+            "ste_accuracy_by_recipe": ste, "runs": runs, "missing": [r.name for r in plan if r.name not in runs]}
 
 
 def tuning_table(result: dict) -> str:
     lines = ["PEGE tuning on a validation split carved from the training set (10%, seed 0); one setting changed at "
-             "a time from PEGEConfig's defaults; STE with the same budget as the reference.", "",
-             "| run | setting | validation top-1 (%) | delta vs STE |", "|---|---|---|---|"]
-    ste = result["ste_accuracy"]
+             "a time from PEGEConfig's defaults; STE with the same budget and recipe as the reference.", "",
+             "| run | setting | validation top-1 (%) | delta vs STE (same recipe) |", "|---|---|---|---|"]
     for name, r in sorted(result["runs"].items(), key=lambda kv: -kv[1]["accuracy"]):
+        ste = result["ste_accuracy_by_recipe"].get(r["recipe"])
         delta = "-" if ste is None or r["estimator"] == "ste" else f"{100 * (r['accuracy'] - ste):+.2f}"
         lines.append(f"| {name} | {r['setting']} | {100 * r['accuracy']:.2f} | {delta} |")
     if result["missing"]:

@@ -74,19 +74,22 @@ def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
     plan = bench.tuning_plan(model="fp", data="train.parquet", epochs=3)
     parse = lambda args: vars(cli.build_parser("train").parse_args(["train", *args]))  # noqa: E731
     parsed = {r.name: parse(r.args) for r in plan}
-    assert plan[0].estimator == "ste" and len(parsed) == len(plan) == len(bench.TUNING_VARIANTS) + 1
+    assert plan[0].name == "w2a2-ste" and plan[1].name == "w2a2-pege-default"
+    assert len(parsed) == len(plan) == 2 * len(bench.TUNING_RECIPES) + len(bench.TUNING_VARIANTS) - 1
     default = parsed["w2a2-pege-default"]
     for r in plan:
         args = parsed[r.name]
         # the carved validation split depends on the dataset and the seed: identical for every run
         assert args["seed"] == 0 and args["dataset"] == "train.parquet" and args["test_split"] is None
         changed = {k for k in args if args[k] != default[k]}
-        if r.estimator == "ste":
-            assert changed == {"estimator"}
-        else:
-            flags = bench.TUNING_VARIANTS[r.variant]
-            assert len(changed) == len(flags) // 2  # exactly the variant's own settings
-            assert all(args[k] is not None for k in changed)
+        flags = bench._tuning_setting(r.variant).split() if bench._tuning_setting(r.variant) != "-" else []
+        # exactly the run's own settings differ (plus the estimator for STE), each one given
+        assert len(changed) == len(flags) // 2 + (r.estimator == "ste")
+        assert all(f in r.args for f in flags)
+    # every recipe is tried for STE and for PEGE alike
+    for recipe in bench.TUNING_RECIPES:
+        tail = f"-{recipe}" if recipe else ""
+        assert parsed[f"w2a2-ste{tail}"] | {"estimator": "pege"} == parsed[f"w2a2-pege-default{tail}"]
 
 
 class _FakeProcess:
