@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,10 +309,6 @@ def run_is_finished(run_dir: Path) -> bool:
 
 def start_run(run: Run, runs_dir: Path, threads: int | None = None, checkpointing_steps: int = 100):
     """Train one run in a child process (or continue it: --resume), logging to its train.log."""
-    import os
-    import subprocess
-    import sys
-
     run_dir = runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pege_hf.train", *run.args, "--output-dir", str(run_dir), "--resume",
@@ -327,9 +326,6 @@ def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | 
     depends on. The cores are shared among the runs that can go now (FP alone gets them all). A
     cut-off run continues from its last checkpoint; a finished one is never redone. `on_finish`
     runs after every finished run (the report); a failed run stops new starts."""
-    import os
-    import time as _time
-
     cores = os.cpu_count() or 1
     finished = lambda name: run_is_finished(runs_dir / name)  # noqa: E731
     pending = [r for r in plan if not finished(r.name)]
@@ -353,7 +349,7 @@ def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | 
             running[run.name] = start_run(run, runs_dir, threads=max(1, cores // busy) if jobs > 1 else None)
         if not running:
             return
-        _time.sleep(2)
+        time.sleep(2)
         for name, proc in list(running.items()):
             code = proc.poll()
             if code is None:
