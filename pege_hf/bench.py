@@ -258,14 +258,16 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
 
 
 def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, variants: dict | None = None,
-                recipes: dict | None = None, extra=()) -> list[Run]:
+                recipes: dict | None = None, recipe: str = "", extra=()) -> list[Run]:
     """Short W{bits}A{bits} QAT runs from the FP model on a validation split carved from the
     training set (`data` is the training file; 10% of it, seed 0, becomes the evaluation split).
     First the shared QAT recipe (step-size init, quantizer learning rate: applied to every
     estimator alike) for STE and PEGE with its defaults, then PEGE with one of its own settings
-    changed at a time."""
+    changed at a time under the recipe named `recipe` (a key of `recipes`)."""
     variants = TUNING_VARIANTS if variants is None else variants
     recipes = TUNING_RECIPES if recipes is None else recipes
+    if recipe not in recipes:
+        raise ValueError(f"unknown tuning recipe {recipe!r}: expected one of {sorted(recipes)}")
     base = ("--model", model, "--dataset", data, "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(epochs),
             "--lr", "0.01", "--seed", "0", *extra)
     plan = []
@@ -275,7 +277,9 @@ def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, varian
                      f"ste{tail}"),
                  Run(f"w{bits}a{bits}-pege-default{tail}", (*base, *recipe_args, "--estimator", "pege"), "pege", bits, 0,
                      f"default{tail}")]
-    plan += [Run(f"w{bits}a{bits}-pege-{tag}", (*base, "--estimator", "pege", *args), "pege", bits, 0, tag)
+    tail = f"-{recipe}" if recipe else ""
+    plan += [Run(f"w{bits}a{bits}-pege-{tag}{tail}", (*base, *recipes[recipe], "--estimator", "pege", *args), "pege",
+                 bits, 0, f"{tag}{tail}")
              for tag, args in variants.items() if tag != "default"]
     return plan
 
@@ -288,7 +292,7 @@ TUNING_RECIPES = {
     "mse-qlr1": ("--scale-init", "mse", "--quantizer-lr-scale", "1"),
 }
 
-# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the default recipe)
+# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the recipe `pege bench tune --recipe`)
 TUNING_VARIANTS = {
     "default": (),
     "sum": ("--discretization-reduction", "sum"),
@@ -470,9 +474,9 @@ def _tuning_setting(variant: str) -> str:
 
 
 def _tuning_parts(variant: str) -> tuple[str, str]:
-    """(setting name, recipe name) of a tuning run's variant tag."""
-    name, _, recipe = variant.partition("-") if variant.startswith(("ste", "default")) else (variant, "", "")
-    return name, recipe
+    """(setting name, recipe name) of a tuning run's variant tag ("<setting>" or "<setting>-<recipe>")."""
+    recipe = max((r for r in TUNING_RECIPES if r and variant.endswith(f"-{r}")), key=len, default="")
+    return variant.removesuffix(f"-{recipe}") if recipe else variant, recipe
 
 
 def collect_tuning(plan: list[Run], runs_dir: Path) -> dict:
@@ -633,6 +637,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the training file; 10%% of it (seed 0) is the validation split")
     tu.add_argument("--epochs", type=int, default=3)
     tu.add_argument("--bits", type=int, default=2)
+    tu.add_argument("--recipe", default="", choices=list(TUNING_RECIPES),
+                    help="shared QAT recipe the PEGE settings are tried under (pick the one that makes STE sound; "
+                         "default: the train CLI's defaults)")
     tu.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")
     tu.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     tu.add_argument("--train-arg", action="append", default=[], metavar="ARG",
@@ -670,7 +677,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.bench == "tune":
         runs_dir = args.out / "tuning"
         plan = tuning_plan(model=args.model, data=args.data, epochs=args.epochs, bits=args.bits,
-                           extra=tuple(args.train_arg))
+                           recipe=args.recipe, extra=tuple(args.train_arg))
         if not args.report_only:
             if not run_is_finished(Path(args.model)):
                 raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `pege bench accuracy` first "

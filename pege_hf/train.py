@@ -361,6 +361,19 @@ class JSONLTracker(GeneralTracker):
         self._write({"step": step, "time": time.time(), **values})
 
 
+def rewind_jsonl(path: Path, step: int) -> None:
+    """Drop the records a cut-off run logged after ``step`` (the checkpoint it resumes from), so the
+    resumed run's log reads as one run; records without a step (the config event) stay."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or (json.loads(line).get("step") or 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def _flat_hparams(values: dict) -> dict:
     """Tracker-friendly hyperparameters: scalars and strings only."""
     out = {}
@@ -775,6 +788,7 @@ def train(args) -> dict[str, Any]:
         accelerator.load_state(str(resume_path))
         state.update(saved)
         if main_proc:
+            rewind_jsonl(output_dir / "metrics.jsonl", state["global_step"])
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, state["global_step"],
                         state["epoch"], state["batch_in_epoch"])
 

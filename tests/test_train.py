@@ -158,7 +158,9 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
                             stderr=subprocess.PIPE)
     first = killed / "checkpoints" / "step_2" / T.STATE_FILE
     deadline = time.time() + 120
-    while not first.is_file():
+    jsonl = killed / "metrics.jsonl"
+    logged_step_3 = lambda: jsonl.is_file() and '"step": 3,' in jsonl.read_text()  # noqa: E731
+    while not (first.is_file() and logged_step_3()):  # killed after logging a step its checkpoint lacks
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
@@ -183,8 +185,14 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]])
     assert (hashes / "resumed" / "rank0.txt").read_text() == (hashes / "straight" / "rank0.txt").read_text()
 
-    # nothing the killed run wrote is lost; the newest checkpoints are complete and load
-    assert (killed / "metrics.jsonl").read_text().splitlines()[: len(logged_before)] == logged_before
+    # the log keeps what the killed run logged up to its checkpoint and reads as one run: the same
+    # steps as the uninterrupted run, none twice
+    logged_after = (killed / "metrics.jsonl").read_text().splitlines()
+    up_to_checkpoint = [line for line in logged_before if (json.loads(line).get("step") or 0) <= 2]
+    assert logged_after[: len(up_to_checkpoint)] == up_to_checkpoint
+    loss_steps = lambda path: [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r]  # noqa: E731
+    assert loss_steps(killed / "metrics.jsonl") == loss_steps(tmp_path / "straight" / "metrics.jsonl")
+    # the newest checkpoints are complete and load
     kept = T.complete_checkpoints(killed)
     assert [p.name for p in kept] == ["step_10", "step_12"]  # every 2 steps, the last 2 kept
     assert not list((killed / "checkpoints").glob(".tmp_*"))
