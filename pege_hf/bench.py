@@ -271,8 +271,8 @@ def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, varian
     base = ("--model", model, "--dataset", data, "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(epochs),
             "--lr", "0.01", "--seed", "0", *extra)
     plan = []
-    for recipe, recipe_args in recipes.items():
-        tail = f"-{recipe}" if recipe else ""
+    for name, recipe_args in recipes.items():
+        tail = f"-{name}" if name else ""
         plan += [Run(f"w{bits}a{bits}-ste{tail}", (*base, *recipe_args, "--estimator", "ste"), "ste", bits, 0,
                      f"ste{tail}"),
                  Run(f"w{bits}a{bits}-pege-default{tail}", (*base, *recipe_args, "--estimator", "pege"), "pege", bits, 0,

@@ -92,16 +92,20 @@ def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
         assert parsed[f"w2a2-ste{tail}"] | {"estimator": "pege"} == parsed[f"w2a2-pege-default{tail}"]
 
 
-def test_tuning_plan_tries_pege_settings_under_the_chosen_recipe():
-    plan = bench.tuning_plan(model="fp", data="train.parquet", recipe="mse-qlr1")
+@pytest.mark.parametrize("recipe", ["", "mse", "mse-qlr1"])
+def test_tuning_plan_tries_pege_settings_under_the_chosen_recipe(recipe):
+    plan = bench.tuning_plan(model="fp", data="train.parquet", recipe=recipe)
     parse = lambda args: vars(cli.build_parser("train").parse_args(["train", *args]))  # noqa: E731
-    base = parse(next(r for r in plan if r.name == "w2a2-pege-default-mse-qlr1").args)
+    tail = f"-{recipe}" if recipe else ""
+    base = parse(next(r for r in plan if r.name == f"w2a2-pege-default{tail}").args)
     variants = [r for r in plan if r.variant.split("-")[0] not in ("ste", "default")]
     assert len(variants) == len(bench.TUNING_VARIANTS) - 1
+    recipe_flags = dict(zip(*[iter(bench.TUNING_RECIPES[recipe])] * 2))
     for r in variants:
-        assert r.name.endswith("-mse-qlr1") and bench._tuning_parts(r.variant)[1] == "mse-qlr1"
+        assert r.name.endswith(f"-{r.variant}") and bench._tuning_parts(r.variant)[1] == recipe
         args = parse(r.args)
-        assert args["scale_init"] == "mse" and args["quantizer_lr_scale"] == 1.0
+        assert args["scale_init"] == recipe_flags.get("--scale-init")  # None: PEGEConfig's default
+        assert args["quantizer_lr_scale"] == float(recipe_flags.get("--quantizer-lr-scale", 0.1))
         # only the variant's own setting differs from PEGE's defaults under that recipe
         name = bench._tuning_parts(r.variant)[0]
         assert len({k for k in args if args[k] != base[k]}) == len(bench.TUNING_VARIANTS[name]) // 2
