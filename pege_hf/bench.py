@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import PEGEConfig
 from .quant.modules import quantize, set_progress
+from .train import output_dir_is_locked
 
 DEFAULT_OUT = Path("benchmarks")
 
@@ -219,14 +220,17 @@ class Run:
 def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=(2, 3, 4),
                   estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 2, seeds: int = 1,
                   ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra=(),
-                  pege_args=()) -> list[Run]:
+                  qat_args=None, pege_args=None) -> list[Run]:
     """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
     optimiser, schedule, epochs, augmentation and seeds (more seeds at the lowest width), plus the
     W2A2 ablations PEGE without the discretization term and PEGE with the linear curriculum.
-    `pege_args` are PEGE's own settings (from tuning); they never reach the STE/EWGS runs.
+    `extra` reaches every run, `qat_args` (default QAT_RECIPE) every QAT run, `pege_args` (default
+    PEGE_TUNED: PEGE's own settings from tuning) only the PEGE runs, never STE/EWGS.
 
     Ordered by what the report needs first: FP, then the lowest width for every estimator, PEGE at
     the other widths (the shipped models), the second seed, the remaining baselines, the ablations."""
+    qat_args = QAT_RECIPE if qat_args is None else tuple(qat_args)
+    pege_args = PEGE_TUNED if pege_args is None else tuple(pege_args)
     fp = Run("resnet20-fp", ("--estimator", "none", "--arch", "resnet20", "--dataset", data,
                              "--epochs", str(fp_epochs), "--lr", "0.1", *extra), "fp", None, 0)
     model = str(runs_dir / fp.name)
@@ -235,7 +239,7 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
         name = f"resnet20-w{b}a{b}-{estimator}" + ("" if variant == "main" else f"-{variant}") + f"-s{seed}"
         own = pege_args if estimator == "pege" else ()
         args = ("--model", model, "--dataset", data, "--estimator", estimator, "--w-bits", str(b), "--a-bits", str(b),
-                "--epochs", str(qat_epochs), "--lr", "0.01", "--seed", str(seed), *extra, *own, *more)
+                "--epochs", str(qat_epochs), "--lr", "0.01", "--seed", str(seed), *extra, *qat_args, *own, *more)
         return Run(name, args, estimator, b, seed, variant, depends=fp.name)
 
     low = min(bits)
@@ -307,6 +311,12 @@ TUNING_VARIANTS = {
 }
 
 
+# What `pege bench tune` chose (benchmarks/tuning.md, validation split only). The shared QAT recipe is the
+# one under which STE trains soundly; it reaches every estimator alike. PEGE's own settings reach PEGE only.
+QAT_RECIPE = TUNING_RECIPES["mse"]
+PEGE_TUNED: tuple[str, ...] = ()
+
+
 def run_is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()
 
@@ -329,7 +339,8 @@ def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | 
     """Run what is not finished, in plan order, up to `jobs` at a time; a run waits for the run it
     depends on. The cores are shared among the runs that can go now (FP alone gets them all). A
     cut-off run continues from its last checkpoint; a finished one is never redone. `on_finish`
-    runs after every finished run (the report); a failed run stops new starts."""
+    runs after every finished run (the report); a failed run stops new starts; a run another process
+    is training (its folder's lock is held) is left to that process."""
     cores = os.cpu_count() or 1
     finished = lambda name: run_is_finished(runs_dir / name)  # noqa: E731
     pending = [r for r in plan if not finished(r.name)]
@@ -339,6 +350,9 @@ def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | 
         waiting_on = set(running) | {r.name for r in pending}
         for run in [r for r in pending if r.depends and not finished(r.depends) and r.depends not in waiting_on]:
             print(f"skip {run.name}: {run.depends} has not finished", flush=True)
+            pending.remove(run)
+        for run in [r for r in pending if output_dir_is_locked(runs_dir / r.name)]:
+            print(f"skip {run.name}: another process is training it", flush=True)
             pending.remove(run)
         ready = [r for r in pending if not r.depends or finished(r.depends)]
         if max_runs is not None:
@@ -615,8 +629,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ac.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     ac.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="extra argument passed to every training run (repeat), e.g. --train-arg=--compile-kernels")
-    ac.add_argument("--pege-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for the PEGE runs only (repeat), e.g. the tuned --lambda")
+    ac.add_argument("--qat-arg", action="append", default=None, metavar="ARG",
+                    help="the shared QAT recipe, passed to every QAT run (repeat; replaces the tuned default "
+                         f"{' '.join(QAT_RECIPE) or '(none)'})")
+    ac.add_argument("--pege-arg", action="append", default=None, metavar="ARG",
+                    help="PEGE's own settings, passed to the PEGE runs only (repeat; replaces the tuned default "
+                         f"{' '.join(PEGE_TUNED) or '(none)'})")
     ac.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, sharing the CPU cores (default 1; 2 trains faster overall on 2 cores)")
     ac.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
@@ -665,7 +683,7 @@ def main(args: argparse.Namespace) -> int:
         plan = accuracy_plan(data=args.data, fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, bits=tuple(args.bits),
                              estimators=tuple(args.estimators), seeds=args.seeds, seeds_low_bits=args.seeds_low_bits,
                              ablations=not args.no_ablations, runs_dir=runs_dir, extra=tuple(args.train_arg),
-                             pege_args=tuple(args.pege_arg))
+                             qat_args=args.qat_arg, pege_args=args.pege_arg)
         if args.report_only:
             write_accuracy_report(plan, runs_dir, args.out)
         else:

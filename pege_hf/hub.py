@@ -42,7 +42,7 @@ CIFAR10_HUB_ID = "uoft-cs/cifar10"
 # subfolders of a `pege train` output dir that are not part of the published model: resumable training
 # state (optimizer, RNG) and the best epoch's model (the pushed model is the final one, which metrics.json
 # describes)
-PUSH_IGNORE = ["checkpoints/*", "best/*", ".tmp*", "**/.tmp*"]
+PUSH_IGNORE = ["checkpoints/*", "best/*", ".tmp*", "**/.tmp*", ".train.lock"]
 ESTIMATORS = {
     "pege": "PEGE (Progressive Element-wise Gradient Estimation)",
     "ste": "the straight-through estimator (STE)",

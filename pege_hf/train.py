@@ -82,6 +82,7 @@ ESTIMATOR_CHOICES = ("pege", "ste", "ewgs", "none")  # "none": full precision; t
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _CKPT_RE = re.compile(r"^step_(\d+)$")
+LOCK_FILE = ".train.lock"
 
 SHIPPED_FP_MODEL = Path(__file__).resolve().parent / "assets" / "models" / "resnet20-fp"
 QUICKSTART_DIR = Path("runs") / "quickstart"
@@ -657,6 +658,48 @@ def _prepare_output_dir(output_dir: Path, args) -> Path | None:
     return None
 
 
+def lock_output_dir(output_dir: Path):
+    """Hold an exclusive lock on ``output_dir`` while this process trains into it, so a second training
+    into the same folder (a second runner, a double launch) stops with a clear error instead of
+    interleaving checkpoints. Returns the open lock file (the lock lives as long as it stays open), or
+    None where the OS has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, no protection
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise RuntimeError(f"--output-dir {str(output_dir)!r} is being trained into by another process (pid {owner}); "
+                           "wait for it to finish or choose another --output-dir") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def output_dir_is_locked(output_dir: Path) -> bool:
+    """Whether a live process holds ``output_dir``'s training lock (see lock_output_dir)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if not (output_dir / LOCK_FILE).is_file():
+        return False
+    with open(output_dir / LOCK_FILE, encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def _clear_previous_run(output_dir: Path) -> None:
     for name in (CHECKPOINTS_DIR, "best", "logs"):
         shutil.rmtree(output_dir / name, ignore_errors=True)
@@ -711,6 +754,7 @@ def train(args) -> dict[str, Any]:
         kwargs_handlers=kwargs_handlers,
     )
     main_proc = accelerator.is_main_process
+    lock = lock_output_dir(output_dir) if main_proc else None  # noqa: F841 (held until the process ends)
     if main_proc:
         if args.overwrite and resume_path is None:
             _clear_previous_run(output_dir)

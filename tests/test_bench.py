@@ -54,6 +54,10 @@ def test_accuracy_plan_protocol():
         main = [r for r in qat if r.bits == b and r.variant == "main" and r.seed == 0]
         assert {r.estimator for r in main} == {"ste", "ewgs", "pege"}
         assert len({tuple(recipe(r)) for r in main}) == 1
+    # the tuned shared recipe reaches every QAT run, not the FP one
+    recipe_flags = bench.QAT_RECIPE
+    assert all(" ".join(recipe_flags) in " ".join(r.args) for r in qat)
+    assert not recipe_flags or " ".join(recipe_flags) not in " ".join(plan[0].args)
     assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 6  # 2 seeds at W2A2
     assert {r.variant for r in qat if r.variant != "main"} == {"lambda0", "linear"}
     # what the report needs first comes first: every estimator at W2A2, then the shipped PEGE widths
@@ -68,6 +72,11 @@ def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
     lambda0 = next(r for r in plan if r.variant == "lambda0")
     args = cli.build_parser("train").parse_args(["train", *lambda0.args])
     assert args.discretization_lambda == 0.0 and args.alpha == 3.0  # the ablation's own flag wins
+    # a recipe given replaces the tuned one, for every QAT run alike
+    parse = lambda r: cli.build_parser("train").parse_args(["train", *r.args])  # noqa: E731
+    plan = bench.accuracy_plan(data="D", qat_args=("--scale-init", "lsq", "--quantizer-lr-scale", "0.5"))
+    assert {(parse(r).scale_init, parse(r).quantizer_lr_scale) for r in plan[1:]} == {("lsq", 0.5)}
+    assert parse(plan[0]).quantizer_lr_scale == 0.1  # FP: untouched
 
 
 def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
@@ -157,6 +166,20 @@ def test_run_plan_waits_for_fp_then_shares_the_cores(monkeypatch, tmp_path):
     log.clear()
     bench.run_plan(plan, tmp_path / "runs", jobs=2)
     assert log == []  # finished runs are never redone
+
+
+def test_run_plan_leaves_a_run_another_process_is_training_alone(monkeypatch, tmp_path, capsys):
+    from pege_hf.train import lock_output_dir
+
+    log = _fake_scheduler(monkeypatch, tmp_path)
+    plan = bench.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": ()})
+    held = lock_output_dir(tmp_path / "runs" / "w2a2-pege-default")
+    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    assert [e[1] for e in log if e[0] == "start"] == ["w2a2-ste", "w2a2-pege-sum"]
+    assert "skip w2a2-pege-default: another process is training it" in capsys.readouterr().out
+    held.close()
+    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    assert [e[1] for e in log if e[0] == "start"][-1] == "w2a2-pege-default"
 
 
 def test_run_plan_stops_starting_after_a_failure_and_respects_max_runs(monkeypatch, tmp_path, capsys):

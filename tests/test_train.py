@@ -274,6 +274,21 @@ def _assert_nothing_trained(out: Path) -> None:
     assert not (out / "checkpoints").exists()
 
 
+def test_a_folder_being_trained_into_refuses_a_second_training(tmp_path):
+    out = tmp_path / "out"
+    args = ["--estimator", "none", "--dataset", DEFAULT_DATASET, "--max-train", "64", "--max-test", "32",
+            "--epochs", "1", "--batch-size", "32", "--no-tensorboard", "--output-dir", str(out)]
+    held = T.lock_output_dir(out)  # as a running training holds it
+    assert T.output_dir_is_locked(out)
+    with pytest.raises(RuntimeError, match=rf"being trained into by another process \(pid {os.getpid()}\)"):
+        _train(args)
+    _assert_nothing_trained(out)
+    held.close()  # the first training ends
+    assert not T.output_dir_is_locked(out)
+    assert _train(args)["steps"] == 2
+    assert not T.output_dir_is_locked(out)  # released when training returns
+
+
 def test_bad_inputs_fail_before_training(fp_run, tmp_path):
     fp_dir, _ = fp_run
     out = tmp_path / "out"
