@@ -184,11 +184,18 @@ def size_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def size_plot(result: dict, path: Path) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def size_plot(result: dict, path: Path) -> None:
+    plt = _pyplot()
 
     names = ["float"] + list(result["packed"])
     kb = [result["float_bytes"] / 1024] + [r["bytes"] / 1024 for r in result["packed"].values()]
@@ -428,10 +435,7 @@ def accuracy_table(result: dict) -> str:
 
 
 def accuracy_plots(result: dict, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for est in ("ste", "ewgs", "pege"):
@@ -523,9 +527,30 @@ def tuning_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_plot(result: dict, path: Path) -> None:
+    """Validation accuracy of every finished tuning run, best first, STE and PEGE told apart."""
+    plt = _pyplot()
+    rows = sorted(result["runs"].items(), key=lambda kv: kv[1]["accuracy"])
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.25 * len(rows)))
+    for i, (name, r) in enumerate(rows):
+        ax.plot(100 * r["accuracy"], i, "o", color="C0" if r["estimator"] == "pege" else "C3")
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=7)
+    ax.plot([], [], "o", color="C0", label="PEGE")
+    ax.plot([], [], "o", color="C3", label="STE")
+    ax.set_xlabel("validation top-1 (%)")
+    ax.set_title("W2A2 tuning (3 epochs, validation split)")
+    ax.grid(axis="x", lw=0.5)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_tuning_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dict:
     result = collect_tuning(plan, runs_dir)
     write_result(result, tuning_table(result), out_dir, "tuning")
+    if result["runs"]:
+        tuning_plot(result, out_dir / "tuning.png")
     return result
 
 

@@ -125,6 +125,26 @@ def test_tuning_plan_tries_pege_settings_under_the_chosen_recipe(recipe):
         bench.tuning_plan(model="fp", data="train.parquet", recipe="fast")
 
 
+def test_tuning_report_compares_each_pege_run_with_ste_under_the_same_recipe(tmp_path):
+    plan = bench.tuning_plan(model="fp", data="D", recipe="mse")
+    accuracy = {"w2a2-ste": 0.45, "w2a2-pege-default": 0.74, "w2a2-ste-mse": 0.83, "w2a2-pege-default-mse": 0.8234,
+                "w2a2-pege-lambda1-mse": 0.8401}
+    for name, acc in accuracy.items():
+        (tmp_path / "tuning" / name).mkdir(parents=True)
+        history = [{"epoch": e, "accuracy": acc - 0.1 * (3 - e)} for e in (1, 2, 3)]
+        (tmp_path / "tuning" / name / "metrics.json").write_text(json.dumps({"accuracy": acc, "history": history}))
+    result = bench.write_tuning_report(plan, tmp_path / "tuning", tmp_path)
+    assert result["ste_accuracy_by_recipe"] == {"": 0.45, "mse": 0.83}
+    assert set(result["missing"]) == {r.name for r in plan} - set(accuracy)
+    rows = [line.split(" | ") for line in (tmp_path / "tuning.md").read_text().splitlines() if line.startswith("| w2a2")]
+    assert [r[0].strip("| ") for r in rows] == sorted(accuracy, key=lambda n: -accuracy[n])  # best first
+    by_name = {r[0].strip("| "): r for r in rows}
+    assert by_name["w2a2-pege-lambda1-mse"][1:] == ["--scale-init mse --lambda 1", "84.01", "+1.01 |"]
+    assert by_name["w2a2-pege-default"][3] == "+29.00 |" and by_name["w2a2-ste-mse"][3] == "- |"
+    assert result["runs"]["w2a2-pege-lambda1-mse"]["epoch_accuracy"] == pytest.approx([0.6401, 0.7401, 0.8401])
+    assert (tmp_path / "tuning.png").stat().st_size > 0
+
+
 class _FakeProcess:
     """Stands in for a training child: 'finishes' (writes the files a finished run has) when polled."""
 
