@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import PEGEConfig
 from .quant.modules import quantize, set_progress
-from .train import output_dir_is_locked
+from .train import DIVERGED_FILE, output_dir_is_locked
 
 DEFAULT_OUT = Path("benchmarks")
 
@@ -328,6 +328,12 @@ def run_is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()
 
 
+def run_divergence(run_dir: Path) -> dict | None:
+    """Where a run's loss became NaN/inf (its diverged.json), or None: a diverged run is a result, not redone."""
+    path = run_dir / DIVERGED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def start_run(run: Run, runs_dir: Path, threads: int | None = None, checkpointing_steps: int = 100):
     """Train one run in a child process (or continue it: --resume), logging to its train.log."""
     run_dir = runs_dir / run.name
@@ -346,11 +352,12 @@ def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | 
     """Run what is not finished, in plan order, up to `jobs` at a time; a run waits for the run it
     depends on. The cores are shared among the runs that can go now (FP alone gets them all). A
     cut-off run continues from its last checkpoint; a finished one is never redone. `on_finish`
-    runs after every finished run (the report); a failed run stops new starts; a run another process
-    is training (its folder's lock is held) is left to that process."""
+    runs after every finished run (the report); a failed run stops new starts, a diverged one (loss
+    NaN, a result) does not; a run another process is training (its folder's lock is held) is left
+    to that process."""
     cores = os.cpu_count() or 1
     finished = lambda name: run_is_finished(runs_dir / name)  # noqa: E731
-    pending = [r for r in plan if not finished(r.name)]
+    pending = [r for r in plan if not finished(r.name) and run_divergence(runs_dir / r.name) is None]
     running: dict[str, object] = {}
     started, failed = 0, False
     while True:
@@ -380,10 +387,13 @@ def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | 
             if code is None:
                 continue
             del running[name]
-            if code != 0:
+            diverged = run_divergence(runs_dir / name)
+            if code != 0 and diverged is None:
                 print(f"{name} exited with code {code}; see its train.log", flush=True)
                 failed = True
             else:
+                if diverged is not None:
+                    print(f"{name} diverged at step {diverged['step']} (its {DIVERGED_FILE}); going on", flush=True)
                 on_finish()
 
 
@@ -413,9 +423,10 @@ def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
         summary.append({"estimator": est, "bits": b, "variant": variant, "seeds": len(accs), "mean": mean,
                         "spread": (max(accs) - min(accs)) / 2 if len(accs) > 1 else 0.0,
                         "delta_vs_fp": None if fp is None else mean - fp})
+    diverged = {r.name: d["step"] for r in plan if r.name not in runs and (d := run_divergence(runs_dir / r.name))}
     return {"benchmark": "accuracy", "model": "cifar_resnet20", "fp_accuracy": fp, "runs": runs,
-            "summary": summary, "planned": [r.name for r in plan],
-            "missing": [r.name for r in plan if r.name not in runs]}
+            "summary": summary, "planned": [r.name for r in plan], "diverged_at_step": diverged,
+            "missing": [r.name for r in plan if r.name not in runs and r.name not in diverged]}
 
 
 def accuracy_table(result: dict) -> str:
@@ -429,9 +440,18 @@ def accuracy_table(result: dict) -> str:
         delta = "-" if row["delta_vs_fp"] is None else f"{100 * row['delta_vs_fp']:+.2f}"
         lines.append(f"| W{row['bits']}A{row['bits']} | {row['estimator']} | {row['variant']} | {row['seeds']} | "
                      f"{pct(row['mean'])}{spread} | {delta} |")
+    return "\n".join(lines + _unfinished_lines(result)) + "\n"
+
+
+def _unfinished_lines(result: dict) -> list[str]:
+    """The report's footer: runs that diverged (loss NaN), runs not finished yet."""
+    lines = []
+    if result["diverged_at_step"]:
+        lines += ["", f"Diverged ({len(result['diverged_at_step'])}): "
+                      + ", ".join(f"{name} (loss NaN at step {step})" for name, step in result["diverged_at_step"].items())]
     if result["missing"]:
         lines += ["", f"Not finished yet ({len(result['missing'])}): {', '.join(result['missing'])}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def accuracy_plots(result: dict, out_dir: Path) -> None:
@@ -510,8 +530,11 @@ def collect_tuning(plan: list[Run], runs_dir: Path) -> dict:
                               "wall_time_s": m.get("wall_time_s"), "quantization_config": m.get("quantization_config"),
                               "command": m.get("command")}
     ste = {r["recipe"]: r["accuracy"] for r in runs.values() if r["estimator"] == "ste"}
+    diverged = {r.name: d["step"] for r in plan if r.name not in runs and (d := run_divergence(runs_dir / r.name))}
     return {"benchmark": "tuning", "split": "validation: 10% of the training file (seed 0), never the test set",
-            "ste_accuracy_by_recipe": ste, "runs": runs, "missing": [r.name for r in plan if r.name not in runs]}
+            "ste_accuracy_by_recipe": ste, "runs": runs, "diverged_at_step": diverged,
+            "settings": {r.name: _tuning_setting(r.variant) for r in plan},
+            "missing": [r.name for r in plan if r.name not in runs and r.name not in diverged]}
 
 
 def tuning_table(result: dict) -> str:
@@ -522,9 +545,9 @@ def tuning_table(result: dict) -> str:
         ste = result["ste_accuracy_by_recipe"].get(r["recipe"])
         delta = "-" if ste is None or r["estimator"] == "ste" else f"{100 * (r['accuracy'] - ste):+.2f}"
         lines.append(f"| {name} | {r['setting']} | {100 * r['accuracy']:.2f} | {delta} |")
-    if result["missing"]:
-        lines += ["", f"Not finished yet ({len(result['missing'])}): {', '.join(result['missing'])}"]
-    return "\n".join(lines) + "\n"
+    for name, step in result["diverged_at_step"].items():
+        lines.append(f"| {name} | {result['settings'][name]} | diverged (loss NaN at step {step}) | - |")
+    return "\n".join(lines + _unfinished_lines(result)) + "\n"
 
 
 def tuning_plot(result: dict, path: Path) -> None:

@@ -83,6 +83,7 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _CKPT_RE = re.compile(r"^step_(\d+)$")
 LOCK_FILE = ".train.lock"
+DIVERGED_FILE = "diverged.json"
 
 SHIPPED_FP_MODEL = Path(__file__).resolve().parent / "assets" / "models" / "resnet20-fp"
 QUICKSTART_DIR = Path("runs") / "quickstart"
@@ -658,6 +659,10 @@ def _prepare_output_dir(output_dir: Path, args) -> Path | None:
     return None
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; ``output_dir/diverged.json`` records where."""
+
+
 def lock_output_dir(output_dir: Path):
     """Hold an exclusive lock on ``output_dir`` while this process trains into it, so a second training
     into the same folder (a second runner, a double launch) stops with a clear error instead of
@@ -703,7 +708,7 @@ def output_dir_is_locked(output_dir: Path) -> bool:
 def _clear_previous_run(output_dir: Path) -> None:
     for name in (CHECKPOINTS_DIR, "best", "logs"):
         shutil.rmtree(output_dir / name, ignore_errors=True)
-    for name in ("metrics.json", "metrics.jsonl"):
+    for name in ("metrics.json", "metrics.jsonl", DIVERGED_FILE):
         (output_dir / name).unlink(missing_ok=True)
 
 
@@ -928,6 +933,16 @@ def train(args) -> dict[str, Any]:
                     progress_bar.set_postfix(loss=f"{mean_loss:.3f}")
                     log_loss.zero_()
                     log_batches = 0
+                    if not math.isfinite(mean_loss):  # the same reduced value on every rank: all stop together
+                        progress_bar.close()
+                        if main_proc:
+                            (output_dir / DIVERGED_FILE).write_text(json.dumps(
+                                {"step": global_step, "epoch": epoch, "loss": str(mean_loss),
+                                 "command": list(sys.argv)}, indent=2) + "\n")
+                        accelerator.end_training()
+                        raise TrainingDiverged(
+                            f"training diverged: the mean loss up to step {global_step} is {mean_loss} (recorded in "
+                            f"{output_dir / DIVERGED_FILE}); try a lower --lr or --lambda, or --max-grad-norm")
                 if isinstance(args.checkpointing_steps, int) and global_step % args.checkpointing_steps == 0:
                     reduced = accelerator.reduce(sums.clone(), reduction="sum").tolist()
                     save_checkpoint(accelerator, output_dir, checkpoint_state(epoch, batch_index, reduced),

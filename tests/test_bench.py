@@ -146,26 +146,30 @@ def test_tuning_report_compares_each_pege_run_with_ste_under_the_same_recipe(tmp
 
 
 class _FakeProcess:
-    """Stands in for a training child: 'finishes' (writes the files a finished run has) when polled."""
+    """Stands in for a training child: 'finishes' (writes the files a finished run has) when polled,
+    or fails, or diverges (writes diverged.json and fails, as pege_hf.train does)."""
 
-    def __init__(self, run_dir, code, log):
-        self.run_dir, self.code, self.log = run_dir, code, log
+    def __init__(self, run_dir, outcome, log):
+        self.run_dir, self.outcome, self.log = run_dir, outcome, log
 
     def poll(self):
-        if self.code == 0:
-            for name in ("metrics.json", "config.json"):
-                (self.run_dir / name).write_text("{}")
+        if self.outcome == "ok":
+            (self.run_dir / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "history": []}))
+            (self.run_dir / "config.json").write_text("{}")
+        if self.outcome == "diverge":
+            (self.run_dir / "diverged.json").write_text(json.dumps({"step": 7}))
         self.log.append(("end", self.run_dir.name))
-        return self.code
+        return 0 if self.outcome == "ok" else 1
 
 
-def _fake_scheduler(monkeypatch, tmp_path, fail=()):
+def _fake_scheduler(monkeypatch, tmp_path, fail=(), diverge=()):
     log = []
 
     def start(run, runs_dir, threads=None):
         log.append(("start", run.name, threads))
         (runs_dir / run.name).mkdir(parents=True, exist_ok=True)
-        return _FakeProcess(runs_dir / run.name, 1 if run.name in fail else 0, log)
+        outcome = "fail" if run.name in fail else "diverge" if run.name in diverge else "ok"
+        return _FakeProcess(runs_dir / run.name, outcome, log)
 
     monkeypatch.setattr(bench, "start_run", start)
     monkeypatch.setattr("time.sleep", lambda s: None)
@@ -200,6 +204,25 @@ def test_run_plan_leaves_a_run_another_process_is_training_alone(monkeypatch, tm
     held.close()
     bench.run_plan(plan, tmp_path / "runs", jobs=2)
     assert [e[1] for e in log if e[0] == "start"][-1] == "w2a2-pege-default"
+
+
+def test_a_diverged_run_is_a_result_the_runner_goes_on_and_never_redoes(monkeypatch, tmp_path, capsys):
+    log = _fake_scheduler(monkeypatch, tmp_path, diverge={"w2a2-pege-sum"})
+    plan = bench.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": (), "alpha3": ()})
+    bench.run_plan(plan, tmp_path / "runs", jobs=1)
+    assert [e[1] for e in log if e[0] == "start"] == ["w2a2-ste", "w2a2-pege-default", "w2a2-pege-sum",
+                                                       "w2a2-pege-alpha3"]
+    assert "w2a2-pege-sum diverged at step 7" in capsys.readouterr().out
+    log.clear()
+    bench.run_plan(plan, tmp_path / "runs", jobs=1)
+    assert log == []
+    result = bench.write_tuning_report(plan, tmp_path / "runs", tmp_path)
+    assert result["diverged_at_step"] == {"w2a2-pege-sum": 7} and result["missing"] == []
+    assert "| w2a2-pege-sum | --discretization-reduction sum | diverged (loss NaN at step 7) | - |" in (
+        tmp_path / "tuning.md").read_text()
+    accuracy = bench.collect_accuracy(plan, tmp_path / "runs")
+    assert accuracy["diverged_at_step"] == {"w2a2-pege-sum": 7} and "w2a2-pege-sum (loss NaN at step 7)" in (
+        bench.accuracy_table(accuracy))
 
 
 def test_run_plan_stops_starting_after_a_failure_and_respects_max_runs(monkeypatch, tmp_path, capsys):

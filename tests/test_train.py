@@ -289,6 +289,24 @@ def test_a_folder_being_trained_into_refuses_a_second_training(tmp_path):
     assert not T.output_dir_is_locked(out)  # released when training returns
 
 
+def test_a_diverging_training_stops_and_says_where(tmp_path):
+    out = tmp_path / "out"
+    args = ["--estimator", "none", "--dataset", DEFAULT_DATASET, "--max-train", "256", "--max-test", "32",
+            "--epochs", "2", "--batch-size", "32", "--lr", "1e12", "--log-every", "1", "--no-tensorboard",
+            "--output-dir", str(out)]
+    with pytest.raises(T.TrainingDiverged, match=r"training diverged: the mean loss up to step (\d+) is (nan|inf)"):
+        _train(args)
+    record = json.loads((out / T.DIVERGED_FILE).read_text())
+    losses = [r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    # it stopped at the first non-finite logged loss (one log per step here), long before the 16 steps planned
+    assert record["step"] == len(losses) < 16 and not math.isfinite(losses[-1])
+    assert all(math.isfinite(v) for v in losses[:-1])
+    assert not (out / "metrics.json").exists()
+    # starting over clears the record
+    _train([*args[:args.index("--lr")], "--lr", "0.01", *args[args.index("--lr") + 2:], "--overwrite"])
+    assert not (out / T.DIVERGED_FILE).exists() and (out / "metrics.json").is_file()
+
+
 def test_bad_inputs_fail_before_training(fp_run, tmp_path):
     fp_dir, _ = fp_run
     out = tmp_path / "out"
