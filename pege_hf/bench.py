@@ -269,16 +269,23 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
 
 
 def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, variants: dict | None = None,
-                recipes: dict | None = None, recipe: str = "", extra=()) -> list[Run]:
+                recipes: dict | None = None, recipe: str = "", combine=(), extra=()) -> list[Run]:
     """Short W{bits}A{bits} QAT runs from the FP model on a validation split carved from the
     training set (`data` is the training file; 10% of it, seed 0, becomes the evaluation split).
     First the shared QAT recipe (step-size init, quantizer learning rate: applied to every
     estimator alike) for STE and PEGE with its defaults, then PEGE with one of its own settings
-    changed at a time under the recipe named `recipe` (a key of `recipes`)."""
+    changed at a time under the recipe named `recipe` (a key of `recipes`); last, each combination in
+    `combine` (setting names joined by "+", e.g. "lambda0.1+alpha3") of settings that helped alone."""
     variants = TUNING_VARIANTS if variants is None else variants
     recipes = TUNING_RECIPES if recipes is None else recipes
     if recipe not in recipes:
         raise ValueError(f"unknown tuning recipe {recipe!r}: expected one of {sorted(recipes)}")
+    for combo in combine:
+        unknown = [part for part in combo.split("+") if part not in variants or part == "default"]
+        if unknown or "+" not in combo:
+            raise ValueError(f"--combine {combo!r}: expected two or more of {sorted(set(variants) - {'default'})} "
+                             "joined by '+'")
+    variants = {**variants, **{combo: _variant_flags(combo, variants) for combo in combine}}
     base = ("--model", model, "--dataset", data, "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(epochs),
             "--lr", "0.01", "--seed", "0", *extra)
     plan = []
@@ -507,8 +514,14 @@ def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int |
 def _tuning_setting(variant: str) -> str:
     """The flags a tuning run adds to the defaults, from its variant tag ("default-mse", "lambda1", ...)."""
     name, recipe = _tuning_parts(variant)
-    flags = TUNING_RECIPES.get(recipe, ()) + (TUNING_VARIANTS.get(name, ()) if name != "ste" else ())
+    flags = TUNING_RECIPES.get(recipe, ()) + (_variant_flags(name) if name != "ste" else ())
     return " ".join(flags) or "-"
+
+
+def _variant_flags(name: str, variants: dict | None = None) -> tuple[str, ...]:
+    """The flags of a PEGE setting, or of a combination of settings ("lambda0.1+alpha3")."""
+    variants = TUNING_VARIANTS if variants is None else variants
+    return tuple(flag for part in name.split("+") for flag in variants.get(part, ()))
 
 
 def _tuning_parts(variant: str) -> tuple[str, str]:
@@ -703,6 +716,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the training file; 10%% of it (seed 0) is the validation split")
     tu.add_argument("--epochs", type=int, default=3)
     tu.add_argument("--bits", type=int, default=2)
+    tu.add_argument("--combine", nargs="+", default=[], metavar="A+B",
+                    help="also try these combinations of settings (names from the report joined by '+', "
+                         "e.g. lambda0.1+amask-progressive), each as one more run")
     tu.add_argument("--recipe", default="", choices=list(TUNING_RECIPES),
                     help="shared QAT recipe the PEGE settings are tried under (pick the one that makes STE sound; "
                          "default: the train CLI's defaults)")
@@ -743,7 +759,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.bench == "tune":
         runs_dir = args.out / "tuning"
         plan = tuning_plan(model=args.model, data=args.data, epochs=args.epochs, bits=args.bits,
-                           recipe=args.recipe, extra=tuple(args.train_arg))
+                           recipe=args.recipe, combine=tuple(args.combine), extra=tuple(args.train_arg))
         if not args.report_only:
             if not run_is_finished(Path(args.model)):
                 raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `pege bench accuracy` first "

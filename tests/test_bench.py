@@ -1,6 +1,7 @@
 """Benchmarks: the size benchmark measures the real files; the speed benchmark's bookkeeping."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -118,6 +119,17 @@ def test_tuning_plan_tries_pege_settings_under_the_chosen_recipe(recipe):
         # only the variant's own setting differs from PEGE's defaults under that recipe
         name = bench._tuning_parts(r.variant)[0]
         assert len({k for k in args if args[k] != base[k]}) == len(bench.TUNING_VARIANTS[name]) // 2
+    # combinations: the flags of every part, named by the parts
+    plan = bench.tuning_plan(model="fp", data="train.parquet", recipe=recipe, combine=("lambda1+amask-progressive",))
+    combo = plan[-1]
+    assert combo.name == f"w2a2-pege-lambda1+amask-progressive{tail}"
+    args = parse(combo.args)
+    assert args["discretization_lambda"] == 1.0 and args["a_mask"] == "progressive"
+    assert len({k for k in args if args[k] != base[k]}) == 2
+    assert bench._tuning_setting(combo.variant).endswith("--lambda 1 --a-mask progressive")
+    for bad in ("lambda1", "lambda1+fast", "default+lambda1"):
+        with pytest.raises(ValueError, match=f"--combine '{re.escape(bad)}'"):
+            bench.tuning_plan(model="fp", data="train.parquet", combine=(bad,))
     # a dash inside a setting's name is not read as a recipe
     assert bench._tuning_parts("mask-error") == ("mask-error", "")
     assert bench._tuning_parts("mask-error-qlr1") == ("mask-error", "qlr1")
