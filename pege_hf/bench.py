@@ -328,7 +328,7 @@ TUNING_VARIANTS = {
 # What `pege bench tune` chose (benchmarks/tuning.md, validation split only). The shared QAT recipe is the
 # one under which STE trains soundly; it reaches every estimator alike. PEGE's own settings reach PEGE only.
 QAT_RECIPE = TUNING_RECIPES["mse-qlr1"]
-PEGE_TUNED: tuple[str, ...] = ()
+PEGE_TUNED: tuple[str, ...] = ("--lambda", "0.1")
 
 
 def run_is_finished(run_dir: Path) -> bool:
