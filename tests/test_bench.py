@@ -46,11 +46,17 @@ def test_accuracy_plan_protocol():
     assert names[0] == "resnet20-fp" and len(names) == len(set(names))
     qat = [r for r in plan if r.estimator != "fp"]
     assert all(r.depends == "resnet20-fp" for r in qat)
-    # identical recipe across estimators: the arguments differ only in the estimator (and ablation flags)
+    # identical recipe across estimators: the arguments differ only in the estimator and PEGE's own
+    # tuned settings (and ablation flags)
     def recipe(r):
         args = list(r.args)
         i = args.index("--estimator")
-        return args[:i] + args[i + 2:]
+        args = args[:i] + args[i + 2:]
+        if r.estimator == "pege" and bench.PEGE_TUNED:
+            j = len(args) - len(bench.PEGE_TUNED)
+            assert tuple(args[j:]) == bench.PEGE_TUNED
+            args = args[:j]
+        return args
     for b in (2, 3, 4):
         main = [r for r in qat if r.bits == b and r.variant == "main" and r.seed == 0]
         assert {r.estimator for r in main} == {"ste", "ewgs", "pege"}
