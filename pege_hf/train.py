@@ -41,6 +41,8 @@ safetensors; a packed low-bit checkpoint for QAT runs), ``best/`` (the best epoc
 line ...), ``metrics.jsonl`` (one JSON line per logged step or epoch), ``logs/`` (TensorBoard),
 ``checkpoints/step_N/`` (``accelerator.save_state`` + ``trainer_state.json``, the last
 ``--checkpoints-total-limit`` kept) and a model card ``README.md`` when pege_hf.hub can render one.
+While it trains, ``.train.lock`` keeps a second training out of the folder; a run whose loss turns
+NaN/inf stops and writes ``diverged.json`` (the step) instead of the model.
 """
 
 from __future__ import annotations
@@ -502,7 +504,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "`pege train ARGS` runs one process; `accelerate launch [launch options] -m pege_hf.train ARGS` runs the\n"
         "same code on several GPUs, machines or CPU processes (see the examples below). --batch-size is per\n"
         "process. Outputs: the final model (save_pretrained; packed low-bit for QAT), best/, metrics.json,\n"
-        "metrics.jsonl, logs/ (TensorBoard), checkpoints/step_N/ and README.md (model card).")
+        "metrics.jsonl, logs/ (TensorBoard), checkpoints/step_N/ and README.md (model card); diverged.json instead\n"
+        "of the model when the loss turns NaN.")
     parser.epilog = (
         "examples:\n"
         "  pege train\n"
