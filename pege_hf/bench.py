@@ -335,6 +335,11 @@ def run_is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()
 
 
+def _diverged_steps(plan: list[Run], runs_dir: Path, finished: dict) -> dict[str, int]:
+    """{run name: step where its loss became NaN} for the plan's runs that diverged instead of finishing."""
+    return {r.name: d["step"] for r in plan if r.name not in finished and (d := run_divergence(runs_dir / r.name))}
+
+
 def run_divergence(run_dir: Path) -> dict | None:
     """Where a run's loss became NaN/inf (its diverged.json), or None: a diverged run is a result, not redone."""
     path = run_dir / DIVERGED_FILE
@@ -430,7 +435,7 @@ def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
         summary.append({"estimator": est, "bits": b, "variant": variant, "seeds": len(accs), "mean": mean,
                         "spread": (max(accs) - min(accs)) / 2 if len(accs) > 1 else 0.0,
                         "delta_vs_fp": None if fp is None else mean - fp})
-    diverged = {r.name: d["step"] for r in plan if r.name not in runs and (d := run_divergence(runs_dir / r.name))}
+    diverged = _diverged_steps(plan, runs_dir, runs)
     return {"benchmark": "accuracy", "model": "cifar_resnet20", "fp_accuracy": fp, "runs": runs,
             "summary": summary, "planned": [r.name for r in plan], "diverged_at_step": diverged,
             "missing": [r.name for r in plan if r.name not in runs and r.name not in diverged]}
@@ -543,7 +548,7 @@ def collect_tuning(plan: list[Run], runs_dir: Path) -> dict:
                               "wall_time_s": m.get("wall_time_s"), "quantization_config": m.get("quantization_config"),
                               "command": m.get("command")}
     ste = {r["recipe"]: r["accuracy"] for r in runs.values() if r["estimator"] == "ste"}
-    diverged = {r.name: d["step"] for r in plan if r.name not in runs and (d := run_divergence(runs_dir / r.name))}
+    diverged = _diverged_steps(plan, runs_dir, runs)
     return {"benchmark": "tuning", "split": "validation: 10% of the training file (seed 0), never the test set",
             "ste_accuracy_by_recipe": ste, "runs": runs, "diverged_at_step": diverged,
             "settings": {r.name: _tuning_setting(r.variant) for r in plan},
