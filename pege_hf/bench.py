@@ -621,12 +621,18 @@ def ship_models(runs_dir: Path, dest: Path) -> list[str]:
         staging.mkdir(parents=True)
         for file in SHIPPED_FILES:
             shutil.copy2(src / file, staging / file)
-        render_model_card(staging)
+        render_model_card(staging, repo_id=_shown_path(target))  # the card names the final folder, not staging
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         shipped.append(name)
         print(f"shipped {src} -> {target}", flush=True)
     return shipped
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (as a user in the repo types it)."""
+    path = Path(path).resolve()
+    return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else str(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,7 +280,9 @@ def test_accuracy_runner_is_resumable(tmp_path):
         for file in bench.SHIPPED_FILES:
             assert (dest / name / file).read_bytes() == (runs / run / file).read_bytes()
         accuracy = json.loads((runs / run / "metrics.json").read_text())["accuracy"]
-        assert f"{100 * accuracy:.2f}%" in (dest / name / "README.md").read_text()
+        card = (dest / name / "README.md").read_text()
+        assert f"{100 * accuracy:.2f}%" in card
+        assert f"# {name}\n" in card and f'from_pretrained("{dest / name}")' in card and ".tmp" not in card
     assert sorted(p.name for p in dest.iterdir()) == ["resnet20-fp", "resnet20-pege-w2a2"]
 
 
