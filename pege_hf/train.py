@@ -849,7 +849,8 @@ def train(args) -> dict[str, Any]:
         "quantization_config": quant_config.to_dict() if quant_config is not None else None,
         "epochs": epochs, "batch_size": args.batch_size, "world_size": accelerator.num_processes,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer": args.optimizer,
-        "lr": args.lr, "weight_decay": args.weight_decay, "scheduler": args.scheduler,
+        "lr": args.lr, "quantizer_lr_scale": args.quantizer_lr_scale if quantized else None,
+        "weight_decay": args.weight_decay, "scheduler": args.scheduler,
         "warmup_steps": warmup, "seed": args.seed, "total_steps": total_steps,
         "max_train": args.max_train, "max_test": args.max_test,
         "train_split": args.train_split, "test_split": args.test_split,
@@ -1033,10 +1034,10 @@ def _render_model_card(output_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------- quickstart
 
 
-def _namespace(**overrides) -> argparse.Namespace:
+def _namespace(argv: tuple[str, ...] = (), **overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([])
+    args = parser.parse_args(list(argv))
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
@@ -1056,7 +1057,8 @@ def _reusable_quickstart_fp(path: Path, args) -> bool:
 
 
 def quickstart(args) -> int:
-    """FP ResNet-20 (shipped, or trained here on the shipped sample), then W2A2 PEGE QAT from it."""
+    """FP ResNet-20 (shipped, or trained here on the shipped sample), then W2A2 PEGE QAT from it with the
+    benchmark's tuned recipe (bench.QAT_RECIPE, bench.PEGE_TUNED)."""
     from .evaluate import evaluate_checkpoint
 
     root = Path(args.output_dir) if args.output_dir else QUICKSTART_DIR
@@ -1080,7 +1082,11 @@ def quickstart(args) -> int:
         fp = train(_namespace(**common, estimator="none", arch="resnet20", epochs=QUICKSTART_FP_EPOCHS,
                               lr=QUICKSTART_FP_LR, output_dir=str(fp_model), overwrite=True))
         fp_accuracy = fp["accuracy"]
-    qat_args = _namespace(**common, model=str(fp_model), estimator=args.estimator or "pege",
+    from .bench import PEGE_TUNED, QAT_RECIPE  # the recipe and PEGE setting `pege bench tune` chose
+
+    estimator = args.estimator or "pege"
+    tuned = QAT_RECIPE + (PEGE_TUNED if estimator == "pege" else ())
+    qat_args = _namespace(tuned, **common, model=str(fp_model), estimator=estimator,
                           w_bits=args.w_bits or 2, a_bits=args.a_bits if args.a_bits is not None else 2,
                           epochs=args.epochs or QUICKSTART_QAT_EPOCHS, lr=args.lr or QUICKSTART_QAT_LR,
                           overwrite=True)

@@ -391,6 +391,10 @@ def test_quickstart_default(tmp_path, capsys):
     assert summary["quantization"] == "W2A2-pege"
     assert "full precision ResNet-20" in text and "W2A2-pege" in text
     assert T.is_quantized(_load(summary["quantized_model"]))
+    # the QAT step runs with the benchmark's tuned recipe and PEGE setting, not the CLI defaults
+    run = json.loads((Path(summary["quantized_model"]) / "metrics.json").read_text())
+    qc = run["quantization_config"]
+    assert (qc["scale_init"], qc["discretization_lambda"], run["quantizer_lr_scale"]) == ("mse", 0.1, 1.0)
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
