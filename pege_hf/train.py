@@ -365,13 +365,15 @@ class JSONLTracker(GeneralTracker):
         self._write({"step": step, "time": time.time(), **values})
 
 
-def rewind_jsonl(path: Path, step: int) -> None:
+def rewind_jsonl(path: Path, step: int | None) -> None:
     """Drop the records a cut-off run logged after ``step`` (the checkpoint it resumes from), so the
-    resumed run's log reads as one run; records without a step (the config event) stay."""
+    resumed run's log reads as one run; records without a step (the config event) stay. ``step=None``
+    (no checkpoint to resume from: the run starts over) drops them all."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if not line.strip() or (json.loads(line).get("step") or 0) <= step]
+    kept = [] if step is None else [
+        line for line in lines if not line.strip() or (json.loads(line).get("step") or 0) <= step]
     if len(kept) != len(lines):
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
@@ -843,6 +845,8 @@ def train(args) -> dict[str, Any]:
             rewind_jsonl(output_dir / "metrics.jsonl", state["global_step"])
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, state["global_step"],
                         state["epoch"], state["batch_in_epoch"])
+    elif args.resume and main_proc:  # cut off before its first checkpoint: the run starts over, so does its log
+        rewind_jsonl(output_dir / "metrics.jsonl", step=None)
 
     run_info = {
         "base_model": args.model, "arch": None if args.model else args.arch, "dataset": str(args.dataset),

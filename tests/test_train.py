@@ -208,6 +208,21 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
         _train([*args, "--output-dir", str(killed)])
 
 
+def test_resume_without_a_checkpoint_starts_its_log_over(tmp_path):
+    # a run killed before its first checkpoint left a log; --resume finds nothing to load, so it
+    # trains from step 0 and its log must not keep the dead run's records
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [{"event": "config", "time": 0.0, "config": {"lr": 99.0}}, {"step": 1, "time": 0.0, "train/loss": 99.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    metrics = _train(["--estimator", "none", *SMALL, "--output-dir", str(out), "--resume"])
+    assert metrics["resumed_from"] is None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r.get("train/loss") == 99.0 or r.get("config", {}).get("lr") == 99.0 for r in records)
+    loss_steps = [r["step"] for r in records if "train/loss" in r]
+    assert loss_steps == list(range(1, metrics["steps"] + 1))
+
+
 # --------------------------------------------------------------------------------------------- distributed
 
 
