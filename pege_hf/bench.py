@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .config import PEGEConfig
 from .quant.modules import quantize, set_progress
-from .train import DIVERGED_FILE, output_dir_is_locked
+from .train import DIVERGED_FILE, PEGE_TUNED, QAT_RECIPE, output_dir_is_locked
 
 DEFAULT_OUT = Path("benchmarks")
 
@@ -323,12 +323,6 @@ TUNING_VARIANTS = {
     "mask-error": ("--mask", "error"),
     "amask-progressive": ("--a-mask", "progressive"),
 }
-
-
-# What `pege bench tune` chose (benchmarks/tuning.md, validation split only). The shared QAT recipe is the
-# one under which STE trains soundly; it reaches every estimator alike. PEGE's own settings reach PEGE only.
-QAT_RECIPE = TUNING_RECIPES["mse-qlr1"]
-PEGE_TUNED: tuple[str, ...] = ("--lambda", "0.1")
 
 
 def run_is_finished(run_dir: Path) -> bool:

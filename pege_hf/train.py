@@ -94,6 +94,12 @@ QUICKSTART_QAT_EPOCHS = 3
 QUICKSTART_FP_LR = 0.1
 QUICKSTART_QAT_LR = 0.01
 
+# What `pege bench tune` chose on the validation split (benchmarks/tuning.md), as `pege train` flags. The
+# shared QAT recipe is the one under which STE trains soundly; it reaches every estimator alike (the
+# benchmark's STE/EWGS/PEGE runs and the quickstart). PEGE's own settings reach PEGE runs only.
+QAT_RECIPE: tuple[str, ...] = ("--scale-init", "mse", "--quantizer-lr-scale", "1")
+PEGE_TUNED: tuple[str, ...] = ("--lambda", "0.1")
+
 # Hidden test hooks (not part of the CLI): a directory where every rank writes a hash of its final
 # parameters, and a sleep per optimizer step so a test can kill a run mid-epoch.
 _HASH_DIR_ENV = "PEGE_TRAIN_PARAM_HASH_DIR"
@@ -1062,7 +1068,7 @@ def _reusable_quickstart_fp(path: Path, args) -> bool:
 
 def quickstart(args) -> int:
     """FP ResNet-20 (shipped, or trained here on the shipped sample), then W2A2 PEGE QAT from it with the
-    benchmark's tuned recipe (bench.QAT_RECIPE, bench.PEGE_TUNED)."""
+    benchmark's tuned recipe (QAT_RECIPE, PEGE_TUNED)."""
     from .evaluate import evaluate_checkpoint
 
     root = Path(args.output_dir) if args.output_dir else QUICKSTART_DIR
@@ -1086,8 +1092,6 @@ def quickstart(args) -> int:
         fp = train(_namespace(**common, estimator="none", arch="resnet20", epochs=QUICKSTART_FP_EPOCHS,
                               lr=QUICKSTART_FP_LR, output_dir=str(fp_model), overwrite=True))
         fp_accuracy = fp["accuracy"]
-    from .bench import PEGE_TUNED, QAT_RECIPE  # the recipe and PEGE setting `pege bench tune` chose
-
     estimator = args.estimator or "pege"
     tuned = QAT_RECIPE + (PEGE_TUNED if estimator == "pege" else ())
     qat_args = _namespace(tuned, **common, model=str(fp_model), estimator=estimator,

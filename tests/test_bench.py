@@ -63,6 +63,7 @@ def test_accuracy_plan_protocol():
         assert len({tuple(recipe(r)) for r in main}) == 1
     # the tuned shared recipe reaches every QAT run, not the FP one
     recipe_flags = bench.QAT_RECIPE
+    assert recipe_flags in bench.TUNING_RECIPES.values()  # the chosen recipe is one `pege bench tune` tried
     assert all(" ".join(recipe_flags) in " ".join(r.args) for r in qat)
     assert not recipe_flags or " ".join(recipe_flags) not in " ".join(plan[0].args)
     assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 6  # 2 seeds at W2A2
