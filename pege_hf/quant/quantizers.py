@@ -57,22 +57,39 @@ def init_scale_lsq(x: torch.Tensor, qmax: float, axis: int | None) -> torch.Tens
     return 2 * x.abs().mean(dim=_reduce_dims(x, axis)) / math.sqrt(qmax)
 
 
-def init_scale_mse(x: torch.Tensor, qmin: float, qmax: float, axis: int | None, grid: int = 80) -> torch.Tensor:
-    """The step size minimising ||x - Q(x)||^2 over a grid of clip fractions of max|x|."""
-    dims = _reduce_dims(x, axis)
-    xmax = x.abs().amax(dim=dims).clamp_min(1e-8)
-    best, best_err = None, None
-    for frac in torch.linspace(0.05, 1.0, grid).tolist():
-        s = xmax * frac / qmax
-        sb = broadcast_to(s, x, axis)
-        err = (fake_quantize(x, sb, qmin, qmax, torch.round) - x).pow(2).mean(dim=dims)
-        if best is None:
-            best, best_err = s.clone(), err
+def quantization_mse(x: torch.Tensor, scale: torch.Tensor, qmin: float, qmax: float, axis: int | None) -> torch.Tensor:
+    """mean((Q(x) - x)^2) per channel (per tensor when ``axis`` is None) for a (C,) or scalar step size;
+    one temporary, updated in place."""
+    sb = broadcast_to(scale, x, axis)
+    err = torch.div(x, sb).clamp_(qmin, qmax).round_().mul_(sb).sub_(x)
+    return err.square_().mean(dim=_reduce_dims(x, axis))
+
+
+def _best_fraction(x, xmax, qmin, qmax, axis, fractions) -> torch.Tensor:
+    """Per channel, the clip fraction f among ``fractions`` (scalars or per-channel tensors) whose step
+    size f * xmax / qmax gives the smallest quantization MSE (the first one on ties)."""
+    best_f = best_err = None
+    for f in fractions:
+        err = quantization_mse(x, xmax * f / qmax, qmin, qmax, axis)
+        if best_err is None:
+            best_f, best_err = torch.ones_like(xmax) * f, err
         else:
             better = err < best_err
-            best = torch.where(better, s, best)
-            best_err = torch.where(better, err, best_err)
-    return best
+            best_f, best_err = torch.where(better, f, best_f), torch.where(better, err, best_err)
+    return best_f
+
+
+def init_scale_mse(x: torch.Tensor, qmin: float, qmax: float, axis: int | None,
+                   coarse: int = 20, fine: int = 20) -> torch.Tensor:
+    """The step size minimising ||x - Q(x)||^2 over clip fractions f of max|x| (s = f * max|x| / qmax):
+    ``coarse`` fractions evenly on [0.05, 1], then ``fine`` around each channel's best one, spanning
+    one coarse step either side (so the result resolves f to about 0.1 / fine)."""
+    x = x.detach()
+    xmax = x.abs().amax(dim=_reduce_dims(x, axis)).clamp_min(1e-8)
+    step = 0.95 / (coarse - 1)
+    best = _best_fraction(x, xmax, qmin, qmax, axis, torch.linspace(0.05, 1.0, coarse).tolist())
+    around = [(best + d).clamp(0.5 * step, 1.0) for d in torch.linspace(-step, step, fine + 1).tolist()]
+    return xmax * _best_fraction(x, xmax, qmin, qmax, axis, [best, *around]) / qmax
 
 
 class UniformQuantizer(nn.Module):
