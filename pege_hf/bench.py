@@ -235,7 +235,8 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
     PEGE_TUNED: PEGE's own settings from tuning) only the PEGE runs, never STE/EWGS.
 
     Ordered by what the report needs first: FP, then the lowest width for every estimator, PEGE at
-    the other widths (the shipped models), the second seed, the remaining baselines, the ablations."""
+    the other widths (the shipped models), the second seed (STE and PEGE, the pair the target
+    compares, before EWGS), the remaining baselines, the ablations."""
     qat_args = QAT_RECIPE if qat_args is None else tuple(qat_args)
     pege_args = PEGE_TUNED if pege_args is None else tuple(pege_args)
     fp = Run("resnet20-fp", ("--estimator", "none", "--arch", "resnet20", "--dataset", data,
@@ -263,7 +264,7 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
             return (1, r.estimator != "pege")
         if r.seed == 0 and r.estimator == "pege":
             return (2, -r.bits)
-        return (3,) if r.bits == low else (4, r.seed)
+        return (3, r.estimator not in ("ste", "pege")) if r.bits == low else (4, r.seed)
 
     return [fp] + sorted(runs, key=priority)  # sorted() is stable: plan order within a priority
 

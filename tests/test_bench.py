@@ -71,6 +71,8 @@ def test_accuracy_plan_protocol():
     # what the report needs first comes first: every estimator at W2A2, then the shipped PEGE widths
     assert [(r.estimator, r.bits, r.seed) for r in plan[1:6]] == [
         ("pege", 2, 0), ("ste", 2, 0), ("ewgs", 2, 0), ("pege", 4, 0), ("pege", 3, 0)]
+    # then the second seed of the pair the target compares (STE, PEGE at W2A2) before EWGS's
+    assert [(r.estimator, r.bits, r.seed) for r in plan[6:9]] == [("ste", 2, 1), ("pege", 2, 1), ("ewgs", 2, 1)]
 
 
 def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
