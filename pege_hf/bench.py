@@ -152,6 +152,47 @@ def write_result(result: dict, table: str, out_dir: Path, stem: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# step-size initialisation
+# ---------------------------------------------------------------------------------------------
+def bench_init(shape=(4096, 4096), bits=2, repeats=3, seed=0) -> dict:
+    """Time of one weight's per-channel step-size initialisation per rule (interleaved rounds, median),
+    with the quantization MSE each rule reaches: LSQ's closed form, the MSE search `scale_init="mse"`
+    uses, and the 80-point grid that search replaced."""
+    from tqdm.auto import tqdm
+
+    from .quant.quantizers import init_scale_lsq, init_scale_mse, qrange, quantization_mse
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    qmin, qmax = qrange(bits, True)
+    rules = {"lsq": lambda: init_scale_lsq(w, qmax, 0),
+             "mse": lambda: init_scale_mse(w, qmin, qmax, 0),
+             "mse-grid80": lambda: init_scale_mse(w, qmin, qmax, 0, coarse=80, fine=0)}
+    times, scales = {name: [] for name in rules}, {}
+    for _ in tqdm(range(repeats), desc="init (interleaved rounds)"):
+        for name, rule in rules.items():
+            start = time.perf_counter()
+            scales[name] = rule()
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"benchmark": "init", "shape": list(shape), "bits": bits, "repeats": repeats, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "rules": {name: {"median_s": med[name], "times_s": times[name], "ratio_vs_lsq": med[name] / med["lsq"],
+                             "ratio_vs_mse": med[name] / med["mse"],
+                             "quantization_mse": quantization_mse(w, scales[name], qmin, qmax, 0).mean().item()}
+                      for name in rules}}
+
+
+def init_table(result: dict) -> str:
+    shape = "x".join(map(str, result["shape"]))
+    lines = [f"Per-channel step-size init of one {shape} N(0, 1) weight at W{result['bits']}, cpu "
+             f"({result['threads']} threads), median of {result['repeats']} interleaved rounds:", "",
+             "| rule | median s | x LSQ | x mse | quantization MSE |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['median_s']:.3f} | {r['ratio_vs_lsq']:.1f} | {r['ratio_vs_mse']:.2f} | "
+              f"{r['quantization_mse']:.6f} |" for name, r in result["rules"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # size
 # ---------------------------------------------------------------------------------------------
 def bench_size(model_fn, bits_list=(2, 3, 4, 8), work_dir: Path | None = None) -> dict:
@@ -658,7 +699,7 @@ def _resnet20():
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,accuracy,tune,ship,latency}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,init,accuracy,tune,ship,latency}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -675,6 +716,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         description="Save a CIFAR ResNet-20 as float and as packed PEGE checkpoints; compare bytes.")
     sz.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     sz.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    it = sub.add_parser("init", help="time and error of the step-size init rules on one big weight",
+                        description="Median time and quantization MSE of LSQ init, the MSE search and the 80-point "
+                                    "grid it replaced, on one per-channel weight (interleaved rounds).")
+    it.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], metavar=("ROWS", "COLS"))
+    it.add_argument("--bits", type=int, default=2)
+    it.add_argument("--repeats", type=int, default=3)
+    it.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     la = sub.add_parser("latency", help="server-side time of one demo request (the four shipped models)",
                         description="Median time of the demo's predict call: FP, W4A4, W3A3, W2A2 on one image.")
     la.add_argument("--calls", type=int, default=50)
@@ -745,6 +793,9 @@ def main(args: argparse.Namespace) -> int:
         result = bench_size(_resnet20, tuple(args.bits))
         write_result(result, size_table(result), args.out, "size")
         size_plot(result, args.out / "size.png")
+    elif args.bench == "init":
+        result = bench_init(tuple(args.shape), args.bits, args.repeats)
+        write_result(result, init_table(result), args.out, "init")
     elif args.bench == "latency":
         result = bench_latency(args.calls)
         write_result(result, latency_table(result), args.out, "latency")

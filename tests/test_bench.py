@@ -40,6 +40,19 @@ def test_speed_benchmark_structure():
     assert variants["ste"]["memory_ratio_vs_fp"] > 1.0  # quantizers add saved tensors
 
 
+def test_init_benchmark_times_and_scores_each_rule():
+    result = bench.bench_init(shape=(32, 200), bits=2, repeats=2)
+    rules = result["rules"]
+    assert set(rules) == {"lsq", "mse", "mse-grid80"}
+    for r in rules.values():
+        assert len(r["times_s"]) == 2 and r["median_s"] == pytest.approx(sum(r["times_s"]) / 2)
+        assert r["ratio_vs_lsq"] == pytest.approx(r["median_s"] / rules["lsq"]["median_s"])
+    # the search beats LSQ's closed form and is at least as good as the grid it replaced (finer steps)
+    assert rules["mse"]["quantization_mse"] < rules["lsq"]["quantization_mse"]
+    assert rules["mse"]["quantization_mse"] <= rules["mse-grid80"]["quantization_mse"] * 1.001
+    assert "| mse-grid80 |" in bench.init_table(result)
+
+
 def test_accuracy_plan_protocol():
     plan = bench.accuracy_plan(data="D", fp_epochs=60, qat_epochs=15)
     names = [r.name for r in plan]

@@ -139,6 +139,15 @@ def test_mse_init_matches_a_dense_float64_search(bits, case):
     assert got.sum() < lsq.sum()  # and better than LSQ's rule, the point of it
 
 
+def test_mse_init_without_fine_stage_is_the_plain_grid():
+    w = torch.randn(6, 50, dtype=torch.float64)
+    fracs = torch.linspace(0.05, 1.0, 80, dtype=torch.float64)
+    xmax = w.abs().amax(dim=1, keepdim=True)
+    errs = torch.stack([((torch.clamp(w / (xmax * f), -2, 1).round() * xmax * f - w) ** 2).mean(dim=1) for f in fracs])
+    expected = xmax.squeeze(1) * fracs[errs.argmin(dim=0)]
+    assert torch.allclose(init_scale_mse(w, -2, 1, 0, coarse=80, fine=0), expected, rtol=1e-6)  # float32 grid
+
+
 def test_mse_init_reaches_the_quantizer_on_its_first_batch():
     w = torch.randn(8, 3, 3, 3)
     q = make_quantizer("lsq", 2, weight=True, channels=8, scale_init="mse")

@@ -83,13 +83,16 @@ def init_scale_mse(x: torch.Tensor, qmin: float, qmax: float, axis: int | None,
                    coarse: int = 20, fine: int = 20) -> torch.Tensor:
     """The step size minimising ||x - Q(x)||^2 over clip fractions f of max|x| (s = f * max|x| / qmax):
     ``coarse`` fractions evenly on [0.05, 1], then ``fine`` around each channel's best one, spanning
-    one coarse step either side (so the result resolves f to about 0.1 / fine)."""
+    one coarse step either side (so the result resolves f to about 0.1 / fine); ``fine=0`` is the
+    plain grid."""
     x = x.detach()
     xmax = x.abs().amax(dim=_reduce_dims(x, axis)).clamp_min(1e-8)
     step = 0.95 / (coarse - 1)
     best = _best_fraction(x, xmax, qmin, qmax, axis, torch.linspace(0.05, 1.0, coarse).tolist())
-    around = [(best + d).clamp(0.5 * step, 1.0) for d in torch.linspace(-step, step, fine + 1).tolist()]
-    return xmax * _best_fraction(x, xmax, qmin, qmax, axis, [best, *around]) / qmax
+    if fine:
+        around = [(best + d).clamp(0.5 * step, 1.0) for d in torch.linspace(-step, step, fine + 1).tolist()]
+        best = _best_fraction(x, xmax, qmin, qmax, axis, [best, *around])
+    return xmax * best / qmax
 
 
 class UniformQuantizer(nn.Module):
