@@ -160,8 +160,12 @@ def bench_init(shape=(4096, 4096), bits=2, repeats=3, seed=0) -> dict:
     uses, and the 80-point grid that search replaced."""
     from tqdm.auto import tqdm
 
-    from .quant.quantizers import init_scale_lsq, init_scale_mse, qrange, quantization_mse
+    from .quant.quantizers import MAX_BITS, MIN_BITS, init_scale_lsq, init_scale_mse, qrange, quantization_mse
 
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"--bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    if min(shape) < 1:
+        raise ValueError(f"--shape must be two positive sizes, got {' '.join(map(str, shape))}")
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     qmin, qmax = qrange(bits, True)
     rules = {"lsq": lambda: init_scale_lsq(w, qmax, 0),
@@ -719,9 +723,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     it = sub.add_parser("init", help="time and error of the step-size init rules on one big weight",
                         description="Median time and quantization MSE of LSQ init, the MSE search and the 80-point "
                                     "grid it replaced, on one per-channel weight (interleaved rounds).")
-    it.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], metavar=("ROWS", "COLS"))
-    it.add_argument("--bits", type=int, default=2)
-    it.add_argument("--repeats", type=int, default=3)
+    it.add_argument("--shape", type=int, nargs=2, default=[4096, 4096], metavar=("ROWS", "COLS"),
+                    help="the weight's shape, one step size per row (default 4096 4096)")
+    it.add_argument("--bits", type=int, default=2, help="weight bits (default 2)")
+    it.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
     it.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     la = sub.add_parser("latency", help="server-side time of one demo request (the four shipped models)",
                         description="Median time of the demo's predict call: FP, W4A4, W3A3, W2A2 on one image.")

@@ -51,6 +51,10 @@ def test_init_benchmark_times_and_scores_each_rule():
     assert rules["mse"]["quantization_mse"] < rules["lsq"]["quantization_mse"]
     assert rules["mse"]["quantization_mse"] <= rules["mse-grid80"]["quantization_mse"] * 1.001
     assert "| mse-grid80 |" in bench.init_table(result)
+    with pytest.raises(ValueError, match=r"--bits must be in \[2, 8\], got 9"):
+        bench.bench_init(shape=(4, 4), bits=9)
+    with pytest.raises(ValueError, match="--shape must be two positive sizes, got 0 4"):
+        bench.bench_init(shape=(0, 4))
 
 
 def test_accuracy_plan_protocol():
