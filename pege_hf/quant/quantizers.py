@@ -58,8 +58,8 @@ def init_scale_lsq(x: torch.Tensor, qmax: float, axis: int | None) -> torch.Tens
 
 
 def quantization_mse(x: torch.Tensor, scale: torch.Tensor, qmin: float, qmax: float, axis: int | None) -> torch.Tensor:
-    """mean((Q(x) - x)^2) per channel (per tensor when ``axis`` is None) for a (C,) or scalar step size;
-    one temporary, updated in place."""
+    """mean((Q(x) - x)^2) per channel (per tensor when ``axis`` is None) for a (C,) or scalar step size:
+    fake_quantize's ops on one temporary updated in place (the MSE search calls it dozens of times)."""
     sb = broadcast_to(scale, x, axis)
     err = torch.div(x, sb).clamp_(qmin, qmax).round_().mul_(sb).sub_(x)
     return err.square_().mean(dim=_reduce_dims(x, axis))
