@@ -37,7 +37,9 @@ def test_speed_benchmark_structure():
     assert variants["fp"]["ratio_vs_fp"] == 1.0
     for v in variants.values():
         assert len(v["step_times_s"]) == 2 and v["median_step_s"] > 0
-    assert variants["ste"]["memory_ratio_vs_fp"] > 1.0  # quantizers add saved tensors
+    # a quant layer keeps no float copy of its quantized input; PEGE's ramp adds a 1-byte mask per element
+    assert variants["ste"]["memory_ratio_vs_fp"] <= variants["pege"]["memory_ratio_vs_fp"] <= 1.3
+    assert variants["pege"]["saved_activation_mb"] > variants["pege_r1"]["saved_activation_mb"]
 
 
 def test_init_benchmark_times_and_scores_each_rule():

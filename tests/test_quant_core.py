@@ -181,6 +181,113 @@ def test_pege_layer_endpoints(layer):
     assert torch.equal(q(x), expected)
 
 
+LAYER_CASES = [("ste", 1.0, "bernoulli"), ("ewgs", 1.0, "bernoulli"), ("pege", 0.3, "bernoulli"),
+               ("pege", 0.3, "progressive"), ("pege", 1.0, "bernoulli"), ("pege", 0.0, "bernoulli")]
+
+
+def _quant_layer(kind, estimator, progress, mask):
+    torch.manual_seed(0)
+    cfg = PEGEConfig(w_bits=2, a_bits=2, estimator=estimator, a_mask=mask, w_mask=mask, discretization_lambda=0.5)
+    if kind == "conv":
+        layer, x = QuantConv2d.from_float(nn.Conv2d(6, 8, 3, padding=1), cfg), torch.relu(torch.randn(8, 6, 9, 9))
+    else:  # a 3-d input: F.linear saves a flattened view of it
+        layer, x = QuantLinear.from_float(nn.Linear(12, 10), cfg), torch.relu(torch.randn(16, 20, 12))
+    layer.train()
+    layer(x)  # initialise the activation step size from data
+    pege_hf.set_progress(layer, progress)
+    return layer, x
+
+
+def _float_reference(layer, xq, wq):
+    return layer._conv_forward(xq, wq, layer.bias) if isinstance(layer, nn.Conv2d) else nn.functional.linear(xq, wq, layer.bias)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("estimator,progress,mask", LAYER_CASES)
+def test_layer_rebuilds_its_quantized_input_exactly(kind, estimator, progress, mask):
+    """A quant layer saves a recipe for Q(x) instead of Q(x) (saved_as_rebuild); its output and every
+    gradient equal the plain composition op(fake_quant(x), fake_quant(w)) bit for bit."""
+    layer, x0 = _quant_layer(kind, estimator, progress, mask)
+    results = []
+    for rebuilt in (True, False):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same random masks for both
+        if rebuilt:
+            out = layer(x)
+        else:
+            xq = layer.input_quantizer(x)
+            out = _float_reference(layer, xq, layer.weight_quantizer(layer.weight))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    assert all(g is not None for g in results[0][1:])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("estimator,progress,mask", LAYER_CASES)
+def test_layer_keeps_no_float_copy_of_its_quantized_input(kind, estimator, progress, mask):
+    """Autograd keeps x (which the ReLU before a layer keeps anyway) and, mid-ramp, PEGE's 1-byte mask:
+    no float copy of Q(x). The float layer keeps x alone."""
+    from pege_hf.bench import saved_activation_bytes
+
+    layer, x = _quant_layer(kind, estimator, progress, mask)
+    x = x.requires_grad_()
+    float_layer = nn.Conv2d(6, 8, 3, padding=1) if kind == "conv" else nn.Linear(12, 10)
+    head = nn.Flatten()
+
+    def saved(m):
+        return saved_activation_bytes(nn.Sequential(m, head), (x, torch.zeros(x.shape[0], dtype=torch.long)))
+
+    extra = saved(layer) - saved(float_layer)
+    masks = x.numel() if estimator == "pege" and progress < 1 else 0  # PEGE's ramp: a bool per input element
+    weights = 4 * layer.weight.numel() + 64  # the quantized weight and step sizes
+    assert masks + weights < 4 * x.numel()  # so a float copy of Q(x) would not fit in the bound below
+    assert masks <= extra <= masks + weights
+
+
+def test_in_place_change_of_a_layer_input_is_an_error():
+    layer, x0 = _quant_layer("conv", "ste", 1.0, "bernoulli")
+    x = x0.clone().requires_grad_()
+    h = x * 1.0
+    out = layer(h)
+    h.mul_(2)  # Q(h) could no longer be rebuilt from h
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("estimator", ["ste", "pege"])
+def test_quant_layer_under_inference_mode(estimator):
+    """Inference tensors carry no version counter: nothing may ask for one when nothing is saved."""
+    layer, x = _quant_layer("conv", estimator, 0.3, "bernoulli")
+    for training in (True, False):
+        layer.train(training)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            expected = layer(x)
+        torch.manual_seed(1)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_quant_layer_under_activation_checkpointing(use_reentrant):
+    """torch.utils.checkpoint (what gradient_checkpointing_enable uses) around a quant layer: same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer, x0 = _quant_layer("conv", "pege", 0.3, "progressive")
+    grads = []
+    for wrapped in (True, False):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out = checkpoint(layer, x, use_reentrant=use_reentrant) if wrapped else layer(x)
+        out.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_replaced_fraction_tracks_ratio_and_only_grows():
     fq = make_fq(channels=64).float()
     w = torch.randn(64, 64, 3, 3)

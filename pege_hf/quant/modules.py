@@ -8,12 +8,14 @@ so float checkpoints load into them unchanged.
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .curriculum import replacement_mask, replacement_ratio
 from .packing import pack_codes, packed_size, unpack_codes
 from .estimators import FakeQuantEWGS, FakeQuantPEGE, FakeQuantSTE, pege_mix, round_ewgs, round_ste
@@ -49,17 +51,25 @@ class FakeQuantizer(nn.Module):
         self.lam = self.base_lambda * (self.ratio if self.lambda_schedule == "follow" else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(x)[0]
+
+    def quantize(self, x: torch.Tensor):
+        """(output, rebuild): ``rebuild()`` recomputes the output from tensors the estimator's backward
+        keeps anyway (x, s, the mask), so a layer need not save the output too; None when there is no
+        such recipe (the composite path, or an output that is x itself)."""
         q = self.quantizer
         if self.fused and not q.is_initialized():
             q.initialize(x)
         if self.estimator == "ste":
             if self.fused:
-                return FakeQuantSTE.apply(x, q.step_size(x), q.qmin, q.qmax)
-            return q(x, round_ste)
+                s = q.step_size(x)
+                return FakeQuantSTE.apply(x, s, q.qmin, q.qmax), _uniform_rebuild(x, s, q)
+            return q(x, round_ste), None
         if self.estimator == "ewgs":
             if self.fused:
-                return FakeQuantEWGS.apply(x, q.step_size(x), q.qmin, q.qmax, self.ewgs_delta)
-            return q(x, partial(round_ewgs, delta=self.ewgs_delta, span=q.qmax - q.qmin))
+                s = q.step_size(x)
+                return FakeQuantEWGS.apply(x, s, q.qmin, q.qmax, self.ewgs_delta), _uniform_rebuild(x, s, q)
+            return q(x, partial(round_ewgs, delta=self.ewgs_delta, span=q.qmax - q.qmin)), None
         return self._pege(x)
 
     def _pege(self, x):
@@ -69,7 +79,7 @@ class FakeQuantizer(nn.Module):
         if ratio <= 0 and not pull:
             if not self.fused:
                 q(x)  # lets a lazily initialised quantizer see data
-            return x
+            return x, None
         if self.fused:
             s = q.step_size(x)
             mask = None
@@ -77,18 +87,18 @@ class FakeQuantizer(nn.Module):
                 error = (x - FakeQuantSTE.apply(x.detach(), s.detach(), q.qmin, q.qmax)) if self.mask == "error" else None
                 mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
             if mask is None and not pull:
-                return FakeQuantSTE.apply(x, s, q.qmin, q.qmax)
+                return FakeQuantSTE.apply(x, s, q.qmin, q.qmax), _uniform_rebuild(x, s, q)
             coef = self._pull_coefficient(s.detach(), x.numel(), lam) if pull else None
-            return FakeQuantPEGE.apply(x, s, q.qmin, q.qmax, mask, coef, self.scope)
+            return FakeQuantPEGE.apply(x, s, q.qmin, q.qmax, mask, coef, self.scope), _uniform_rebuild(x, s, q, mask)
         xq = q(x, round_ste)
         if ratio >= 1 and not pull:
-            return xq
+            return xq, None
         mask = None
         if ratio < 1:
             error = (x - xq) if self.mask == "error" else None
             mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
         coef = self._pull_coefficient(q.step_size(x).detach(), x.numel(), lam) if pull else None
-        return pege_mix(x, xq.to(x.dtype), mask, coef, self.scope)
+        return pege_mix(x, xq.to(x.dtype), mask, coef, self.scope), None
 
     def _pull_coefficient(self, s, numel, lam):
         """2 * lambda / (s^2 * N): the gradient of lambda * mean(((x - sg Q(x)) / sg s)^2) is coef * (x - Q(x))."""
@@ -98,6 +108,59 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         extra = f", mask={self.mask}, curriculum={self.curriculum}" if self.estimator == "pege" else ""
         return f"estimator={self.estimator}{extra}"
+
+
+class Rebuild:
+    """fn(*tensors), remembered instead of computed: what a layer saves for backward in place of its
+    fake-quantized input. The tensors' versions are taken now, so an in-place change before
+    backward is an error (as autograd's own saved tensors behave), never a silently wrong gradient."""
+
+    def __init__(self, fn, *tensors):
+        self.fn, self.tensors = fn, tensors
+        self.versions = [t._version for t in tensors]
+
+    def __call__(self) -> torch.Tensor:
+        if [t._version for t in self.tensors] != self.versions:
+            raise RuntimeError("a quantized layer's input was modified in place after the layer read it; "
+                               "its fake-quantized value cannot be rebuilt for the backward pass (avoid the "
+                               "in-place operation, e.g. use inplace=False)")
+        return self.fn(*self.tensors)
+
+
+def _uniform_rebuild(x, s, q, mask=None) -> Rebuild | None:
+    """Q(x), or where(mask, Q(x), x), with the same kernel (so the same bits) as the fused forward;
+    None without grad (nothing is saved; inference tensors have no versions)."""
+    if not torch.is_grad_enabled():
+        return None
+    if mask is None:
+        return Rebuild(kernels.impl["uniform_forward"], x.detach(), s.detach(), q.qmin, q.qmax)
+    return Rebuild(kernels.impl["mixed_forward"], x.detach(), s.detach(), q.qmin, q.qmax, mask)
+
+
+@contextmanager
+def saved_as_rebuild(xq: torch.Tensor, rebuild: Rebuild | None):
+    """While active, autograd saves ``rebuild`` instead of ``xq`` (or a contiguous view of all of it,
+    as F.linear saves a 3-d input) and calls it in backward: a quantized layer's input costs no
+    memory beyond what its fake quantizer keeps. A no-op without a recipe, without grad, or while
+    torch.compile traces."""
+    if rebuild is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    def is_xq(t):
+        return (t.untyped_storage().data_ptr() == xq.untyped_storage().data_ptr() and t.numel() == xq.numel()
+                and t.storage_offset() == xq.storage_offset() and t.is_contiguous() and t.dtype == xq.dtype)
+
+    def pack(t):
+        return (rebuild, t.shape) if is_xq(t) else t
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        fn, shape = packed
+        return fn().view(shape)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def make_fake_quantizer(config, *, weight: bool, channels: int | None = None, seed: int = 0) -> FakeQuantizer:
@@ -168,8 +231,12 @@ class QuantLayer:
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_quantizer is None else self.input_quantizer(x)
+    def _forward_quantized(self, op, x: torch.Tensor) -> torch.Tensor:
+        """op(Q(x), Q(weight), bias), keeping for backward a recipe for Q(x) rather than Q(x) itself."""
+        xq, rebuild = (x, None) if self.input_quantizer is None else self.input_quantizer.quantize(x)
+        weight = self.quantized_weight()  # after the input: the order the random masks are drawn in
+        with saved_as_rebuild(xq, rebuild):
+            return op(xq, weight, self.bias)
 
     @classmethod
     def from_float(cls, layer: nn.Module, config, seed: int = 0):
@@ -187,7 +254,7 @@ class QuantLinear(QuantLayer, nn.Linear):
         return cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
 
     def forward(self, x):
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._forward_quantized(F.linear, x)
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
@@ -198,7 +265,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
                    bias=layer.bias is not None, padding_mode=layer.padding_mode)
 
     def forward(self, x):
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._forward_quantized(self._conv_forward, x)
 
 
 QUANT_LAYERS = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
