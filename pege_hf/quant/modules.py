@@ -142,7 +142,8 @@ def saved_as_rebuild(xq: torch.Tensor, rebuild: Rebuild | None):
     """While active, autograd saves ``rebuild`` instead of ``xq`` (or a contiguous view of all of it,
     as F.linear saves a 3-d input) and calls it in backward: a quantized layer's input costs no
     memory beyond what its fake quantizer keeps. A no-op without a recipe, without grad, or while
-    torch.compile traces."""
+    torch.compile traces. Under autocast the op saves its own half-precision cast of Q(x), which
+    stays as it is (correct, just not rebuilt)."""
     if rebuild is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
