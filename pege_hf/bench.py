@@ -253,6 +253,27 @@ def size_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def speed_plot(result: dict, path: Path) -> None:
+    """Step time and saved-activation memory of each variant relative to FP, beside the 1.3x target."""
+    plt = _pyplot()
+
+    names = list(result["variants"])
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, key, label in zip(axes, ("ratio_vs_fp", "memory_ratio_vs_fp"), ("step time vs FP", "saved activations vs FP")):
+        values = [result["variants"][n][key] for n in names]
+        ax.bar(names, values, color=["#888"] + ["#2a7"] * (len(names) - 1))
+        ax.axhline(1.3, color="#c33", linestyle="--", linewidth=1, label="1.3x target")
+        ax.set_ylim(0, 1.3 * max(values + [1.3]))  # room for the legend above the bars
+        ax.set_ylabel(label)
+        ax.legend(loc="upper left", fontsize=8)
+    kernels = "torch.compile" if result["compile"] else "eager"
+    fig.suptitle(f"CIFAR ResNet-20 training step, W{result['bits']}A{result['bits']}, batch "
+                 f"{result['batch_size']}, {result['device']}, {kernels} kernels", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # accuracy: the resumable matrix FP / STE / EWGS / PEGE x W2A2 / W3A3 / W4A4
 # ---------------------------------------------------------------------------------------------
@@ -793,7 +814,9 @@ def main(args: argparse.Namespace) -> int:
     if args.bench == "speed":
         result = bench_speed(_resnet20, batch_size=args.batch_size, bits=args.bits, steps=args.steps,
                              warmup=args.warmup, progress=args.progress, device=args.device, compile=args.compile)
-        write_result(result, speed_table(result), args.out, "speed_compiled" if args.compile else "speed")
+        stem = "speed_compiled" if args.compile else "speed"
+        write_result(result, speed_table(result), args.out, stem)
+        speed_plot(result, args.out / f"{stem}.png")
     elif args.bench == "size":
         result = bench_size(_resnet20, tuple(args.bits))
         write_result(result, size_table(result), args.out, "size")

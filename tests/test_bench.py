@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,12 @@ def test_speed_benchmark_structure():
     # a quant layer keeps no float copy of its quantized input; PEGE's ramp adds a 1-byte mask per element
     assert variants["ste"]["memory_ratio_vs_fp"] <= variants["pege"]["memory_ratio_vs_fp"] <= 1.3
     assert variants["pege"]["saved_activation_mb"] > variants["pege_r1"]["saved_activation_mb"]
+
+
+def test_speed_plot_writes_a_png(tmp_path):
+    result = json.loads((Path(bench.__file__).parents[1] / "benchmarks" / "speed.json").read_text())
+    bench.speed_plot(result, tmp_path / "speed.png")
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_init_benchmark_times_and_scores_each_rule():
