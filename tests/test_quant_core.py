@@ -247,6 +247,44 @@ def test_layer_keeps_no_float_copy_of_its_quantized_input(kind, estimator, progr
     assert masks <= extra <= masks + weights
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("estimator,progress,mask", LAYER_CASES[:3])
+def test_layer_frees_its_quantized_input_after_forward(monkeypatch, kind, estimator, progress, mask, autocast):
+    """Nothing (autograd's saved tensors, the hooks) holds Q(x) once the forward returns, while the
+    graph that will need it is still alive; under autocast the same holds for its bf16 cast."""
+    import weakref
+
+    from pege_hf.quant import modules
+
+    layer, x = _quant_layer(kind, estimator, progress, mask)
+    inputs = []
+    real = modules.saved_as_rebuild
+    monkeypatch.setattr(modules, "saved_as_rebuild", lambda xq, rebuild: (inputs.append(weakref.ref(xq)), real(xq, rebuild))[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x.requires_grad_())
+    assert inputs[0]() is None and out.grad_fn is not None
+    out.float().sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_layer_under_autocast_matches_the_plain_composition(kind):
+    layer, x0 = _quant_layer(kind, "pege", 0.3, "bernoulli")
+    results = []
+    for rebuilt in (True, False):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x) if rebuilt else _float_reference(layer, layer.input_quantizer(x), layer.weight_quantizer(layer.weight))
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        results.append([out, x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_in_place_change_of_a_layer_input_is_an_error():
     layer, x0 = _quant_layer("conv", "ste", 1.0, "bernoulli")
     x = x0.clone().requires_grad_()

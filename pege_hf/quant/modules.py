@@ -141,24 +141,25 @@ def _uniform_rebuild(x, s, q, mask=None) -> Rebuild | None:
 def saved_as_rebuild(xq: torch.Tensor, rebuild: Rebuild | None):
     """While active, autograd saves ``rebuild`` instead of ``xq`` (or a contiguous view of all of it,
     as F.linear saves a 3-d input) and calls it in backward: a quantized layer's input costs no
-    memory beyond what its fake quantizer keeps. A no-op without a recipe, without grad, or while
-    torch.compile traces. Under autocast the op saves its own half-precision cast of Q(x), which
-    stays as it is (correct, just not rebuilt)."""
+    memory beyond what its fake quantizer keeps. ``xq`` may be a dtype cast of the recipe's output
+    (autocast's copy): the rebuilt value is cast the same way. A no-op without a recipe, without
+    grad, or while torch.compile traces."""
     if rebuild is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
-    def is_xq(t):
-        return (t.untyped_storage().data_ptr() == xq.untyped_storage().data_ptr() and t.numel() == xq.numel()
-                and t.storage_offset() == xq.storage_offset() and t.is_contiguous() and t.dtype == xq.dtype)
+    # the hooks live as long as the saved tensors: they must hold xq's coordinates, never xq itself
+    where = (xq.untyped_storage().data_ptr(), xq.storage_offset(), xq.numel(), xq.dtype)
 
     def pack(t):
-        return (rebuild, t.shape) if is_xq(t) else t
+        if t.is_contiguous() and (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype) == where:
+            return rebuild, t.shape
+        return t
 
     def unpack(packed):
         if isinstance(packed, torch.Tensor):
             return packed
         fn, shape = packed
-        return fn().view(shape)
+        return fn().to(where[3]).view(shape)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
@@ -236,6 +237,8 @@ class QuantLayer:
         """op(Q(x), Q(weight), bias), keeping for backward a recipe for Q(x) rather than Q(x) itself."""
         xq, rebuild = (x, None) if self.input_quantizer is None else self.input_quantizer.quantize(x)
         weight = self.quantized_weight()  # after the input: the order the random masks are drawn in
+        if rebuild is not None and torch.is_autocast_enabled(xq.device.type):
+            xq = xq.to(torch.get_autocast_dtype(xq.device.type))  # autocast's cast inside op, made here to rebuild it too
         with saved_as_rebuild(xq, rebuild):
             return op(xq, weight, self.bias)
 
