@@ -407,6 +407,52 @@ def run_divergence(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# flags the runner adds, or that change speed but not results: not part of a run's settings
+RUNNER_FLAGS = ("--output-dir", "--resume", "--checkpointing-steps", "--no-tensorboard", "--compile-kernels")
+
+
+def run_settings(args) -> dict[str, tuple[str, ...]]:
+    """{flag: its values} of a `pege_hf.train` argument list, without RUNNER_FLAGS."""
+    settings: dict[str, tuple[str, ...]] = {}
+    flag = None
+    for token in args:
+        if token.startswith("--"):
+            flag = token.split("=", 1)[0]
+            settings[flag] = tuple(token.split("=", 1)[1:])
+        elif flag is not None:
+            settings[flag] += (token,)
+    return {k: v for k, v in settings.items() if k not in RUNNER_FLAGS}
+
+
+def recorded_args(run_dir: Path) -> list[str] | None:
+    """The `pege_hf.train` arguments a run folder was trained with: its metrics.json's command when
+    finished, else the first command its train.log shows; None for a folder with neither."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file() and "command" in (m := json.loads(metrics.read_text())):
+        return list(m["command"][1:])
+    log = run_dir / "train.log"
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("$ ") and " -m pege_hf.train" in line:
+                return line.split(" -m pege_hf.train", 1)[1].split()
+    return None
+
+
+def check_run_settings(plan: list[Run], runs_dir: Path) -> None:
+    """A run folder trained with other settings (say --epochs 3 where the plan says 15) would be
+    reused or continued as if it were the plan's run: refuse, naming the folder and the difference."""
+    for run in plan:
+        recorded = recorded_args(runs_dir / run.name)
+        if recorded is None:
+            continue
+        had, wants = run_settings(recorded), run_settings(run.args)
+        if had != wants:
+            diff = ", ".join(f"{k}: {' '.join(had.get(k, ('(unset)',)))} -> {' '.join(wants.get(k, ('(unset)',)))}"
+                             for k in sorted(set(had) | set(wants)) if had.get(k) != wants.get(k))
+            raise ValueError(f"{runs_dir / run.name} was trained with other settings than this plan asks for ({diff}); "
+                             "pass another --out, or move that folder away")
+
+
 def start_run(run: Run, runs_dir: Path, threads: int | None = None, checkpointing_steps: int = 100):
     """Train one run in a child process (or continue it: --resume), logging to its train.log."""
     run_dir = runs_dir / run.name
@@ -428,6 +474,7 @@ def run_plan(plan: list[Run], runs_dir: Path, *, jobs: int = 1, max_runs: int | 
     runs after every finished run (the report); a failed run stops new starts, a diverged one (loss
     NaN, a result) does not; a run another process is training (its folder's lock is held) is left
     to that process."""
+    check_run_settings(plan, runs_dir)
     cores = os.cpu_count() or 1
     finished = lambda name: run_is_finished(runs_dir / name)  # noqa: E731
     pending = [r for r in plan if not finished(r.name) and run_divergence(runs_dir / r.name) is None]

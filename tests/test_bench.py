@@ -335,3 +335,26 @@ def test_readme_quotes_the_committed_benchmark_files_verbatim():
     for name in quoted:
         table = (root / "benchmarks" / f"{name}.md").read_text().strip()
         assert table in readme, f"README does not quote benchmarks/{name}.md as written"
+
+
+def test_run_settings_parse_flags_and_drop_the_runners_own():
+    args = ["--model", "m", "--no-tensorboard", "--lambda=0.1", "--bits", "2", "3", "--output-dir", "o", "--resume"]
+    assert bench.run_settings(args) == {"--model": ("m",), "--lambda": ("0.1",), "--bits": ("2", "3")}
+
+
+def test_runner_refuses_a_run_folder_trained_with_other_settings(tmp_path):
+    """`--epochs 15` must not reuse (or continue) a 3-epoch run that sits in the same folder."""
+    short = bench.tuning_plan(model="m", data="d", epochs=3)[:1]
+    longer = bench.tuning_plan(model="m", data="d", epochs=15)[:1]
+    run_dir = tmp_path / short[0].name
+    run_dir.mkdir()
+    (run_dir / "train.log").write_text(f"\n$ /usr/bin/python -m pege_hf.train {' '.join(short[0].args)} "
+                                       f"--output-dir {run_dir} --resume --checkpointing-steps 100\n")
+    bench.check_run_settings(short, tmp_path)  # the same settings: continued
+    with pytest.raises(ValueError, match=r"w2a2-ste was trained with other settings .*--epochs: 3 -> 15"):
+        bench.run_plan(longer, tmp_path)
+    # a finished run: its metrics.json's command counts, and runner flags (--compile-kernels) do not
+    (run_dir / "metrics.json").write_text(json.dumps({"command": ["train.py", *longer[0].args, "--compile-kernels"]}))
+    bench.check_run_settings(longer, tmp_path)
+    with pytest.raises(ValueError, match=r"--epochs: 15 -> 3"):
+        bench.check_run_settings(short, tmp_path)
