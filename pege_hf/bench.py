@@ -387,9 +387,20 @@ TUNING_VARIANTS = {
     "alpha3": ("--alpha", "3"),
     "alpha30": ("--alpha", "30"),
     "ramp0.5": ("--ramp-fraction", "0.5"),
+    "ramp0.25": ("--ramp-fraction", "0.25"),
     "mask-error": ("--mask", "error"),
     "amask-progressive": ("--a-mask", "progressive"),
 }
+
+
+def select_runs(plan: list[Run], names) -> list[Run]:
+    """The runs of ``plan`` named in ``names`` (all of it when empty); an unknown name is an error."""
+    if not names:
+        return plan
+    unknown = sorted(set(names) - {r.name for r in plan})
+    if unknown:
+        raise ValueError(f"not runs of this plan: {', '.join(unknown)}; its runs are: {', '.join(r.name for r in plan)}")
+    return [r for r in plan if r.name in set(names)]
 
 
 def run_is_finished(run_dir: Path) -> bool:
@@ -850,6 +861,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="shared QAT recipe the PEGE settings are tried under (pick the one that makes STE sound; "
                          "default: the train CLI's defaults)")
     tu.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")
+    tu.add_argument("--only", nargs="+", default=[], metavar="RUN",
+                    help="train only these runs of the plan (names as in the report, e.g. w2a2-ste-mse-qlr1); "
+                         "the report still lists the whole plan")
     tu.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     tu.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="extra argument passed to every run (repeat)")
@@ -892,11 +906,12 @@ def main(args: argparse.Namespace) -> int:
         runs_dir = args.out / "tuning"
         plan = tuning_plan(model=args.model, data=args.data, epochs=args.epochs, bits=args.bits,
                            recipe=args.recipe, combine=tuple(args.combine), extra=tuple(args.train_arg))
+        selected = select_runs(plan, args.only)
         if not args.report_only:
             if not run_is_finished(Path(args.model)):
                 raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `pege bench accuracy` first "
                                         "(its first run) or pass --model")
-            run_plan(plan, runs_dir, jobs=args.jobs, max_runs=args.max_runs,
+            run_plan(selected, runs_dir, jobs=args.jobs, max_runs=args.max_runs,
                      on_finish=lambda: write_tuning_report(plan, runs_dir, args.out))
         write_tuning_report(plan, runs_dir, args.out)
     return 0

@@ -358,3 +358,15 @@ def test_runner_refuses_a_run_folder_trained_with_other_settings(tmp_path):
     bench.check_run_settings(longer, tmp_path)
     with pytest.raises(ValueError, match=r"--epochs: 15 -> 3"):
         bench.check_run_settings(short, tmp_path)
+
+
+def test_select_runs_keeps_plan_order_and_names_unknown_runs(capsys):
+    plan = bench.tuning_plan(model="fp", data="train.parquet", recipe="mse-qlr1")
+    chosen = bench.select_runs(plan, ["w2a2-pege-ramp0.25-mse-qlr1", "w2a2-ste-mse-qlr1"])
+    assert [r.name for r in chosen] == ["w2a2-ste-mse-qlr1", "w2a2-pege-ramp0.25-mse-qlr1"]
+    assert bench.select_runs(plan, []) == plan
+    with pytest.raises(ValueError, match="not runs of this plan: w2a2-pege-nope; its runs are: w2a2-ste, "):
+        bench.select_runs(plan, ["w2a2-ste", "w2a2-pege-nope"])
+    # the CLI says so in one line before it looks for the FP model
+    assert cli.main(["bench", "tune", "--only", "w2a2-nope", "--model", "missing-fp", "--out", "unused"]) == 2
+    assert "pege bench: error: not runs of this plan: w2a2-nope" in capsys.readouterr().err
