@@ -400,7 +400,7 @@ def select_runs(plan: list[Run], names) -> list[Run]:
     unknown = sorted(set(names) - {r.name for r in plan})
     if unknown:
         raise ValueError(f"not runs of this plan: {', '.join(unknown)}; its runs are: {', '.join(r.name for r in plan)}")
-    return [r for r in plan if r.name in set(names)]
+    return [r for r in plan if r.name in names]
 
 
 def run_is_finished(run_dir: Path) -> bool:
@@ -418,8 +418,13 @@ def run_divergence(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def runner_args(run_dir: Path, checkpointing_steps: int) -> list[str]:
+    """What the runner adds to every run's own arguments."""
+    return ["--output-dir", str(run_dir), "--resume", "--checkpointing-steps", str(checkpointing_steps), "--no-tensorboard"]
+
+
 # flags the runner adds, or that change speed but not results: not part of a run's settings
-RUNNER_FLAGS = ("--output-dir", "--resume", "--checkpointing-steps", "--no-tensorboard", "--compile-kernels")
+RUNNER_FLAGS = (*(a for a in runner_args(Path(), 0) if a.startswith("--")), "--compile-kernels")
 
 
 def run_settings(args) -> dict[str, tuple[str, ...]]:
@@ -468,8 +473,7 @@ def start_run(run: Run, runs_dir: Path, threads: int | None = None, checkpointin
     """Train one run in a child process (or continue it: --resume), logging to its train.log."""
     run_dir = runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pege_hf.train", *run.args, "--output-dir", str(run_dir), "--resume",
-           "--checkpointing-steps", str(checkpointing_steps), "--no-tensorboard"]
+    cmd = [sys.executable, "-m", "pege_hf.train", *run.args, *runner_args(run_dir, checkpointing_steps)]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(run_dir / "train.log", "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")

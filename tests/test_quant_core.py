@@ -198,7 +198,7 @@ def _quant_layer(kind, estimator, progress, mask):
     return layer, x
 
 
-def _float_reference(layer, xq, wq):
+def _plain_composition(layer, xq, wq):
     return layer._conv_forward(xq, wq, layer.bias) if isinstance(layer, nn.Conv2d) else nn.functional.linear(xq, wq, layer.bias)
 
 
@@ -217,7 +217,7 @@ def test_layer_rebuilds_its_quantized_input_exactly(kind, estimator, progress, m
             out = layer(x)
         else:
             xq = layer.input_quantizer(x)
-            out = _float_reference(layer, xq, layer.weight_quantizer(layer.weight))
+            out = _plain_composition(layer, xq, layer.weight_quantizer(layer.weight))
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
     assert all(g is not None for g in results[0][1:])
@@ -277,7 +277,7 @@ def test_layer_under_autocast_matches_the_plain_composition(kind):
         layer.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = layer(x) if rebuilt else _float_reference(layer, layer.input_quantizer(x), layer.weight_quantizer(layer.weight))
+            out = layer(x) if rebuilt else _plain_composition(layer, layer.input_quantizer(x), layer.weight_quantizer(layer.weight))
         assert out.dtype == torch.bfloat16
         out.float().square().sum().backward()
         results.append([out, x.grad] + [p.grad for p in layer.parameters()])
