@@ -595,6 +595,25 @@ def test_fused_path_matches_composite_path(estimator, quantizer, progress, mask)
     assert len(p1) == len(p2) and all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(p1, p2))
 
 
+def test_kernels_take_a_uint8_view_of_the_mask():
+    """The compiled kernels get masks as uint8 views (faster loads on CPU); the formulas must read them
+    exactly as the bool mask, including bytes other than 0/1."""
+    from pege_hf.quant import kernels
+
+    torch.manual_seed(0)
+    x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    s, qmin, qmax, coef = torch.tensor(0.3), torch.tensor(-2.0), torch.tensor(1.0), torch.tensor(0.01)
+    as_bytes = torch.randint(0, 256, x.shape, dtype=torch.uint8)
+    mask = as_bytes != 0
+    assert torch.equal(kernels.mixed_forward(x, s, qmin, qmax, as_bytes), kernels.mixed_forward(x, s, qmin, qmax, mask))
+    for replaced_only in (False, True):
+        got = kernels.pege_backward(g, x, s, qmin, qmax, as_bytes, coef, replaced_only)
+        ref = kernels.pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    ref_mixed = torch.where(mask, torch.round(torch.clamp(x / s, qmin, qmax)) * s, x)
+    assert torch.equal(kernels.mixed_forward(x, s, qmin, qmax, mask.view(torch.uint8)), ref_mixed)
+
+
 @pytest.mark.slow
 def test_compiled_kernels_match_eager():
     """torch.compile'd kernels (the fast training path) agree with the eager formulas."""

@@ -3,6 +3,10 @@
 Eager by default. `use_compiled_kernels()` swaps in torch.compile'd versions (dynamic shapes, so
 one compilation serves every layer): each kernel then runs as one fused loop instead of several
 passes over memory. Same formulas, so results agree to rounding.
+
+Masks reach the compiled kernels as uint8 views of the bool mask (no copy): inductor's CPU code
+loads a bool tensor through a per-element path that a random mask makes ~3x slower than loading
+bytes and comparing them in the loop (`pege bench speed --compile`, PEGE mid-ramp).
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ def uniform_forward(x, s, qmin, qmax):
     return torch.round(torch.clamp(x / s, qmin, qmax)) * s
 
 
+def _as_bool(mask):
+    """A bool mask from a bool tensor or its uint8 view (see the module docstring)."""
+    return mask if mask is None or mask.dtype == torch.bool else mask.to(torch.int32) != 0
+
+
 def mixed_forward(x, s, qmin, qmax, mask):
     """where(M, Q(x), x)."""
-    return torch.where(mask, torch.round(torch.clamp(x / s, qmin, qmax)) * s, x)
+    return torch.where(_as_bool(mask), torch.round(torch.clamp(x / s, qmin, qmax)) * s, x)
 
 
 def uniform_backward(g, x, s, qmin, qmax, delta: float):
@@ -35,6 +44,7 @@ def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool):
     """Gradients of where(M, Q(x), x) plus the discretization pull coef * (x - Q(x)).
 
     mask=None: every element replaced; coef=None: no pull. Returns (grad_x, grad_s elementwise)."""
+    mask = _as_bool(mask)
     v = x / s
     r = torch.round(torch.clamp(v, qmin, qmax))
     inside = (v >= qmin) & (v <= qmax)
@@ -53,10 +63,21 @@ _EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backwa
 impl = dict(_EAGER)
 
 
+def _compiled(fn):
+    compiled = torch.compile(fn, dynamic=True)
+
+    def run(*args):
+        return compiled(*(a.view(torch.uint8) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else a
+                          for a in args))
+
+    run.__name__ = fn.__name__
+    return run
+
+
 def use_compiled_kernels(enabled: bool = True) -> None:
     """Run the estimator kernels through torch.compile (first call compiles: ~30 s on 2 CPU cores)."""
     for name, fn in _EAGER.items():
-        impl[name] = torch.compile(fn, dynamic=True) if enabled else fn
+        impl[name] = _compiled(fn) if enabled else fn
 
 
 def compiled_kernels_enabled() -> bool:
