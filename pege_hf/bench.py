@@ -589,6 +589,9 @@ def _unfinished_lines(result: dict) -> list[str]:
     return lines
 
 
+ESTIMATOR_COLORS = {"ste": "C0", "ewgs": "C1", "pege": "C2"}
+
+
 def accuracy_plots(result: dict, out_dir: Path) -> None:
     plt = _pyplot()
 
@@ -598,7 +601,8 @@ def accuracy_plots(result: dict, out_dir: Path) -> None:
                       key=lambda r: r["bits"])
         if rows:
             ax.errorbar([r["bits"] for r in rows], [100 * r["mean"] for r in rows],
-                        yerr=[100 * r["spread"] for r in rows], marker="o", capsize=3, label=est.upper())
+                        yerr=[100 * r["spread"] for r in rows], marker="o", capsize=3, label=est.upper(),
+                        color=ESTIMATOR_COLORS[est])
     if result["fp_accuracy"] is not None:
         ax.axhline(100 * result["fp_accuracy"], color="k", ls="--", lw=1, label="FP")
     ax.set_xlabel("bits (weights = activations)")
@@ -610,17 +614,39 @@ def accuracy_plots(result: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "accuracy_vs_bits.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, r in result["runs"].items():
-        if r["epoch_accuracy"] and (r["variant"] == "main" and r["seed"] == 0 or r["estimator"] == "fp"):
-            ax.plot(range(1, len(r["epoch_accuracy"]) + 1), [100 * a for a in r["epoch_accuracy"]], label=name, lw=1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Accuracy over training")
-    ax.legend(fontsize=6, ncol=2)
+    fig = accuracy_over_training_figure(plt, result)
+    if fig is not None:
+        fig.savefig(out_dir / "accuracy_over_training.png", dpi=120)
+        plt.close(fig)
+
+
+def accuracy_over_training_figure(plt, result: dict):
+    """One panel per bit width: test accuracy per epoch of each seed-0 QAT run (ablations dotted), FP's final
+    accuracy dashed. The y range starts 10 points under FP, so the first epochs of a low-bit run may start below it."""
+    qat = {name: r for name, r in result["runs"].items() if r["estimator"] != "fp" and r["seed"] == 0 and r["epoch_accuracy"]}
+    bits = sorted({r["bits"] for r in qat.values()})
+    if not bits:
+        return None
+    fig, axes = plt.subplots(1, len(bits), figsize=(3.2 * len(bits), 3.2), sharey=True, squeeze=False)
+    fp = result["fp_accuracy"]
+    for ax, b in zip(axes[0], bits):
+        for name, r in sorted(qat.items()):
+            if r["bits"] != b:
+                continue
+            main = r["variant"] == "main"
+            ax.plot(range(1, len(r["epoch_accuracy"]) + 1), [100 * a for a in r["epoch_accuracy"]],
+                    color=ESTIMATOR_COLORS.get(r["estimator"]), ls="-" if main else ":", lw=1.3,
+                    label=r["estimator"].upper() + ("" if main else f" ({r['variant']})"))
+        if fp is not None:
+            ax.axhline(100 * fp, color="k", ls="--", lw=1, label="FP (final)")
+            ax.set_ylim(100 * fp - 10, 100 * fp + 1)
+        ax.set_title(f"W{b}A{b}")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("test top-1 (%)")
+    fig.suptitle("CIFAR-10 ResNet-20 QAT, seed 0: accuracy over training", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_over_training.png", dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def write_accuracy_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dict:

@@ -49,6 +49,33 @@ def test_speed_plot_writes_a_png(tmp_path):
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_accuracy_plots_one_panel_per_bit_width(tmp_path):
+    """Seed-0 QAT curves grouped by bit width, one colour per estimator, ablations dotted, FP as a line."""
+    runs = {}
+    for bits in (2, 4):
+        for est in ("ste", "pege"):
+            runs[f"w{bits}-{est}-s0"] = {"estimator": est, "bits": bits, "seed": 0, "variant": "main",
+                                         "epoch_accuracy": [0.7, 0.8 + bits / 100]}
+    runs["w2-pege-s1"] = {**runs["w2-pege-s0"], "seed": 1}
+    runs["w2-pege-lambda0-s0"] = {**runs["w2-pege-s0"], "variant": "lambda0", "epoch_accuracy": [0.75, 0.79]}
+    runs["fp"] = {"estimator": "fp", "bits": None, "seed": 0, "variant": "main", "epoch_accuracy": [0.5, 0.85]}
+    result = {"runs": runs, "fp_accuracy": 0.85, "summary": [
+        {"estimator": "pege", "variant": "main", "bits": 2, "mean": 0.82, "spread": 0.01}]}
+    plt = bench._pyplot()
+    fig = bench.accuracy_over_training_figure(plt, result)
+    assert [ax.get_title() for ax in fig.axes] == ["W2A2", "W4A4"]
+    w2 = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(w2) == {"PEGE", "PEGE (lambda0)", "STE", "FP (final)"}  # seed 1 and the FP curve are not drawn
+    assert w2["PEGE (lambda0)"].get_linestyle() == ":" and w2["PEGE"].get_color() != w2["STE"].get_color()
+    assert list(w2["PEGE"].get_ydata()) == pytest.approx([70.0, 82.0])
+    assert list(w2["FP (final)"].get_ydata()) == [85.0, 85.0]
+    plt.close(fig)
+    bench.accuracy_plots(result, tmp_path)
+    for name in ("accuracy_vs_bits.png", "accuracy_over_training.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.accuracy_over_training_figure(plt, {**result, "runs": {"fp": runs["fp"]}}) is None
+
+
 def test_init_benchmark_times_and_scores_each_rule():
     result = bench.bench_init(shape=(32, 200), bits=2, repeats=2)
     rules = result["rules"]
