@@ -233,6 +233,29 @@ def test_corrupt_scales_are_refused(packed_dir, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"layer2\.0\.conv2\.weight_quantizer: step sizes must be finite"):
         AutoModelForImageClassification.from_pretrained(bad)
+    tensors["layer2.0.conv2.weight_quantizer.quantizer.scale"][3] = 0.0
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer2\.0\.conv2\.weight_quantizer: step sizes must be finite and non-zero"):
+        AutoModelForImageClassification.from_pretrained(bad)
+
+
+def test_negative_step_size_round_trips(tmp_path):
+    """LSQ's step size has no sign constraint and training can drive a channel's below zero; the packed
+    checkpoint must still load and compute the same function (it was refused as corrupt before)."""
+    torch.manual_seed(0)
+    model = pege_hf.quantize(cifar_resnet(20), PEGEConfig(w_bits=4, a_bits=4)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    model(x)
+    scale = model.layer3[1].conv2.weight_quantizer.quantizer.scale
+    with torch.no_grad():
+        scale[5] = -scale[5]
+    expected_weight = model.layer3[1].conv2.quantized_weight().detach()
+    expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    again = pege_hf.from_pretrained(tmp_path).eval()
+    assert again.layer3[1].conv2.weight_quantizer.quantizer.scale[5] < 0
+    assert torch.equal(again.layer3[1].conv2.quantized_weight(), expected_weight)
+    assert torch.equal(again(x).logits, expected)
 
 
 def test_checkpoint_missing_a_packed_tensor(packed_dir, tmp_path):

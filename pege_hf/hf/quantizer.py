@@ -128,7 +128,11 @@ def check_packed_checkpoint(model: nn.Module, checkpoint_files) -> None:
 
 
 def check_loaded_layer(name: str, layer: QuantLayer) -> None:
-    """A packed layer must hold the bytes its shape and bits need, and finite positive step sizes."""
+    """A packed layer must hold the bytes its shape and bits need, and finite non-zero step sizes.
+
+    A negative step size is valid: LSQ learns s without a sign constraint, and s * round(clamp(x / s)) is
+    then the grid mirrored, which the codes were packed against (training has produced one: the STE W4A4
+    benchmark run, layer3.1.conv2)."""
     expected = layer.expected_packed_bytes()
     packed = layer.weight_packed
     if not getattr(packed, "_is_hf_initialized", False):
@@ -142,8 +146,8 @@ def check_loaded_layer(name: str, layer: QuantLayer) -> None:
         if fq is None:
             continue
         scale = fq.quantizer.scale_tensor()
-        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-            raise ValueError(f"tensor {name}.{qname}: step sizes must be finite and positive; the checkpoint is corrupt")
+        if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
+            raise ValueError(f"tensor {name}.{qname}: step sizes must be finite and non-zero; the checkpoint is corrupt")
 
 
 @torch.no_grad()
