@@ -802,6 +802,110 @@ def latency_table(result: dict) -> str:
             f"median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms ({per_model}).\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# where the latent weights sit on the quantization grid
+# ---------------------------------------------------------------------------------------------
+GRID_BINS = 50
+
+
+def grid_position(w: torch.Tensor, s: torch.Tensor, qmin: float, qmax: float) -> dict:
+    """Where latent weights sit relative to their grid Q(w) = s * round(clamp(w / s, qmin, qmax)), in float64:
+    the summed distance |v - round(v)| of the in-range normalised values v = w / s (mean 0.25 when they spread
+    evenly between grid points, 0 when every weight sits on one), a histogram of v - round(v) over [-0.5, 0.5],
+    and how many values lie outside [qmin, qmax]."""
+    v = w.detach().double() / s.detach().double()
+    inside = (v >= qmin) & (v <= qmax)
+    offset = (v - torch.round(v))[inside]
+    return {"n": v.numel(), "in_range": int(inside.sum()), "distance_sum": float(offset.abs().sum()),
+            "histogram": torch.histc(offset, bins=GRID_BINS, min=-0.5, max=0.5).long().tolist()}
+
+
+def _weight_codes_and_position(model) -> tuple[dict, dict]:
+    """Per quantized layer: the weight's integer codes, and its grid_position."""
+    from .quant.modules import QuantLayer
+    from .quant.quantizers import broadcast_to, quantize_codes
+
+    codes, position = {}, {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLayer):
+            q, w = layer.weight_quantizer.quantizer, layer.weight.detach()
+            s = broadcast_to(q.scale_tensor(), w, q.axis)
+            codes[name] = quantize_codes(w, s, q.qmin, q.qmax)
+            position[name] = grid_position(w, s, float(q.qmin), float(q.qmax))
+    return codes, position
+
+
+def bench_grid(run_dir: Path) -> dict:
+    """Latent-weight grid statistics of a finished QAT run at its newest training checkpoint, and the share of
+    weight codes that changed since the checkpoint before it (the last steps of training)."""
+    from safetensors.torch import load_file
+
+    from .hf.loading import from_pretrained
+    from .train import complete_checkpoints
+
+    checkpoints = complete_checkpoints(run_dir)[-2:]
+    if not run_is_finished(run_dir) or not checkpoints:
+        raise FileNotFoundError(f"{run_dir}: needs a finished run (metrics.json) that still has its training "
+                                "checkpoints (checkpoints/step_N)")
+    model = from_pretrained(str(run_dir))
+    states = []
+    for ckpt in checkpoints:
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        states.append(_weight_codes_and_position(model))
+    codes, position = states[-1]
+    n, in_range = sum(p["n"] for p in position.values()), sum(p["in_range"] for p in position.values())
+    changed = None
+    if len(states) == 2:
+        changed = sum(int((states[0][0][k] != codes[k]).sum()) for k in codes) / n
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"run": run_dir.name, "quantization_config": metrics.get("quantization_config"),
+            "steps": [int(c.name.split("_")[-1]) for c in checkpoints], "weights": n,
+            "mean_distance": sum(p["distance_sum"] for p in position.values()) / max(in_range, 1),
+            "clipped_fraction": 1 - in_range / n, "codes_changed_fraction": changed,
+            "histogram": [sum(col) for col in zip(*(p["histogram"] for p in position.values()))],
+            "layers": {k: {"n": p["n"], "mean_distance": p["distance_sum"] / max(p["in_range"], 1)}
+                       for k, p in position.items()}}
+
+
+def grid_table(results: list[dict]) -> str:
+    lines = ["Latent weights of the quantized layers relative to their quantization grid, at each run's newest "
+             "training checkpoint: mean |w/s - round(w/s)| over in-range weights (0.25 = spread evenly between grid "
+             "points, 0 = every weight on a grid point), the share clipped outside the code range, and the share of "
+             "weight codes that changed between the two newest checkpoints.", "",
+             "| run | steps | mean distance to grid | clipped | codes changed |", "|---|---|---|---|---|"]
+    for r in results:
+        changed = "-" if r["codes_changed_fraction"] is None else f"{100 * r['codes_changed_fraction']:.3f}%"
+        lines.append(f"| {r['run']} | {' -> '.join(map(str, r['steps']))} | {r['mean_distance']:.3f} | "
+                     f"{100 * r['clipped_fraction']:.2f}% | {changed} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid_plot(results: list[dict], path: Path) -> None:
+    """Histogram of w/s - round(w/s) per run, one panel per bit width."""
+    plt = _pyplot()
+    by_bits: dict[int, list[dict]] = {}
+    for r in results:
+        by_bits.setdefault((r["quantization_config"] or {}).get("w_bits"), []).append(r)
+    fig, axes = plt.subplots(1, len(by_bits), figsize=(3.2 * len(by_bits), 3), squeeze=False)
+    centers = [-0.5 + (i + 0.5) / GRID_BINS for i in range(GRID_BINS)]
+    for ax, (bits, rows) in zip(axes[0], sorted(by_bits.items(), key=lambda kv: str(kv[0]))):
+        shared = os.path.commonprefix([r["run"] for r in rows]) if len(rows) > 1 else ""
+        shared = shared[: shared.rfind("-") + 1]  # label runs by what differs: "resnet20-w2a2-" + "pege-s0"
+        for r in rows:
+            total = sum(r["histogram"]) or 1
+            est = (r["quantization_config"] or {}).get("estimator")
+            ax.plot(centers, [GRID_BINS * h / total for h in r["histogram"]], label=r["run"][len(shared):], lw=1.2,
+                    color=ESTIMATOR_COLORS.get(est))
+        ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        ax.set_title(f"W{bits} weights")
+        ax.set_xlabel("w/s - round(w/s)")
+        ax.legend(fontsize=6, loc="lower center")
+    axes[0][0].set_ylabel("density (1 = spread evenly)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _resnet20():
     from .hf.cifar import cifar_resnet
 
@@ -812,7 +916,7 @@ def _resnet20():
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,init,accuracy,tune,ship,latency}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,init,accuracy,tune,ship,latency,grid}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -899,6 +1003,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="extra argument passed to every run (repeat)")
     tu.add_argument("--jobs", type=int, default=1, help="runs at a time, sharing the CPU cores (default 1)")
     tu.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    gr = sub.add_parser(
+        "grid", help="where the latent weights of finished QAT runs sit on their quantization grid",
+        description="For each finished QAT run that still has its training checkpoints: the mean distance of the "
+                    "latent weights to their grid points, the share clipped, and the share of weight codes that "
+                    "changed between the two newest checkpoints (does training still move codes at the end?). "
+                    "Writes grid.json/.md/.png.")
+    gr.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
+                    help="run folders (default: every finished QAT run under benchmarks/runs with checkpoints)")
+    gr.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -932,6 +1045,17 @@ def main(args: argparse.Namespace) -> int:
         from .inference import SHIPPED_MODELS_DIR
 
         ship_models(args.runs, args.dest or SHIPPED_MODELS_DIR)
+    elif args.bench == "grid":
+        from .train import complete_checkpoints
+
+        runs = args.runs or [d for d in sorted((DEFAULT_OUT / "runs").glob("*"))
+                             if run_is_finished(d) and complete_checkpoints(d) and (d / "config.json").is_file()
+                             and "quantization_config" in json.loads((d / "config.json").read_text())]
+        if not runs:
+            raise FileNotFoundError("no finished QAT run with training checkpoints found; pass RUN_DIR")
+        results = [bench_grid(Path(r)) for r in runs]
+        write_result({"benchmark": "grid", "runs": results}, grid_table(results), args.out, "grid")
+        grid_plot(results, args.out / "grid.png")
     elif args.bench == "tune":
         runs_dir = args.out / "tuning"
         plan = tuning_plan(model=args.model, data=args.data, epochs=args.epochs, bits=args.bits,

@@ -397,3 +397,87 @@ def test_select_runs_keeps_plan_order_and_names_unknown_runs(capsys):
     # the CLI says so in one line before it looks for the FP model
     assert cli.main(["bench", "tune", "--only", "w2a2-nope", "--model", "missing-fp", "--out", "unused"]) == 2
     assert "pege bench: error: not runs of this plan: w2a2-nope" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# grid: where latent weights sit relative to their quantization grid
+# ---------------------------------------------------------------------------------------------
+def test_grid_position_against_hand_values():
+    s = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+    v = torch.tensor([[0.0, 0.25, -0.4, 1.0, 3.5], [-2.1, 0.5, 1.2, -3.0, 0.05]], dtype=torch.float64)  # w / s
+    got = bench.grid_position(v * s, s, qmin=-2.0, qmax=1.0)
+    inside = [0.0, 0.25, -0.4, 1.0, 0.5, 0.05]  # 3.5, -2.1, 1.2 and -3.0 lie outside [-2, 1]
+    assert got["n"] == 10 and got["in_range"] == len(inside)
+    assert got["distance_sum"] == pytest.approx(0 + 0.25 + 0.4 + 0 + 0.5 + 0.05, abs=1e-12)
+    hist = got["histogram"]
+    assert len(hist) == bench.GRID_BINS and sum(hist) == len(inside)
+    bin_of = lambda off: min(int((off + 0.5) * bench.GRID_BINS), bench.GRID_BINS - 1)  # noqa: E731
+    # offsets v - round(v): 0, .25, -.4, 0, .5 (round half to even: 0.5 -> 0), .05
+    for off in (0.0, 0.25, -0.4, 0.5, 0.05):
+        assert hist[bin_of(off)] >= 1
+    assert hist[bin_of(0.0)] == 2
+
+
+def _grid_run(tmp_path, changed_codes: int):
+    """A finished QAT run folder with two training checkpoints; the second moves `changed_codes` weights of one
+    layer by exactly one grid step."""
+    from safetensors.torch import save_file
+
+    import pege_hf
+    from pege_hf import PEGEConfig
+
+    torch.manual_seed(0)
+    model = pege_hf.quantize(cifar_resnet(20), PEGEConfig(w_bits=2, a_bits=2)).eval()
+    model(torch.randn(2, 3, 32, 32))
+    run = tmp_path / "resnet20-w2a2-pege-s0"
+    model.save_pretrained(run)
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "quantization_config": {"w_bits": 2, "estimator": "pege"}}))
+    for step in (1, 2):
+        if step == 2:
+            layer = model.layer2[0].conv1
+            q = layer.weight_quantizer.quantizer
+            s = q.scale_tensor().view(-1, 1, 1, 1).expand_as(layer.weight).flatten()
+            codes = torch.round(torch.clamp(layer.weight.detach().flatten() / s, float(q.qmin), float(q.qmax)))
+            movable = ((codes < float(q.qmax)) & (codes > float(q.qmin))).nonzero().flatten()[:changed_codes]
+            with torch.no_grad():
+                layer.weight.view(-1)[movable] += s[movable]  # one grid step up: the code changes by one
+        ckpt = run / "checkpoints" / f"step_{step}"
+        ckpt.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors")
+        (ckpt / "trainer_state.json").write_text("{}")
+    return run, model
+
+
+def test_grid_reports_distance_and_changed_codes(tmp_path):
+    from pege_hf.quant.modules import QuantLayer
+
+    run, model = _grid_run(tmp_path, changed_codes=7)
+    result = bench.bench_grid(run)
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    n = sum(m.weight.numel() for m in layers)
+    assert result["steps"] == [1, 2] and result["weights"] == n
+    assert result["codes_changed_fraction"] == pytest.approx(7 / n)
+    # the reference: float64 over every quantized layer's weight at the newest checkpoint
+    dist, inside = 0.0, 0
+    for m in layers:
+        q = m.weight_quantizer.quantizer
+        v = m.weight.detach().double() / q.scale_tensor().double().view(-1, 1, 1, 1)
+        ok = (v >= float(q.qmin)) & (v <= float(q.qmax))
+        dist += float((v - v.round()).abs()[ok].sum())
+        inside += int(ok.sum())
+    assert result["mean_distance"] == pytest.approx(dist / inside, rel=1e-9)
+    assert result["clipped_fraction"] == pytest.approx(1 - inside / n)
+    assert sum(result["histogram"]) == inside
+    bench.grid_plot([result], tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| resnet20-w2a2-pege-s0 | 1 -> 2 |" in bench.grid_table([result])
+
+
+def test_grid_needs_training_checkpoints(tmp_path):
+    run, _ = _grid_run(tmp_path, changed_codes=0)
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="resnet20-w2a2-pege-s0: needs a finished run .* training checkpoints"):
+        bench.bench_grid(run)
+    assert cli.main(["bench", "grid", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
