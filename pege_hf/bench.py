@@ -867,6 +867,13 @@ def bench_grid(run_dir: Path) -> dict:
                        for k, p in position.items()}}
 
 
+def finished_qat_runs_with_checkpoints(runs_dir: Path) -> list[Path]:
+    from .train import complete_checkpoints
+
+    return [d for d in sorted(runs_dir.glob("*")) if run_is_finished(d) and complete_checkpoints(d)
+            and "quantization_config" in json.loads((d / "config.json").read_text())]
+
+
 def grid_table(results: list[dict]) -> str:
     lines = ["Latent weights of the quantized layers relative to their quantization grid, at each run's newest "
              "training checkpoint: mean |w/s - round(w/s)| over in-range weights (0.25 = spread evenly between grid "
@@ -1046,11 +1053,7 @@ def main(args: argparse.Namespace) -> int:
 
         ship_models(args.runs, args.dest or SHIPPED_MODELS_DIR)
     elif args.bench == "grid":
-        from .train import complete_checkpoints
-
-        runs = args.runs or [d for d in sorted((DEFAULT_OUT / "runs").glob("*"))
-                             if run_is_finished(d) and complete_checkpoints(d) and (d / "config.json").is_file()
-                             and "quantization_config" in json.loads((d / "config.json").read_text())]
+        runs = args.runs or finished_qat_runs_with_checkpoints(DEFAULT_OUT / "runs")
         if not runs:
             raise FileNotFoundError("no finished QAT run with training checkpoints found; pass RUN_DIR")
         results = [bench_grid(Path(r)) for r in runs]

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -471,12 +472,16 @@ def test_grid_reports_distance_and_changed_codes(tmp_path):
     bench.grid_plot([result], tmp_path / "grid.png")
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| resnet20-w2a2-pege-s0 | 1 -> 2 |" in bench.grid_table([result])
+    # what `pege bench grid` picks with no RUN_DIR: finished QAT runs with checkpoints, not FP runs
+    fp = tmp_path / "resnet20-fp"
+    cifar_resnet(20).save_pretrained(fp)
+    (fp / "metrics.json").write_text("{}")
+    shutil.copytree(run / "checkpoints", fp / "checkpoints")
+    assert bench.finished_qat_runs_with_checkpoints(tmp_path) == [run]
 
 
 def test_grid_needs_training_checkpoints(tmp_path):
     run, _ = _grid_run(tmp_path, changed_codes=0)
-    import shutil
-
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(FileNotFoundError, match="resnet20-w2a2-pege-s0: needs a finished run .* training checkpoints"):
         bench.bench_grid(run)
