@@ -388,6 +388,7 @@ TUNING_VARIANTS = {
     "alpha30": ("--alpha", "30"),
     "ramp0.5": ("--ramp-fraction", "0.5"),
     "ramp0.25": ("--ramp-fraction", "0.25"),
+    "instant": ("--curriculum", "instant"),  # r = 1 from the start: STE plus the discretization pull
     "mask-error": ("--mask", "error"),
     "amask-progressive": ("--a-mask", "progressive"),
 }
