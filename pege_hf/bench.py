@@ -806,42 +806,13 @@ def latency_table(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # where the latent weights sit on the quantization grid
 # ---------------------------------------------------------------------------------------------
-GRID_BINS = 50
-
-
-def grid_position(w: torch.Tensor, s: torch.Tensor, qmin: float, qmax: float) -> dict:
-    """Where latent weights sit relative to their grid Q(w) = s * round(clamp(w / s, qmin, qmax)), in float64:
-    the summed distance |v - round(v)| of the in-range normalised values v = w / s (mean 0.25 when they spread
-    evenly between grid points, 0 when every weight sits on one), a histogram of v - round(v) over [-0.5, 0.5],
-    and how many values lie outside [qmin, qmax]."""
-    v = w.detach().double() / s.detach().double()
-    inside = (v >= qmin) & (v <= qmax)
-    offset = (v - torch.round(v))[inside]
-    return {"n": v.numel(), "in_range": int(inside.sum()), "distance_sum": float(offset.abs().sum()),
-            "histogram": torch.histc(offset, bins=GRID_BINS, min=-0.5, max=0.5).long().tolist()}
-
-
-def _weight_codes_and_position(model) -> tuple[dict, dict]:
-    """Per quantized layer: the weight's integer codes, and its grid_position."""
-    from .quant.modules import QuantLayer
-    from .quant.quantizers import broadcast_to, quantize_codes
-
-    codes, position = {}, {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, QuantLayer):
-            q, w = layer.weight_quantizer.quantizer, layer.weight.detach()
-            s = broadcast_to(q.scale_tensor(), w, q.axis)
-            codes[name] = quantize_codes(w, s, q.qmin, q.qmax)
-            position[name] = grid_position(w, s, float(q.qmin), float(q.qmax))
-    return codes, position
-
-
 def bench_grid(run_dir: Path) -> dict:
     """Latent-weight grid statistics of a finished QAT run at its newest training checkpoint, and the share of
     weight codes that changed since the checkpoint before it (the last steps of training)."""
     from safetensors.torch import load_file
 
     from .hf.loading import from_pretrained
+    from .quant.grid import codes_changed, summarize, weight_codes_and_positions
     from .train import complete_checkpoints
 
     checkpoints = complete_checkpoints(run_dir)[-2:]
@@ -852,20 +823,14 @@ def bench_grid(run_dir: Path) -> dict:
     states = []
     for ckpt in checkpoints:
         model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        states.append(_weight_codes_and_position(model))
-    codes, position = states[-1]
-    n, in_range = sum(p["n"] for p in position.values()), sum(p["in_range"] for p in position.values())
-    changed = None
-    if len(states) == 2:
-        changed = sum(int((states[0][0][k] != codes[k]).sum()) for k in codes) / n
+        states.append(weight_codes_and_positions(model))
+    codes, positions = states[-1]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"run": run_dir.name, "quantization_config": metrics.get("quantization_config"),
-            "steps": [int(c.name.split("_")[-1]) for c in checkpoints], "weights": n,
-            "mean_distance": sum(p["distance_sum"] for p in position.values()) / max(in_range, 1),
-            "clipped_fraction": 1 - in_range / n, "codes_changed_fraction": changed,
-            "histogram": [sum(col) for col in zip(*(p["histogram"] for p in position.values()))],
+            "steps": [int(c.name.split("_")[-1]) for c in checkpoints], **summarize(positions),
+            "codes_changed_fraction": codes_changed(states[0][0], codes) if len(states) == 2 else None,
             "layers": {k: {"n": p["n"], "mean_distance": p["distance_sum"] / max(p["in_range"], 1)}
-                       for k, p in position.items()}}
+                       for k, p in positions.items()}}
 
 
 def finished_qat_runs_with_checkpoints(runs_dir: Path) -> list[Path]:
@@ -895,6 +860,8 @@ def grid_plot(results: list[dict], path: Path) -> None:
     for r in results:
         by_bits.setdefault((r["quantization_config"] or {}).get("w_bits"), []).append(r)
     fig, axes = plt.subplots(1, len(by_bits), figsize=(3.2 * len(by_bits), 3), squeeze=False)
+    from .quant.grid import GRID_BINS
+
     centers = [-0.5 + (i + 0.5) / GRID_BINS for i in range(GRID_BINS)]
     for ax, (bits, rows) in zip(axes[0], sorted(by_bits.items(), key=lambda kv: str(kv[0]))):
         shared = os.path.commonprefix([r["run"] for r in rows]) if len(rows) > 1 else ""

@@ -70,6 +70,7 @@ from .config import PEGEConfig
 from .data import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET, TensorImageDataset, load_image_dataset, normalize
 from .data import random_crop_flip, to_tensors
 from .hf.cifar import cifar_resnet, cifar_vgg_small, register_cifar_models
+from .quant.grid import codes_changed, summarize, weight_codes_and_positions
 from .quant.modules import FakeQuantizer, QuantLayer, set_progress
 
 logger = logging.getLogger("pege_hf.train")
@@ -897,6 +898,7 @@ def train(args) -> dict[str, Any]:
     progress_bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
                         disable=not main_proc)
     global_step = state["global_step"]
+    previous_codes = None  # weight codes at the last epoch end, for quant/weight_codes_changed
     for epoch in range(state["epoch"], epochs):
         model.train()
         skip = state["batch_in_epoch"] if epoch == state["epoch"] else 0
@@ -973,10 +975,17 @@ def train(args) -> dict[str, Any]:
                  "train_accuracy": correct / max(seen, 1), "accuracy": metrics["accuracy"],
                  "top5": metrics["top5"], "loss": metrics["loss"], "lr": scheduler.get_last_lr()[0],
                  "time_s": state["elapsed_s"] + time.time() - run_start}
+        grid = {}
+        if quantized:  # where the latent weights sit on their grid, and how many codes this epoch changed
+            codes, positions = weight_codes_and_positions(raw_model)
+            grid["quant/weight_grid_distance"] = summarize(positions)["mean_distance"]
+            if previous_codes is not None:
+                grid["quant/weight_codes_changed"] = codes_changed(previous_codes, codes)
+            previous_codes = codes
         state["history"].append(entry)
         accelerator.log({f"eval/{k}": entry[k] for k in ("accuracy", "top5", "loss")}
                         | {"train/epoch_loss": entry["train_loss"], "train/epoch_accuracy": entry["train_accuracy"],
-                           "epoch": epoch + 1}, step=global_step)
+                           "epoch": epoch + 1} | grid, step=global_step)
         if main_proc:
             progress_bar.write(f"epoch {epoch + 1}/{epochs}: train loss {entry['train_loss']:.4f}, "
                                f"test accuracy {100 * entry['accuracy']:.2f}% (top-5 {100 * entry['top5']:.2f}%), "

@@ -10,6 +10,7 @@ import torch
 
 from pege_hf import bench, cli
 from pege_hf.hf.cifar import cifar_resnet
+from pege_hf.quant import grid
 
 
 def test_size_benchmark_reports_real_bytes(tmp_path):
@@ -406,13 +407,13 @@ def test_select_runs_keeps_plan_order_and_names_unknown_runs(capsys):
 def test_grid_position_against_hand_values():
     s = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
     v = torch.tensor([[0.0, 0.25, -0.4, 1.0, 3.5], [-2.1, 0.5, 1.2, -3.0, 0.05]], dtype=torch.float64)  # w / s
-    got = bench.grid_position(v * s, s, qmin=-2.0, qmax=1.0)
+    got = grid.grid_position(v * s, s, qmin=-2.0, qmax=1.0)
     inside = [0.0, 0.25, -0.4, 1.0, 0.5, 0.05]  # 3.5, -2.1, 1.2 and -3.0 lie outside [-2, 1]
     assert got["n"] == 10 and got["in_range"] == len(inside)
     assert got["distance_sum"] == pytest.approx(0 + 0.25 + 0.4 + 0 + 0.5 + 0.05, abs=1e-12)
     hist = got["histogram"]
-    assert len(hist) == bench.GRID_BINS and sum(hist) == len(inside)
-    bin_of = lambda off: min(int((off + 0.5) * bench.GRID_BINS), bench.GRID_BINS - 1)  # noqa: E731
+    assert len(hist) == grid.GRID_BINS and sum(hist) == len(inside)
+    bin_of = lambda off: min(int((off + 0.5) * grid.GRID_BINS), grid.GRID_BINS - 1)  # noqa: E731
     # offsets v - round(v): 0, .25, -.4, 0, .5 (round half to even: 0.5 -> 0), .05
     for off in (0.0, 0.25, -0.4, 0.5, 0.05):
         assert hist[bin_of(off)] >= 1

@@ -102,7 +102,7 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     fp_dir, _ = fp_run
     out = tmp_path / "qat"
     metrics = _train(["--model", str(fp_dir), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2",
-                      *SMALL, "--output-dir", str(out)])
+                      *SMALL, "--epochs", "2", "--output-dir", str(out)])
     qc = metrics["quantization_config"]
     assert qc["w_bits"] == 2 and qc["a_bits"] == 2 and qc["estimator"] == "pege" and qc["quant_method"] == "pege"
     assert metrics["base_model"] == str(fp_dir)
@@ -111,6 +111,13 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     ratios = [rec["quant/replacement_ratio"] for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if "quant/replacement_ratio" in rec]
     assert len(ratios) == metrics["steps"] and ratios == sorted(ratios) and ratios[0] < ratios[-1]
+
+    # per epoch: where the latent weights sit on their grid, and (from the second epoch) how many codes moved
+    epochs = [rec for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/accuracy" in rec]
+    assert len(epochs) == len(metrics["history"]) >= 2
+    assert all(0 <= rec["quant/weight_grid_distance"] <= 0.5 for rec in epochs)
+    assert "quant/weight_codes_changed" not in epochs[0]
+    assert all(0 < rec["quant/weight_codes_changed"] < 1 for rec in epochs[1:])
 
     model = _load(out)
     assert T.is_quantized(model)
