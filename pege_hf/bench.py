@@ -389,6 +389,7 @@ TUNING_VARIANTS = {
     "ramp0.5": ("--ramp-fraction", "0.5"),
     "ramp0.25": ("--ramp-fraction", "0.25"),
     "instant": ("--curriculum", "instant"),  # r = 1 from the start: STE plus the discretization pull
+    "pull-ramp": ("--lambda-schedule", "ramp"),  # the pull only while r < 1
     "mask-error": ("--mask", "error"),
     "amask-progressive": ("--a-mask", "progressive"),
 }

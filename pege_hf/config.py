@@ -11,7 +11,7 @@ from .quant.estimators import DISCRETIZATION_SCOPES, ESTIMATORS
 from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS
 
 QUANT_METHOD = "pege"
-LAMBDA_SCHEDULES = ("constant", "follow")
+LAMBDA_SCHEDULES = ("constant", "follow", "ramp")
 REDUCTIONS = ("mean", "sum")
 
 
@@ -48,7 +48,7 @@ class PEGEConfig(QuantizationConfigMixin):
         alpha: curvature of the log curriculum (> 0). ramp_fraction: share of training spent ramping r to 1.
         w_mask / a_mask: which elements are replaced first: "progressive", "bernoulli", "error".
         discretization_lambda: weight of the discretization-error term D (>= 0).
-        lambda_schedule: "constant" or "follow" (lambda * r(t)).
+        lambda_schedule: "constant", "follow" (lambda * r(t)) or "ramp" (lambda while r(t) < 1, then 0).
         discretization_scope: D over "all" elements or only the "replaced" ones.
         discretization_reduction: D as the "mean" (default) or "sum" over a tensor's elements.
         ewgs_delta: EWGS' fixed delta (>= 0).

@@ -569,7 +569,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--a-mask", metavar="POLICY", help=f"activation mask policy (default {d['a_mask']})")
     g.add_argument("--lambda", dest="discretization_lambda", type=float, metavar="L",
                    help=f"weight of the discretization-error term (default {d['discretization_lambda']})")
-    g.add_argument("--lambda-schedule", metavar="NAME", help=f"constant | follow (lambda * r(t)) (default {d['lambda_schedule']})")
+    g.add_argument("--lambda-schedule", metavar="NAME",
+                   help=f"constant | follow (lambda * r(t)) | ramp (lambda while r(t) < 1, then 0) "
+                        f"(default {d['lambda_schedule']})")
     g.add_argument("--discretization-scope", metavar="SCOPE",
                    help=f"D over 'all' elements or only 'replaced' ones (default {d['discretization_scope']})")
     g.add_argument("--discretization-reduction", metavar="R",

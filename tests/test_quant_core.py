@@ -412,6 +412,37 @@ def test_pege_sum_reduction_and_follow_schedule():
     assert torch.allclose(x.grad, gx_q + 2 * 0.3 * 1.0 * (x.detach() - qx) / s**2, atol=1e-12)
 
 
+def test_lambda_schedules():
+    from pege_hf.quant.curriculum import discretization_weight
+
+    assert [discretization_weight(0.2, r, "constant") for r in (0.0, 0.5, 1.0)] == [0.2, 0.2, 0.2]
+    assert [discretization_weight(0.2, r, "follow") for r in (0.0, 0.5, 1.0)] == [0.0, 0.1, 0.2]
+    assert [discretization_weight(0.2, r, "ramp") for r in (0.0, 0.999, 1.0)] == [0.2, 0.2, 0.0]
+    with pytest.raises(ValueError, match="unknown lambda schedule 'x'"):
+        discretization_weight(0.2, 0.5, "x")
+
+
+def test_ramp_schedule_drops_the_pull_once_fully_replaced():
+    """With lambda_schedule="ramp" the pull acts during the ramp and PEGE's gradient is exactly STE's after it."""
+    fq = make_fq("pege", 2, channels=5, discretization_lambda=0.3, lambda_schedule="ramp", ramp_fraction=0.5)
+    fq.train()
+    x0 = torch.randn(5, 7, dtype=torch.float64)
+    g = torch.randn(5, 7, dtype=torch.float64)
+    q = fq.quantizer
+    grads = {}
+    for progress in (0.25, 0.75):  # mid-ramp, then after the ramp (r = 1)
+        fq.set_progress(progress)
+        x = x0.clone().requires_grad_()
+        fq(x).backward(g)
+        grads[progress] = x.grad
+    assert fq.lam == 0.0
+    s = q.scale.detach().view(-1, 1)
+    _, ste_grad, _, _ = ref_lsq(x0, s, float(q.qmin), float(q.qmax), g, None)
+    assert torch.allclose(grads[0.75], ste_grad, rtol=0, atol=1e-12)
+    fq.set_progress(0.25)
+    assert fq.lam == 0.3
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_pege_instant_without_lambda_is_ste(bits):
     torch.manual_seed(1)
@@ -548,7 +579,7 @@ def test_packing_rejects_bad_input():
     ("estimator", "lsq", "'pege', 'ste', 'ewgs'"), ("w_quantizer", "pact", "'lsq', 'minmax'"),
     ("a_quantizer", "foo", "'lsq', 'minmax', 'pact'"), ("curriculum", "exp", "'log', 'linear', 'cosine', 'instant'"),
     ("w_mask", "random", "'progressive', 'bernoulli', 'error'"), ("discretization_lambda", -1e-3, ">= 0"),
-    ("alpha", 0, "> 0"), ("ramp_fraction", 1.5, "<= 1.0"), ("lambda_schedule", "x", "'constant', 'follow'"),
+    ("alpha", 0, "> 0"), ("ramp_fraction", 1.5, "<= 1.0"), ("lambda_schedule", "x", "'constant', 'follow', 'ramp'"),
 ])
 def test_config_rejects_bad_values(field, value, allowed):
     with pytest.raises(ValueError, match=rf"PEGEConfig\.{field}.*{allowed}"):

@@ -37,6 +37,23 @@ def replacement_ratio(progress: float, schedule: str = "log", alpha: float = 9.0
     raise ValueError(f"unknown curriculum {schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
 
+def discretization_weight(base: float, ratio: float, schedule: str = "constant") -> float:
+    """lambda(t) from the base lambda and the replacement ratio r(t).
+
+    constant: lambda
+    follow:   lambda * r(t) (the pull grows as elements are replaced)
+    ramp:     lambda while r(t) < 1, then 0: no pull once every element is quantized, where it parks
+              latent weights on grid points and stops their codes from changing (`pege bench grid`)
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "follow":
+        return base * ratio
+    if schedule == "ramp":
+        return base if ratio < 1.0 else 0.0
+    raise ValueError(f"unknown lambda schedule {schedule!r}; allowed: constant, follow, ramp")
+
+
 def _hash32(v: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixing function on int64 tensors holding values in [0, 2**32).
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .curriculum import replacement_mask, replacement_ratio
+from .curriculum import discretization_weight, replacement_mask, replacement_ratio
 from .packing import pack_codes, packed_size, unpack_codes
 from .estimators import FakeQuantEWGS, FakeQuantPEGE, FakeQuantSTE, pege_mix, round_ewgs, round_ste
 from .quantizers import UniformQuantizer, broadcast_to, make_quantizer
@@ -48,7 +48,7 @@ class FakeQuantizer(nn.Module):
 
     def set_progress(self, progress: float) -> None:
         self.ratio = replacement_ratio(progress, self.curriculum, self.alpha, self.ramp_fraction)
-        self.lam = self.base_lambda * (self.ratio if self.lambda_schedule == "follow" else 1.0)
+        self.lam = discretization_weight(self.base_lambda, self.ratio, self.lambda_schedule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x)[0]
