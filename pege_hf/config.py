@@ -6,12 +6,11 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quant.curriculum import MASK_POLICIES, SCHEDULES
+from .quant.curriculum import LAMBDA_SCHEDULES, MASK_POLICIES, SCHEDULES
 from .quant.estimators import DISCRETIZATION_SCOPES, ESTIMATORS
 from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS
 
 QUANT_METHOD = "pege"
-LAMBDA_SCHEDULES = ("constant", "follow", "ramp")
 REDUCTIONS = ("mean", "sum")
 
 

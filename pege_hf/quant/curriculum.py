@@ -13,6 +13,7 @@ import torch
 
 SCHEDULES = ("log", "linear", "cosine", "instant")
 MASK_POLICIES = ("progressive", "bernoulli", "error")
+LAMBDA_SCHEDULES = ("constant", "follow", "ramp")
 
 _MASK32 = 0xFFFFFFFF
 
@@ -51,7 +52,7 @@ def discretization_weight(base: float, ratio: float, schedule: str = "constant")
         return base * ratio
     if schedule == "ramp":
         return base if ratio < 1.0 else 0.0
-    raise ValueError(f"unknown lambda schedule {schedule!r}; allowed: constant, follow, ramp")
+    raise ValueError(f"unknown lambda schedule {schedule!r}; allowed: {', '.join(LAMBDA_SCHEDULES)}")
 
 
 def _hash32(v: torch.Tensor) -> torch.Tensor:
