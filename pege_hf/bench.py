@@ -972,8 +972,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "default: the train CLI's defaults)")
     tu.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")
     tu.add_argument("--only", nargs="+", default=[], metavar="RUN",
-                    help="train only these runs of the plan (names as in the report, e.g. w2a2-ste-mse-qlr1); "
-                         "the report still lists the whole plan")
+                    help="train and report only these runs of the plan (names as in the report, e.g. w2a2-ste-mse-qlr1); "
+                         "use with its own --out so the whole plan's report is not replaced")
     tu.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     tu.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="extra argument passed to every run (repeat)")
@@ -1038,6 +1038,6 @@ def main(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `pege bench accuracy` first "
                                         "(its first run) or pass --model")
             run_plan(selected, runs_dir, jobs=args.jobs, max_runs=args.max_runs,
-                     on_finish=lambda: write_tuning_report(plan, runs_dir, args.out))
-        write_tuning_report(plan, runs_dir, args.out)
+                     on_finish=lambda: write_tuning_report(selected, runs_dir, args.out))
+        write_tuning_report(selected, runs_dir, args.out)
     return 0

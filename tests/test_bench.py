@@ -401,6 +401,18 @@ def test_select_runs_keeps_plan_order_and_names_unknown_runs(capsys):
     assert "pege bench: error: not runs of this plan: w2a2-nope" in capsys.readouterr().err
 
 
+def test_tune_only_reports_the_selected_runs(tmp_path):
+    """`--only` narrows the report too: a 15-epoch comparison of four runs is not listed as 21 unfinished."""
+    chosen = ["w2a2-ste-mse-qlr1", "w2a2-pege-lambda0.1-mse-qlr1"]
+    assert cli.main(["bench", "tune", "--recipe", "mse-qlr1", "--report-only", "--only", *chosen,
+                     "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "tuning.json").read_text())
+    assert report["missing"] == chosen
+    assert f"Not finished yet (2): {', '.join(chosen)}" in (tmp_path / "tuning.md").read_text()
+    assert cli.main(["bench", "tune", "--recipe", "mse-qlr1", "--report-only", "--out", str(tmp_path)]) == 0
+    assert len(json.loads((tmp_path / "tuning.json").read_text())["missing"]) > len(chosen)
+
+
 # ---------------------------------------------------------------------------------------------
 # grid: where latent weights sit relative to their quantization grid
 # ---------------------------------------------------------------------------------------------
