@@ -296,7 +296,8 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
                   qat_args=None, pege_args=None) -> list[Run]:
     """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
     optimiser, schedule, epochs, augmentation and seeds (more seeds at the lowest width), plus the
-    W2A2 ablations PEGE without the discretization term and PEGE with the linear curriculum.
+    W2A2 ablations PEGE without the discretization term, PEGE with the linear curriculum and PEGE
+    without the progressive replacement (instant: r = 1 from the start, as many seeds as the main rows).
     `extra` reaches every run, `qat_args` (default QAT_RECIPE) every QAT run, `pege_args` (default
     PEGE_TUNED: PEGE's own settings from tuning) only the PEGE runs, never STE/EWGS.
 
@@ -322,6 +323,8 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
     if ablations and "pege" in estimators:
         runs += [qat("pege", low, 0, "lambda0", ("--lambda", "0")),
                  qat("pege", low, 0, "linear", ("--curriculum", "linear"))]
+        # r = 1 from the start (STE + the pull): the best 15-epoch setting on validation (benchmarks/tune15)
+        runs += [qat("pege", low, seed, "instant", ("--curriculum", "instant")) for seed in range(seeds_low_bits)]
 
     def priority(r: Run):
         if r.variant != "main":
