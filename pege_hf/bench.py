@@ -595,6 +595,7 @@ def _unfinished_lines(result: dict) -> list[str]:
 
 
 ESTIMATOR_COLORS = {"ste": "C0", "ewgs": "C1", "pege": "C2"}
+VARIANT_STYLES = (":", "-.", (0, (5, 2)), (0, (1, 3)))  # ablations, in name order; main runs are solid
 
 
 def accuracy_plots(result: dict, out_dir: Path) -> None:
@@ -626,13 +627,16 @@ def accuracy_plots(result: dict, out_dir: Path) -> None:
 
 
 def accuracy_over_training_figure(plt, result: dict):
-    """One panel per bit width: test accuracy per epoch of each seed-0 QAT run (ablations dotted), FP's final
-    accuracy dashed. The y range starts 10 points under FP, so the first epochs of a low-bit run may start below it."""
+    """One panel per bit width: test accuracy per epoch of each seed-0 QAT run (each ablation its own broken
+    line style), FP's final accuracy dashed, one legend under the panels. The y range starts 10 points under FP,
+    so the first epochs of a low-bit run may start below it."""
     qat = {name: r for name, r in result["runs"].items() if r["estimator"] != "fp" and r["seed"] == 0 and r["epoch_accuracy"]}
     bits = sorted({r["bits"] for r in qat.values()})
     if not bits:
         return None
-    fig, axes = plt.subplots(1, len(bits), figsize=(3.2 * len(bits), 3.2), sharey=True, squeeze=False)
+    ablations = sorted({r["variant"] for r in qat.values()} - {"main"})
+    style = {"main": "-", **{v: VARIANT_STYLES[i % len(VARIANT_STYLES)] for i, v in enumerate(ablations)}}
+    fig, axes = plt.subplots(1, len(bits), figsize=(3.2 * len(bits), 3.6), sharey=True, squeeze=False)
     fp = result["fp_accuracy"]
     for ax, b in zip(axes[0], bits):
         for name, r in sorted(qat.items()):
@@ -640,17 +644,18 @@ def accuracy_over_training_figure(plt, result: dict):
                 continue
             main = r["variant"] == "main"
             ax.plot(range(1, len(r["epoch_accuracy"]) + 1), [100 * a for a in r["epoch_accuracy"]],
-                    color=ESTIMATOR_COLORS.get(r["estimator"]), ls="-" if main else ":", lw=1.3,
+                    color=ESTIMATOR_COLORS.get(r["estimator"]), ls=style[r["variant"]], lw=1.3,
                     label=r["estimator"].upper() + ("" if main else f" ({r['variant']})"))
         if fp is not None:
             ax.axhline(100 * fp, color="k", ls="--", lw=1, label="FP (final)")
             ax.set_ylim(100 * fp - 10, 100 * fp + 1)
         ax.set_title(f"W{b}A{b}")
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("test top-1 (%)")
+    labelled = {line.get_label(): line for ax in axes[0] for line in ax.get_lines()}  # one entry per label
+    fig.legend(list(labelled.values()), list(labelled), loc="lower center", ncol=min(len(labelled), 4), fontsize=7)
     fig.suptitle("CIFAR-10 ResNet-20 QAT, seed 0: accuracy over training", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 + 0.045 * ((len(labelled) - 1) // 4), 1, 1))
     return fig
 
 

@@ -60,6 +60,7 @@ def test_accuracy_plots_one_panel_per_bit_width(tmp_path):
                                          "epoch_accuracy": [0.7, 0.8 + bits / 100]}
     runs["w2-pege-s1"] = {**runs["w2-pege-s0"], "seed": 1}
     runs["w2-pege-lambda0-s0"] = {**runs["w2-pege-s0"], "variant": "lambda0", "epoch_accuracy": [0.75, 0.79]}
+    runs["w2-pege-linear-s0"] = {**runs["w2-pege-s0"], "variant": "linear", "epoch_accuracy": [0.74, 0.78]}
     runs["fp"] = {"estimator": "fp", "bits": None, "seed": 0, "variant": "main", "epoch_accuracy": [0.5, 0.85]}
     result = {"runs": runs, "fp_accuracy": 0.85, "summary": [
         {"estimator": "pege", "variant": "main", "bits": 2, "mean": 0.82, "spread": 0.01}]}
@@ -67,8 +68,12 @@ def test_accuracy_plots_one_panel_per_bit_width(tmp_path):
     fig = bench.accuracy_over_training_figure(plt, result)
     assert [ax.get_title() for ax in fig.axes] == ["W2A2", "W4A4"]
     w2 = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    assert set(w2) == {"PEGE", "PEGE (lambda0)", "STE", "FP (final)"}  # seed 1 and the FP curve are not drawn
-    assert w2["PEGE (lambda0)"].get_linestyle() == ":" and w2["PEGE"].get_color() != w2["STE"].get_color()
+    assert set(w2) == {"PEGE", "PEGE (lambda0)", "PEGE (linear)", "STE", "FP (final)"}  # no seed 1, no FP curve
+    assert w2["PEGE"].get_color() != w2["STE"].get_color()
+    styles = {label: w2[label].get_linestyle() for label in ("PEGE", "PEGE (lambda0)", "PEGE (linear)")}
+    assert styles["PEGE"] == "-" and len(set(styles.values())) == 3  # each ablation told apart, none solid
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]  # one legend for all panels, each label once
+    assert sorted(legend) == sorted({line.get_label() for ax in fig.axes for line in ax.get_lines()})
     assert list(w2["PEGE"].get_ydata()) == pytest.approx([70.0, 82.0])
     assert list(w2["FP (final)"].get_ydata()) == [85.0, 85.0]
     plt.close(fig)
