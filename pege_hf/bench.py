@@ -323,8 +323,8 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
     if ablations and "pege" in estimators:
         runs += [qat("pege", low, 0, "lambda0", ("--lambda", "0")),
                  qat("pege", low, 0, "linear", ("--curriculum", "linear"))]
-        # r = 1 from the start (STE + the pull): the best 15-epoch setting on validation (benchmarks/tune15)
-        runs += [qat("pege", low, seed, "instant", ("--curriculum", "instant")) for seed in range(seeds_low_bits)]
+        # the tuning setting that was best over 15 epochs on validation (benchmarks/tune15): STE + the pull
+        runs += [qat("pege", low, seed, "instant", TUNING_VARIANTS["instant"]) for seed in range(seeds_low_bits)]
 
     def priority(r: Run):
         if r.variant != "main":
