@@ -296,8 +296,9 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
                   qat_args=None, pege_args=None) -> list[Run]:
     """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
     optimiser, schedule, epochs, augmentation and seeds (more seeds at the lowest width), plus the
-    W2A2 ablations PEGE without the discretization term, PEGE with the linear curriculum and PEGE
-    without the progressive replacement (instant: r = 1 from the start, as many seeds as the main rows).
+    W2A2 ablations PEGE without the discretization term and PEGE with the linear curriculum, and PEGE
+    without the progressive replacement at every width (instant: r = 1 from the start, as many seeds as
+    the main rows).
     `extra` reaches every run, `qat_args` (default QAT_RECIPE) every QAT run, `pege_args` (default
     PEGE_TUNED: PEGE's own settings from tuning) only the PEGE runs, never STE/EWGS.
 
@@ -323,8 +324,10 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
     if ablations and "pege" in estimators:
         runs += [qat("pege", low, 0, "lambda0", ("--lambda", "0")),
                  qat("pege", low, 0, "linear", ("--curriculum", "linear"))]
-        # the tuning setting that was best over 15 epochs on validation (benchmarks/tune15): STE + the pull
-        runs += [qat("pege", low, seed, "instant", TUNING_VARIANTS["instant"]) for seed in range(seeds_low_bits)]
+        # the tuning setting that was best over 15 epochs on validation (benchmarks/tune15): STE + the pull,
+        # at every width with the main rows' seeds
+        runs += [qat("pege", b, seed, "instant", TUNING_VARIANTS["instant"]) for b in bits
+                 for seed in range(seeds_low_bits if b == low else seeds)]
 
     def priority(r: Run):
         if r.variant != "main":

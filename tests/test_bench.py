@@ -129,7 +129,7 @@ def test_accuracy_plan_protocol():
     assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 6  # 2 seeds at W2A2
     assert {r.variant for r in qat if r.variant != "main"} == {"lambda0", "linear", "instant"}
     instant = [r for r in qat if r.variant == "instant"]
-    assert [(r.estimator, r.bits, r.seed) for r in instant] == [("pege", 2, 0), ("pege", 2, 1)]
+    assert [(r.estimator, r.bits, r.seed) for r in instant] == [("pege", 2, 0), ("pege", 2, 1), ("pege", 3, 0), ("pege", 4, 0)]
     assert all(r.args[-2:] == ("--curriculum", "instant") for r in instant)
     # what the report needs first comes first: every estimator at W2A2, then the shipped PEGE widths
     assert [(r.estimator, r.bits, r.seed) for r in plan[1:6]] == [
