@@ -603,30 +603,47 @@ VARIANT_STYLES = (":", "-.", (0, (5, 2)), (0, (1, 3)))  # ablations, in name ord
 
 def accuracy_plots(result: dict, out_dir: Path) -> None:
     plt = _pyplot()
+    for name, fig in (("accuracy_vs_bits", accuracy_vs_bits_figure(plt, result)),
+                      ("accuracy_over_training", accuracy_over_training_figure(plt, result))):
+        if fig is not None:
+            fig.savefig(out_dir / f"{name}.png", dpi=120)
+            plt.close(fig)
 
+
+def _variant_styles(result: dict) -> dict:
+    """Line style per variant, the same in every figure: main runs solid, each ablation its own broken style."""
+    ablations = sorted({r["variant"] for r in result["runs"].values()} - {"main"})
+    return {"main": "-", **{v: VARIANT_STYLES[i % len(VARIANT_STYLES)] for i, v in enumerate(ablations)}}
+
+
+def _curve_label(estimator: str, variant: str) -> str:
+    return estimator.upper() + ("" if variant == "main" else f" ({variant})")
+
+
+def accuracy_vs_bits_figure(plt, result: dict):
+    """Mean top-1 (error bar: half-range over seeds) per bit width of each estimator, plus each ablation run
+    at two or more widths in its estimator's colour (an ablation at one width is a table row, not a curve)."""
+    series: dict[tuple, list[dict]] = {}
+    for row in result["summary"]:
+        series.setdefault((row["estimator"], row["variant"]), []).append(row)
+    style = _variant_styles(result)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for est in ("ste", "ewgs", "pege"):
-        rows = sorted((r for r in result["summary"] if r["estimator"] == est and r["variant"] == "main"),
-                      key=lambda r: r["bits"])
-        if rows:
-            ax.errorbar([r["bits"] for r in rows], [100 * r["mean"] for r in rows],
-                        yerr=[100 * r["spread"] for r in rows], marker="o", capsize=3, label=est.upper(),
-                        color=ESTIMATOR_COLORS[est])
+    for (est, variant), rows in sorted(series.items(), key=lambda kv: (kv[0][1] != "main", kv[0])):
+        if variant != "main" and len(rows) < 2:
+            continue
+        rows = sorted(rows, key=lambda r: r["bits"])
+        ax.errorbar([r["bits"] for r in rows], [100 * r["mean"] for r in rows], yerr=[100 * r["spread"] for r in rows],
+                    marker="o", capsize=3, label=_curve_label(est, variant), color=ESTIMATOR_COLORS.get(est),
+                    ls=style.get(variant, "-"))
     if result["fp_accuracy"] is not None:
         ax.axhline(100 * result["fp_accuracy"], color="k", ls="--", lw=1, label="FP")
     ax.set_xlabel("bits (weights = activations)")
     ax.set_ylabel("top-1 (%)")
     ax.set_xticks([2, 3, 4])
     ax.set_title("CIFAR-10 ResNet-20")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_bits.png", dpi=120)
-    plt.close(fig)
-
-    fig = accuracy_over_training_figure(plt, result)
-    if fig is not None:
-        fig.savefig(out_dir / "accuracy_over_training.png", dpi=120)
-        plt.close(fig)
+    return fig
 
 
 def accuracy_over_training_figure(plt, result: dict):
@@ -637,18 +654,16 @@ def accuracy_over_training_figure(plt, result: dict):
     bits = sorted({r["bits"] for r in qat.values()})
     if not bits:
         return None
-    ablations = sorted({r["variant"] for r in qat.values()} - {"main"})
-    style = {"main": "-", **{v: VARIANT_STYLES[i % len(VARIANT_STYLES)] for i, v in enumerate(ablations)}}
+    style = _variant_styles(result)
     fig, axes = plt.subplots(1, len(bits), figsize=(3.2 * len(bits), 3.6), sharey=True, squeeze=False)
     fp = result["fp_accuracy"]
     for ax, b in zip(axes[0], bits):
         for name, r in sorted(qat.items()):
             if r["bits"] != b:
                 continue
-            main = r["variant"] == "main"
             ax.plot(range(1, len(r["epoch_accuracy"]) + 1), [100 * a for a in r["epoch_accuracy"]],
                     color=ESTIMATOR_COLORS.get(r["estimator"]), ls=style[r["variant"]], lw=1.3,
-                    label=r["estimator"].upper() + ("" if main else f" ({r['variant']})"))
+                    label=_curve_label(r["estimator"], r["variant"]))
         if fp is not None:
             ax.axhline(100 * fp, color="k", ls="--", lw=1, label="FP (final)")
             ax.set_ylim(100 * fp - 10, 100 * fp + 1)

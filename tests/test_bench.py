@@ -83,6 +83,35 @@ def test_accuracy_plots_one_panel_per_bit_width(tmp_path):
     assert bench.accuracy_over_training_figure(plt, {**result, "runs": {"fp": runs["fp"]}}) is None
 
 
+def test_accuracy_vs_bits_draws_estimators_and_ablations_run_at_several_widths():
+    """Main rows solid per estimator with their half-range as error bars; an ablation at two or more widths is a
+    curve in its estimator's colour and its own style (the same as in the over-training figure); one at one width
+    stays a table row."""
+    row = lambda est, b, mean, variant="main", spread=0.0: {  # noqa: E731
+        "estimator": est, "bits": b, "variant": variant, "mean": mean, "spread": spread}
+    summary = [row("ste", 2, 0.84, spread=0.002), row("ste", 4, 0.87), row("pege", 2, 0.83), row("pege", 4, 0.86),
+               row("pege", 2, 0.845, "instant"), row("pege", 4, 0.872, "instant"), row("pege", 2, 0.84, "lambda0")]
+    runs = {f"{r['estimator']}-{r['variant']}-{r['bits']}": {**r, "seed": 0, "epoch_accuracy": [r["mean"]]}
+            for r in summary}
+    result = {"runs": runs, "fp_accuracy": 0.88, "summary": summary}
+    plt = bench._pyplot()
+    fig = bench.accuracy_vs_bits_figure(plt, result)
+    lines = {c.get_label(): c.lines[0] for c in fig.axes[0].containers}  # errorbar: label on the container
+    assert set(lines) == {"STE", "PEGE", "PEGE (instant)"}
+    assert [line.get_label() for line in fig.axes[0].get_lines() if line.get_label() == "FP"] == ["FP"]
+    assert list(lines["PEGE (instant)"].get_xdata()) == [2, 4]
+    assert list(lines["PEGE (instant)"].get_ydata()) == pytest.approx([84.5, 87.2])
+    assert lines["PEGE (instant)"].get_color() == lines["PEGE"].get_color() != lines["STE"].get_color()
+    assert lines["PEGE"].get_linestyle() == "-" and lines["PEGE (instant)"].get_linestyle() != "-"
+    over = bench.accuracy_over_training_figure(plt, result)
+    w2 = {line.get_label(): line for line in over.axes[0].get_lines()}
+    assert w2["PEGE (instant)"].get_linestyle() == lines["PEGE (instant)"].get_linestyle()
+    caps = [c for c in fig.axes[0].collections]  # the STE error bar spans its half-range: 84 +- 0.2
+    segs = [seg for c in caps for seg in c.get_segments() if seg[0][0] == 2 and seg[0][1] != seg[1][1]]
+    assert any(sorted([seg[0][1], seg[1][1]]) == pytest.approx([83.8, 84.2]) for seg in segs)
+    plt.close(fig), plt.close(over)
+
+
 def test_init_benchmark_times_and_scores_each_rule():
     result = bench.bench_init(shape=(32, 200), bits=2, repeats=2)
     rules = result["rules"]
