@@ -90,6 +90,8 @@ def test_random_bytes_are_uniform():
     freq = torch.bincount(b.long(), minlength=256).double() / b.numel()
     assert (freq * 256 - 1).abs().max() < 0.06  # each of the 256 values within 6% of 1/256 (~4 sigma)
     assert b.double().mean().item() == pytest.approx(127.5, abs=0.3)
+    for k in range(8):  # every byte of a drawn word, the top one included (mean's sigma here ~0.2)
+        assert b[k::8].double().mean().item() == pytest.approx(127.5, abs=1.2)
 
 
 def test_bernoulli_and_error_masks():
