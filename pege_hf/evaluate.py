@@ -16,23 +16,32 @@ from typing import Any
 import torch
 
 from .data import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET, TensorImageDataset, load_image_dataset, to_tensors
-from .train import _main_first, _model_input_spec, check_checkpoint, check_labels, evaluate, is_quantized, load_model
+from .train import _main_first, _model_input_spec, augmented_batches, check_checkpoint, check_labels, evaluate
+from .train import is_quantized, load_model, reestimate_batchnorm
+
+BN_BATCH_SIZE = 128  # the training batch size of the benchmark runs
 
 
 def evaluate_checkpoint(model: str, dataset: str = DEFAULT_DATASET, *, split: str = "test",
                         image_column: str | None = None, label_column: str | None = None,
                         train_split: str | None = None, test_split: str | None = None,
                         max_test: int | None = None, seed: int = 0, batch_size: int = 256,
-                        mixed_precision: str | None = None) -> dict[str, Any]:
+                        mixed_precision: str | None = None, reestimate_bn: int = 0) -> dict[str, Any]:
     """Accuracy, top-5 and loss of the checkpoint ``model`` on ``split`` ("test" or "train") of
     ``dataset``. ``max_test`` / ``seed`` pick the same evaluation subset a training run with
-    ``--max-test`` / ``--seed`` used. Accuracies are fractions in [0, 1]."""
+    ``--max-test`` / ``--seed`` used. Accuracies are fractions in [0, 1].
+
+    ``reestimate_bn`` > 0 first re-estimates the BatchNorm statistics on that many augmented training
+    batches of BN_BATCH_SIZE images (seeded with ``seed``; see train.reestimate_batchnorm); the
+    checkpoint on disk is left as it is."""
     from accelerate import Accelerator
 
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train'; got {split!r}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1; got {batch_size}")
+    if reestimate_bn < 0:
+        raise ValueError(f"the number of BatchNorm re-estimation batches must be >= 0; got {reestimate_bn}")
     check_checkpoint(model)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     data = _main_first(accelerator, lambda: load_image_dataset(
@@ -45,6 +54,14 @@ def evaluate_checkpoint(model: str, dataset: str = DEFAULT_DATASET, *, split: st
     num_labels = int(net.config.num_labels)
     check_labels(labels, num_labels, split)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if channels == 3 else ((0.5,), (0.25,))
+    bn = None
+    if reestimate_bn:  # every rank draws the same batches, so every rank ends with the same statistics
+        rows = data.train.shuffle(seed=seed).select(range(min(len(data.train), reestimate_bn * BN_BATCH_SIZE)))
+        train_images, _ = to_tensors(rows, data.image_column, data.label_column, image_size, channels,
+                                     progress=None if accelerator.is_main_process else False)
+        seen = reestimate_batchnorm(net.to(accelerator.device), augmented_batches(
+            train_images, reestimate_bn, BN_BATCH_SIZE, seed=seed, mean=mean, std=std, device=accelerator.device))
+        bn = {"batches": seen, "batch_size": BN_BATCH_SIZE, "images": len(train_images), "seed": seed}
     loader = torch.utils.data.DataLoader(TensorImageDataset(images, labels), batch_size=batch_size, shuffle=False,
                                          pin_memory=accelerator.device.type == "cuda")
     net = accelerator.prepare_model(net, evaluation_mode=True)
@@ -56,7 +73,7 @@ def evaluate_checkpoint(model: str, dataset: str = DEFAULT_DATASET, *, split: st
     return {
         "model": str(model), "dataset": str(dataset), "split": split, **metrics,
         "quantized": is_quantized(accelerator.unwrap_model(net)), "quantization_config": qc,
-        "world_size": accelerator.num_processes,
+        "world_size": accelerator.num_processes, "bn_reestimation": bn,
     }
 
 
@@ -76,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset / carved test split (default 0)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"))
+    parser.add_argument("--reestimate-bn", type=int, default=0, metavar="N",
+                        help=f"first re-estimate the BatchNorm running statistics on N augmented training batches of "
+                             f"{BN_BATCH_SIZE} images (the checkpoint on disk is not changed; default 0: off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -83,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(
         args.model, args.dataset, split=args.split, image_column=args.image_column, label_column=args.label_column,
         train_split=args.train_split, test_split=args.test_split, max_test=args.max_test, seed=args.seed,
-        batch_size=args.batch_size, mixed_precision=args.mixed_precision)
+        batch_size=args.batch_size, mixed_precision=args.mixed_precision, reestimate_bn=args.reestimate_bn)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -97,6 +117,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"{Path(str(args.model)).name} [{kind}] on {result['samples']} {result['split']} images of {args.dataset}:\n"
           f"  accuracy {100 * result['accuracy']:.2f}%   top-5 {100 * result['top5']:.2f}%   "
           f"loss {result['loss']:.4f}")
+    if result["bn_reestimation"]:
+        bn = result["bn_reestimation"]
+        print(f"  (BatchNorm statistics re-estimated on {bn['images']} augmented training images, "
+              f"{bn['batches']} batches of {bn['batch_size']})")
     return 0
 
 

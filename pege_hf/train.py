@@ -176,6 +176,46 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
     model.train(was_training)
 
 
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches) -> int:
+    """Replace every BatchNorm's running mean and variance by their plain average over ``batches``
+    (inputs the model takes as ``pixel_values``), run with the evaluation forward everywhere else (fake
+    quantizers fully quantized, no masks). The moving average training leaves behind tracks the last
+    few dozen steps, and in a quantized network whose codes still flip it is off by enough to cost
+    accuracy ("BN re-estimation", Nagel et al. 2022, arXiv 2203.11086). Returns the number of batches."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    seen = 0
+    try:
+        for pixels in batches:
+            model(pixel_values=pixels)
+            seen += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    if norms and not seen:
+        raise ValueError("BatchNorm re-estimation got no batches (the running statistics were reset)")
+    return seen
+
+
+def augmented_batches(images: torch.Tensor, n_batches: int, batch_size: int, *, seed: int = 0,
+                      mean=CIFAR10_MEAN, std=CIFAR10_STD, device=None):
+    """``n_batches`` normalised batches of ``images`` (uint8) in a seeded random order, with the
+    training augmentation (random crop and flip): the data the BatchNorm statistics are re-estimated on."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=generator)
+    for i in range(min(n_batches, math.ceil(len(images) / batch_size))):
+        batch = images[order[i * batch_size:(i + 1) * batch_size]]
+        batch = random_crop_flip(batch, generator=generator)
+        yield normalize(batch.to(device) if device is not None else batch, mean, std)
+
+
 # --------------------------------------------------------------------------------------------- data
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pege_hf import cli
@@ -128,6 +129,19 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     assert result["quantized"] and result["samples"] == 200
     assert result["accuracy"] == metrics["accuracy"] and result["top5"] == metrics["top5"]
     assert result["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+    assert result["bn_reestimation"] is None
+
+    # BatchNorm re-estimation before evaluating: reported, the same twice (seeded), the checkpoint untouched
+    weights = (out / "model.safetensors").read_bytes()
+    runs = [evaluate_checkpoint(str(out), DEFAULT_DATASET, max_test=200, reestimate_bn=2) for _ in range(2)]
+    assert runs[0]["bn_reestimation"] == {"batches": 2, "batch_size": 128, "images": 256, "seed": 0}
+    assert runs[0]["accuracy"] == runs[1]["accuracy"] and runs[0]["loss"] == runs[1]["loss"]
+    assert runs[0]["loss"] != pytest.approx(metrics["loss"], rel=1e-6)  # other statistics, another model
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert cli.main(["eval", str(out), "--dataset", DEFAULT_DATASET, "--max-test", "200", "--reestimate-bn", "2"]) == 0
+    assert "re-estimated on 256 augmented training images, 2 batches of 128" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="re-estimation batches must be >= 0; got -1"):
+        evaluate_checkpoint(str(out), DEFAULT_DATASET, reestimate_bn=-1)
 
 
 def test_param_groups_no_decay_on_bn_bias_and_quantizers(fp_run):
@@ -430,3 +444,71 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert out.returncode == 2
     assert "pege train: error: PEGEConfig.w_bits must be an integer from 2 to 8; got 9" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+class _BatchStatNorm(torch.nn.Module):
+    """The reference for BN re-estimation: normalises with the batch's own float64 statistics and
+    records them (per-channel mean, unbiased variance), as a BatchNorm in training mode would."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn, self.means, self.vars = bn, [], []
+
+    def forward(self, x):
+        x64 = x.double()
+        mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+        n = x.numel() / x.shape[1]
+        self.means.append(mean)
+        self.vars.append(var * n / (n - 1))
+        y = (x64 - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.bn.eps)
+        return (y * self.bn.weight.double()[None, :, None, None] + self.bn.bias.double()[None, :, None, None]).to(x.dtype)
+
+
+def test_reestimate_batchnorm_averages_batch_statistics_of_the_quantized_forward():
+    """Running mean / variance = the plain average over the batches of each BatchNorm's batch statistics
+    (float64 reference normalising with those statistics), taken through the fully quantized evaluation
+    forward even while training sits at r = 0; momentum and train/eval mode come back as they were."""
+    import copy
+
+    import pege_hf
+    from pege_hf.hf.cifar import cifar_resnet
+
+    torch.manual_seed(0)
+    model = pege_hf.quantize(cifar_resnet(8), PEGEConfig(w_bits=2, a_bits=2, discretization_lambda=0.0))
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
+    T.calibrate(model, T.normalize(images[:32]))
+    pege_hf.set_progress(model, 0.0)  # a training forward would now leave activations in full precision
+    batches = list(T.augmented_batches(images, 3, 32, seed=1))
+    assert len(batches) == 3 and batches[0].dtype == torch.float32
+
+    def reference(eval_forward: bool):
+        ref = copy.deepcopy(model)
+        ref.train(not eval_forward)
+        norms = {}
+        for name, m in list(ref.named_modules()):
+            if isinstance(m, torch.nn.BatchNorm2d):
+                parent, _, child = name.rpartition(".")
+                norms[name] = _BatchStatNorm(m)
+                setattr(ref.get_submodule(parent), child, norms[name])
+        with torch.no_grad():
+            for b in batches:
+                ref(pixel_values=b)
+        return {k: (torch.stack(v.means).mean(0), torch.stack(v.vars).mean(0)) for k, v in norms.items()}
+
+    expected, training_forward = reference(True), reference(False)
+    model.train()
+    assert T.reestimate_batchnorm(model, iter(batches)) == 3
+    assert model.training
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert set(bns) == set(expected) and len(bns) >= 7
+    for name, bn in bns.items():
+        assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 3
+        torch.testing.assert_close(bn.running_mean.double(), expected[name][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.running_var.double(), expected[name][1], rtol=1e-4, atol=1e-5)
+    # the test tells the two forwards apart: a later BN's statistics differ under the training forward
+    last = list(bns)[-1]
+    assert (training_forward[last][0] - expected[last][0]).abs().max() > 1e-2
+
+    with pytest.raises(ValueError, match="no batches"):
+        T.reestimate_batchnorm(model, [])
+    assert model.training
