@@ -554,18 +554,23 @@ def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
             "accuracy": m["accuracy"], "top5": m.get("top5"), "best_accuracy": m.get("best_accuracy"),
             "epoch_accuracy": [h["accuracy"] for h in m.get("history", [])], "wall_time_s": m.get("wall_time_s"),
             "steps": m.get("steps"), "quantization_config": m.get("quantization_config"), "command": m.get("command"),
+            "accuracy_bn": _bn_accuracy(runs_dir / run.name),
         }
     fp = next((r["accuracy"] for r in runs.values() if r["estimator"] == "fp"), None)
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in runs.values():
         if r["estimator"] != "fp":
-            groups.setdefault((r["estimator"], r["bits"], r["variant"]), []).append(r["accuracy"])
+            groups.setdefault((r["estimator"], r["bits"], r["variant"]), []).append(r)
     summary = []
-    for (est, b, variant), accs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2] != "main", kv[0][0])):
-        mean = statistics.fmean(accs)
-        summary.append({"estimator": est, "bits": b, "variant": variant, "seeds": len(accs), "mean": mean,
-                        "spread": (max(accs) - min(accs)) / 2 if len(accs) > 1 else 0.0,
-                        "delta_vs_fp": None if fp is None else mean - fp})
+    for (est, b, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2] != "main", kv[0][0])):
+        row = {"estimator": est, "bits": b, "variant": variant, "seeds": len(rs)}
+        for suffix, key in (("", "accuracy"), ("_bn", "accuracy_bn")):  # _bn: after BatchNorm re-estimation
+            accs = [r[key] for r in rs]
+            whole = None not in accs  # a mean over fewer seeds than the row's would not compare
+            mean = statistics.fmean(accs) if whole else None
+            row |= {f"mean{suffix}": mean, f"spread{suffix}": (max(accs) - min(accs)) / 2 if whole else None,
+                    f"delta{suffix}_vs_fp": None if fp is None or mean is None else mean - fp}
+        summary.append(row)
     diverged = _diverged_steps(plan, runs_dir, runs)
     return {"benchmark": "accuracy", "model": "cifar_resnet20", "fp_accuracy": fp, "runs": runs,
             "summary": summary, "planned": [r.name for r in plan], "diverged_at_step": diverged,
@@ -574,16 +579,55 @@ def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
 
 def accuracy_table(result: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+
+    def cells(row, suffix=""):
+        spread = f" +- {100 * row[f'spread{suffix}']:.2f}" if row["seeds"] > 1 and row[f"spread{suffix}"] is not None else ""
+        delta = row[f"delta{suffix}_vs_fp"]
+        return f"{pct(row[f'mean{suffix}'])}{spread} | {'-' if delta is None else f'{100 * delta:+.2f}'}"
+
     lines = ["CIFAR-10 ResNet-20 top-1 (%) on the 10k test images, QAT from one FP model with LSQ forward quantizers; "
-             "mean +- half-range over seeds.", "",
+             "mean +- half-range over seeds. \"BN re-estimated\": the same final weights with their BatchNorm "
+             f"statistics re-estimated on {BN_REESTIMATION_BATCHES} augmented training batches (`pege eval "
+             f"--reestimate-bn {BN_REESTIMATION_BATCHES}`; \"-\" where not done yet).", "",
              f"Full precision: {pct(result['fp_accuracy'])}", "",
-             "| bits | estimator | variant | seeds | top-1 | delta vs FP |", "|---|---|---|---|---|---|"]
+             "| bits | estimator | variant | seeds | top-1 | delta vs FP | top-1, BN re-estimated | delta vs FP |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in result["summary"]:
-        spread = f" +- {100 * row['spread']:.2f}" if row["seeds"] > 1 else ""
-        delta = "-" if row["delta_vs_fp"] is None else f"{100 * row['delta_vs_fp']:+.2f}"
         lines.append(f"| W{row['bits']}A{row['bits']} | {row['estimator']} | {row['variant']} | {row['seeds']} | "
-                     f"{pct(row['mean'])}{spread} | {delta} |")
+                     f"{cells(row)} | {cells(row, '_bn')} |")
     return "\n".join(lines + _unfinished_lines(result)) + "\n"
+
+
+BN_REESTIMATION_BATCHES = 200
+BN_FILE = "bn_reestimated.json"  # in a run's folder: its test accuracy after BatchNorm re-estimation
+
+
+def _bn_accuracy(run_dir: Path) -> float | None:
+    path = run_dir / BN_FILE
+    return json.loads(path.read_text())["accuracy"] if path.is_file() else None
+
+
+def reestimate_finished_runs(plan: list[Run], runs_dir: Path, batches: int = BN_REESTIMATION_BATCHES) -> list[str]:
+    """Evaluate every finished run of the plan once more with its BatchNorm statistics re-estimated
+    (`pege eval RUN --reestimate-bn batches`, seed 0) and write the result beside it (BN_FILE); runs
+    that already have one are skipped, the run's own files are never changed. Returns the names done."""
+    from .evaluate import evaluate_checkpoint
+
+    done = []
+    for run in plan:
+        run_dir = runs_dir / run.name
+        if not run_is_finished(run_dir) or (run_dir / BN_FILE).is_file():
+            continue
+        data = run.args[run.args.index("--dataset") + 1]
+        print(f"BatchNorm re-estimation: {run.name}", flush=True)
+        result = evaluate_checkpoint(str(run_dir), data, reestimate_bn=batches)
+        result["accuracy_before"] = json.loads((run_dir / "metrics.json").read_text())["accuracy"]
+        result["command"] = f"pege eval {_shown_path(run_dir)} --dataset {data} --reestimate-bn {batches} --json"
+        tmp = run_dir / f".{BN_FILE}.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(run_dir / BN_FILE)
+        done.append(run.name)
+    return done
 
 
 def _unfinished_lines(result: dict) -> list[str]:
@@ -686,11 +730,16 @@ def write_accuracy_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dic
 
 
 def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int | None = None,
-                 jobs: int = 1) -> dict:
-    """Run the unfinished part of the matrix (see run_plan); rewrite the report after every run."""
-    run_plan(plan, runs_dir, jobs=jobs, max_runs=max_runs,
-             on_finish=lambda: write_accuracy_report(plan, runs_dir, out_dir))
-    return write_accuracy_report(plan, runs_dir, out_dir)
+                 jobs: int = 1, bn_batches: int = BN_REESTIMATION_BATCHES) -> dict:
+    """Run the unfinished part of the matrix (see run_plan); after every run, re-estimate the BatchNorm
+    statistics of the runs finished so far (reestimate_finished_runs; 0 batches: not) and rewrite the report."""
+    def report():
+        if bn_batches:
+            reestimate_finished_runs(plan, runs_dir, bn_batches)
+        return write_accuracy_report(plan, runs_dir, out_dir)
+
+    run_plan(plan, runs_dir, jobs=jobs, max_runs=max_runs, on_finish=report)
+    return report()
 
 
 def _tuning_setting(variant: str) -> str:
@@ -962,6 +1011,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ac.add_argument("--no-ablations", action="store_true", help="skip the W2A2 PEGE ablations")
     ac.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")
     ac.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    ac.add_argument("--bn-batches", type=int, default=BN_REESTIMATION_BATCHES, metavar="N",
+                    help="after each run, also evaluate every finished run with its BatchNorm statistics re-estimated "
+                         f"on N augmented training batches (default {BN_REESTIMATION_BATCHES}; 0: not)")
     ac.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="extra argument passed to every training run (repeat), e.g. --train-arg=--compile-kernels")
     ac.add_argument("--qat-arg", action="append", default=None, metavar="ARG",
@@ -1039,10 +1091,12 @@ def main(args: argparse.Namespace) -> int:
                              estimators=tuple(args.estimators), seeds=args.seeds, seeds_low_bits=args.seeds_low_bits,
                              ablations=not args.no_ablations, runs_dir=runs_dir, extra=tuple(args.train_arg),
                              qat_args=args.qat_arg, pege_args=args.pege_arg)
+        if args.bn_batches < 0:
+            raise ValueError(f"--bn-batches must be >= 0; got {args.bn_batches}")
         if args.report_only:
             write_accuracy_report(plan, runs_dir, args.out)
         else:
-            run_accuracy(plan, runs_dir, args.out, args.max_runs, jobs=args.jobs)
+            run_accuracy(plan, runs_dir, args.out, args.max_runs, jobs=args.jobs, bn_batches=args.bn_batches)
     elif args.bench == "ship":
         from .inference import SHIPPED_MODELS_DIR
 

@@ -350,6 +350,47 @@ def test_run_plan_stops_starting_after_a_failure_and_respects_max_runs(monkeypat
     assert [e[1] for e in log if e[0] == "start"] == ["resnet20-fp"]
 
 
+def test_bn_reestimation_column_and_runner_step(monkeypatch, tmp_path):
+    """Finished runs get one BN re-estimation each (never redone, the run's files untouched, unfinished runs
+    skipped); the table shows the re-estimated mean over seeds beside the plain one, "-" until every seed has it."""
+    import pege_hf.evaluate
+
+    plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("ste",), seeds_low_bits=3, ablations=False)
+    runs = tmp_path / "runs"
+    finals = {"resnet20-fp": 0.88, "resnet20-w2a2-ste-s0": 0.80, "resnet20-w2a2-ste-s1": 0.82}
+    for name, acc in finals.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({"accuracy": acc}))
+        (runs / name / "config.json").write_text("{}")
+    calls = []
+
+    def fake_eval(model, dataset, *, reestimate_bn):
+        calls.append((Path(model).name, dataset, reestimate_bn))
+        return {"accuracy": finals[Path(model).name] + 0.01, "bn_reestimation": {"batches": reestimate_bn}}
+
+    monkeypatch.setattr(pege_hf.evaluate, "evaluate_checkpoint", fake_eval)
+    (runs / "resnet20-w2a2-ste-s1" / bench.BN_FILE).write_text(json.dumps({"accuracy": 0.85}))  # done before
+    before = {p: p.read_bytes() for p in runs.glob("*/metrics.json")}
+    assert bench.reestimate_finished_runs(plan, runs, 7) == ["resnet20-fp", "resnet20-w2a2-ste-s0"]
+    assert calls == [("resnet20-fp", "D", 7), ("resnet20-w2a2-ste-s0", "D", 7)]  # s2 has not finished
+    assert before == {p: p.read_bytes() for p in runs.glob("*/metrics.json")}
+    saved = json.loads((runs / "resnet20-w2a2-ste-s0" / bench.BN_FILE).read_text())
+    assert saved["accuracy"] == pytest.approx(0.81) and saved["accuracy_before"] == 0.80
+    assert saved["command"].endswith("resnet20-w2a2-ste-s0 --dataset D --reestimate-bn 7 --json")
+    assert bench.reestimate_finished_runs(plan, runs, 7) == [] and len(calls) == 2
+
+    row = bench.collect_accuracy(plan, runs)["summary"][0]
+    assert row["seeds"] == 2 and row["mean"] == pytest.approx(0.81) and row["mean_bn"] == pytest.approx(0.83)
+    assert row["spread_bn"] == pytest.approx(0.02) and row["delta_bn_vs_fp"] == pytest.approx(0.83 - 0.88)
+    assert "| W2A2 | ste | main | 2 | 81.00 +- 1.00 | -7.00 | 83.00 +- 2.00 | -5.00 |" in bench.accuracy_table(
+        bench.collect_accuracy(plan, runs))
+    (runs / "resnet20-w2a2-ste-s0" / bench.BN_FILE).unlink()  # one seed without it: no re-estimated mean
+    row = bench.collect_accuracy(plan, runs)["summary"][0]
+    assert row["mean_bn"] is None and row["delta_bn_vs_fp"] is None
+    assert "| W2A2 | ste | main | 2 | 81.00 +- 1.00 | -7.00 | - | - |" in bench.accuracy_table(
+        bench.collect_accuracy(plan, runs))
+
+
 @pytest.mark.slow
 def test_accuracy_runner_is_resumable(tmp_path):
     """A tiny matrix runs end to end; a second invocation redoes nothing."""
@@ -364,9 +405,10 @@ def test_accuracy_runner_is_resumable(tmp_path):
     fp = json.loads((runs / "resnet20-fp" / "metrics.json").read_text())
     assert result["fp_accuracy"] == fp["accuracy"]
     assert (tmp_path / "accuracy.md").is_file() and (tmp_path / "accuracy_vs_bits.png").is_file()
-    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+    assert all(0 <= r["accuracy_bn"] <= 1 for r in result["runs"].values())  # each run re-estimated once
+    stamps = {p: p.stat().st_mtime_ns for p in [*runs.glob("*/metrics.json"), *runs.glob(f"*/{bench.BN_FILE}")]}
     bench.run_accuracy(plan, runs, tmp_path)
-    assert stamps == {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+    assert stamps == {p: p.stat().st_mtime_ns for p in [*runs.glob("*/metrics.json"), *runs.glob(f"*/{bench.BN_FILE}")]}
 
     # shipping: FP and PEGE W2A2 copied byte for byte with a card quoting the run's own accuracy; W3/W4 not run
     dest = tmp_path / "models"
