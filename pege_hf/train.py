@@ -643,6 +643,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="share of the optimizer steps with linear lr warmup (default 0.05)")
     g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--reestimate-bn", type=int, default=0, metavar="N",
+                   help="after the last epoch, re-estimate the BatchNorm statistics on N augmented training batches "
+                        "before saving and the final evaluation (quantized models gain from it; default 0: off)")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: as configured for accelerate (no)")
 
@@ -787,6 +790,8 @@ def train(args) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
+    if args.reestimate_bn < 0:
+        raise ValueError(f"--reestimate-bn must be >= 0; got {args.reestimate_bn}")
     if args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints-total-limit must be >= 1; got {args.checkpoints_total_limit}")
     epochs = args.epochs or 20
@@ -1043,19 +1048,25 @@ def train(args) -> dict[str, Any]:
 
     # ---- the final model, metrics.json, the model card
     accelerator.wait_for_everyone()
+    final = state["history"][-1] if state["history"] else None  # none: resumed a finished run without its history
+    bn = None
+    if args.reestimate_bn:  # every rank draws the same batches, so every rank ends with the same statistics
+        seen = reestimate_batchnorm(raw_model, augmented_batches(x_train, args.reestimate_bn, args.batch_size,
+                                                                 seed=args.seed, mean=mean, std=std, device=device))
+        bn = {"batches": seen, "batch_size": args.batch_size, "seed": args.seed,
+              "accuracy_before": final["accuracy"] if final else None}
+        final = None
     raw_model.save_pretrained(output_dir, is_main_process=main_proc, save_function=accelerator.save)
-    if not state["history"]:  # zero epochs left (e.g. resumed a finished run without its history)
+    if final is None:
         sync_buffers(accelerator, model)
         final = evaluate(accelerator, model, test_loader, mean=mean, std=std)
-    else:
-        final = state["history"][-1]
     wall = state["elapsed_s"] + time.time() - run_start
     result = {
         "accuracy": final["accuracy"], "top5": final["top5"], "loss": final["loss"],
         "best_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"],
         "history": state["history"], "wall_time_s": wall, "steps": global_step, **run_info,
         "num_train": len(x_train), "num_test": len(x_test), "class_names": data.class_names,
-        "command": list(sys.argv), "resumed_from": str(resume_path) if resume_path else None,
+        "command": list(sys.argv), "resumed_from": str(resume_path) if resume_path else None, "bn_reestimation": bn,
         "timing": {"data_s": data_time, "loop_s": step_time,
                    "data_share": data_time / step_time if step_time else None},
         "device": device.type, "mixed_precision": accelerator.mixed_precision,

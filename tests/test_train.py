@@ -144,6 +144,23 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
         evaluate_checkpoint(str(out), DEFAULT_DATASET, reestimate_bn=-1)
 
 
+def test_reestimate_bn_after_training_is_what_is_saved_and_reported(fp_run, tmp_path):
+    """--reestimate-bn N: the final metrics are the re-estimated model's (the last epoch's stay in the history as
+    accuracy_before), and the saved checkpoint is that model: `pege eval` of it gives the same numbers."""
+    fp_dir, _ = fp_run
+    out = tmp_path / "qat-bn"
+    metrics = _train(["--model", str(fp_dir), "--estimator", "ste", "--w-bits", "2", "--a-bits", "2", *SMALL,
+                      "--reestimate-bn", "3", "--output-dir", str(out)])
+    assert metrics["bn_reestimation"] == {"batches": 3, "batch_size": 64, "seed": 0,
+                                          "accuracy_before": metrics["history"][-1]["accuracy"]}
+    assert metrics["loss"] != pytest.approx(metrics["history"][-1]["loss"], rel=1e-6)
+    again = evaluate_checkpoint(str(out), DEFAULT_DATASET, max_test=200)
+    assert again["accuracy"] == metrics["accuracy"] and again["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="--reestimate-bn must be >= 0; got -2"):
+        _train(["--estimator", "none", *SMALL, "--reestimate-bn", "-2", "--output-dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_param_groups_no_decay_on_bn_bias_and_quantizers(fp_run):
     import pege_hf
 
