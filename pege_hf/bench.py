@@ -291,7 +291,7 @@ class Run:
 
 
 def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=(2, 3, 4),
-                  estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 2, seeds: int = 1,
+                  estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 3, seeds: int = 1,
                   ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra=(),
                   qat_args=None, pege_args=None) -> list[Run]:
     """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
@@ -1007,7 +1007,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ac.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ac.add_argument("--estimators", nargs="+", default=["ste", "ewgs", "pege"])
     ac.add_argument("--seeds", type=int, default=1, help="seeds per estimator and width (default 1)")
-    ac.add_argument("--seeds-low-bits", type=int, default=2, help="seeds at the lowest width (default 2)")
+    ac.add_argument("--seeds-low-bits", type=int, default=3, help="seeds at the lowest width (default 3)")
     ac.add_argument("--no-ablations", action="store_true", help="skip the W2A2 PEGE ablations")
     ac.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")
     ac.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")

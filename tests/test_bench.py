@@ -155,16 +155,18 @@ def test_accuracy_plan_protocol():
     assert recipe_flags in bench.TUNING_RECIPES.values()  # the chosen recipe is one `pege bench tune` tried
     assert all(" ".join(recipe_flags) in " ".join(r.args) for r in qat)
     assert not recipe_flags or " ".join(recipe_flags) not in " ".join(plan[0].args)
-    assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 6  # 2 seeds at W2A2
+    assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 9  # 3 seeds at W2A2
     assert {r.variant for r in qat if r.variant != "main"} == {"lambda0", "linear", "instant"}
     instant = [r for r in qat if r.variant == "instant"]
-    assert [(r.estimator, r.bits, r.seed) for r in instant] == [("pege", 2, 0), ("pege", 2, 1), ("pege", 3, 0), ("pege", 4, 0)]
+    assert [(r.estimator, r.bits, r.seed) for r in instant] == [("pege", 2, 0), ("pege", 2, 1), ("pege", 2, 2), ("pege", 3, 0),
+                                                                 ("pege", 4, 0)]
     assert all(r.args[-2:] == ("--curriculum", "instant") for r in instant)
     # what the report needs first comes first: every estimator at W2A2, then the shipped PEGE widths
     assert [(r.estimator, r.bits, r.seed) for r in plan[1:6]] == [
         ("pege", 2, 0), ("ste", 2, 0), ("ewgs", 2, 0), ("pege", 4, 0), ("pege", 3, 0)]
-    # then the second seed of the pair the target compares (STE, PEGE at W2A2) before EWGS's
-    assert [(r.estimator, r.bits, r.seed) for r in plan[6:9]] == [("ste", 2, 1), ("pege", 2, 1), ("ewgs", 2, 1)]
+    # then the other seeds of the pair the target compares (STE, PEGE at W2A2) before EWGS's
+    assert [(r.estimator, r.bits, r.seed) for r in plan[6:12]] == [
+        ("ste", 2, 1), ("pege", 2, 1), ("ste", 2, 2), ("pege", 2, 2), ("ewgs", 2, 1), ("ewgs", 2, 2)]
 
 
 def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
