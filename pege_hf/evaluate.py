@@ -41,7 +41,8 @@ def evaluate_checkpoint(model: str, dataset: str = DEFAULT_DATASET, *, split: st
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1; got {batch_size}")
     if reestimate_bn < 0:
-        raise ValueError(f"the number of BatchNorm re-estimation batches must be >= 0; got {reestimate_bn}")
+        raise ValueError(f"reestimate_bn (--reestimate-bn, BatchNorm re-estimation batches) must be >= 0; "
+                         f"got {reestimate_bn}")
     check_checkpoint(model)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     data = _main_first(accelerator, lambda: load_image_dataset(

@@ -644,8 +644,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--reestimate-bn", type=int, default=0, metavar="N",
-                   help="after the last epoch, re-estimate the BatchNorm statistics on N augmented training batches "
-                        "before saving and the final evaluation (quantized models gain from it; default 0: off)")
+                   help="after the last epoch, replace the BatchNorm moving averages by a plain average over N "
+                        "augmented training batches, before saving and the final evaluation (default 0: off)")
     g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
                    help="default: as configured for accelerate (no)")
 

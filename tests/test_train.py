@@ -140,7 +140,7 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     assert (out / "model.safetensors").read_bytes() == weights
     assert cli.main(["eval", str(out), "--dataset", DEFAULT_DATASET, "--max-test", "200", "--reestimate-bn", "2"]) == 0
     assert "re-estimated on 256 augmented training images, 2 batches of 128" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="re-estimation batches must be >= 0; got -1"):
+    with pytest.raises(ValueError, match=r"--reestimate-bn, BatchNorm re-estimation batches\) must be >= 0; got -1"):
         evaluate_checkpoint(str(out), DEFAULT_DATASET, reestimate_bn=-1)
 
 
