@@ -291,7 +291,7 @@ class Run:
 
 
 def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=(2, 3, 4),
-                  estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 3, seeds: int = 1,
+                  estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 3, seeds: int = 2,
                   ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra=(),
                   qat_args=None, pege_args=None) -> list[Run]:
     """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
@@ -303,8 +303,9 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
     PEGE_TUNED: PEGE's own settings from tuning) only the PEGE runs, never STE/EWGS.
 
     Ordered by what the report needs first: FP, then the lowest width for every estimator, PEGE at
-    the other widths (the shipped models), the second seed (STE and PEGE, the pair the target
-    compares, before EWGS), the remaining baselines, the ablations."""
+    the other widths (the shipped models), the other seeds at the lowest width (STE and PEGE, the
+    pair the target compares, before EWGS), the remaining baselines and seeds (again STE and PEGE
+    first), the ablations."""
     qat_args = QAT_RECIPE if qat_args is None else tuple(qat_args)
     pege_args = PEGE_TUNED if pege_args is None else tuple(pege_args)
     fp = Run("resnet20-fp", ("--estimator", "none", "--arch", "resnet20", "--dataset", data,
@@ -336,7 +337,7 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
             return (1, r.estimator != "pege")
         if r.seed == 0 and r.estimator == "pege":
             return (2, -r.bits)
-        return (3, r.estimator not in ("ste", "pege")) if r.bits == low else (4, r.seed)
+        return (3 if r.bits == low else 4, r.estimator not in ("ste", "pege"), r.seed)
 
     return [fp] + sorted(runs, key=priority)  # sorted() is stable: plan order within a priority
 
@@ -1006,7 +1007,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ac.add_argument("--qat-epochs", type=int, default=15)
     ac.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ac.add_argument("--estimators", nargs="+", default=["ste", "ewgs", "pege"])
-    ac.add_argument("--seeds", type=int, default=1, help="seeds per estimator and width (default 1)")
+    ac.add_argument("--seeds", type=int, default=2, help="seeds per estimator at the other widths (default 2)")
     ac.add_argument("--seeds-low-bits", type=int, default=3, help="seeds at the lowest width (default 3)")
     ac.add_argument("--no-ablations", action="store_true", help="skip the W2A2 PEGE ablations")
     ac.add_argument("--max-runs", type=int, default=None, help="start at most N runs, then stop")

@@ -158,8 +158,9 @@ def test_accuracy_plan_protocol():
     assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 9  # 3 seeds at W2A2
     assert {r.variant for r in qat if r.variant != "main"} == {"lambda0", "linear", "instant"}
     instant = [r for r in qat if r.variant == "instant"]
+    assert len([r for r in qat if r.bits == 3 and r.variant == "main"]) == 6  # 2 seeds at the other widths
     assert [(r.estimator, r.bits, r.seed) for r in instant] == [("pege", 2, 0), ("pege", 2, 1), ("pege", 2, 2), ("pege", 3, 0),
-                                                                 ("pege", 4, 0)]
+                                                                 ("pege", 3, 1), ("pege", 4, 0), ("pege", 4, 1)]
     assert all(r.args[-2:] == ("--curriculum", "instant") for r in instant)
     # what the report needs first comes first: every estimator at W2A2, then the shipped PEGE widths
     assert [(r.estimator, r.bits, r.seed) for r in plan[1:6]] == [
@@ -167,6 +168,11 @@ def test_accuracy_plan_protocol():
     # then the other seeds of the pair the target compares (STE, PEGE at W2A2) before EWGS's
     assert [(r.estimator, r.bits, r.seed) for r in plan[6:12]] == [
         ("ste", 2, 1), ("pege", 2, 1), ("ste", 2, 2), ("pege", 2, 2), ("ewgs", 2, 1), ("ewgs", 2, 2)]
+    # at the other widths too: STE and PEGE of every seed before EWGS, ablations last
+    assert [(r.estimator, r.bits, r.seed) for r in plan[12:22]] == [
+        ("ste", 3, 0), ("ste", 4, 0), ("ste", 3, 1), ("pege", 3, 1), ("ste", 4, 1), ("pege", 4, 1),
+        ("ewgs", 3, 0), ("ewgs", 4, 0), ("ewgs", 3, 1), ("ewgs", 4, 1)]
+    assert all(r.variant != "main" for r in plan[22:])
 
 
 def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
