@@ -596,7 +596,47 @@ def accuracy_table(result: dict) -> str:
     for row in result["summary"]:
         lines.append(f"| W{row['bits']}A{row['bits']} | {row['estimator']} | {row['variant']} | {row['seeds']} | "
                      f"{cells(row)} | {cells(row, '_bn')} |")
+    checks = target_checks(result)
+    if checks:
+        lines += ["", "The issue's targets, on the top-1 column (mean over seeds):", "", "| target | measured | met |",
+                  "|---|---|---|"]
+        lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |" for c in checks]
     return "\n".join(lines + _unfinished_lines(result)) + "\n"
+
+
+FP_TARGET = 0.89  # the issue's targets: FP top-1, PEGE's mean minus FP per width, PEGE minus STE at the lowest
+PEGE_VS_FP_TARGETS = {4: 0.0, 3: -0.005, 2: -0.015}
+PEGE_VS_STE_TARGET = 0.01
+
+
+def target_checks(result: dict) -> list[dict]:
+    """Each target of the benchmark's issue that the finished runs can answer: {target, measured, met}.
+    PEGE vs STE compares the means over seeds at the lowest width and also lists the per-seed differences
+    (the seeds both have)."""
+    fp, checks = result["fp_accuracy"], []
+    if fp is None:
+        return checks
+    main = {(r["estimator"], r["bits"]): r for r in result["summary"] if r["variant"] == "main" and r["mean"] is not None}
+    checks.append({"target": f"FP >= {100 * FP_TARGET:.2f}", "measured": f"{100 * fp:.2f}", "met": fp >= FP_TARGET})
+    for b, margin in sorted(PEGE_VS_FP_TARGETS.items(), reverse=True):
+        if ("pege", b) in main:
+            delta = main["pege", b]["mean"] - fp
+            checks.append({"target": f"PEGE W{b}A{b} >= FP" + (f" {100 * margin:+.2f}" if margin else ""),
+                           "measured": f"{100 * main['pege', b]['mean']:.2f} (FP {100 * delta:+.2f})",
+                           "met": delta >= margin - 1e-12})
+    low = min((b for _, b in main), default=None)
+    if ("pege", low) in main and ("ste", low) in main:
+        pege, ste = main["pege", low]["mean"], main["ste", low]["mean"]
+        by_seed = {r["seed"]: r["accuracy"] for r in result["runs"].values()
+                   if (r["estimator"], r["bits"], r["variant"]) == ("ste", low, "main")}
+        paired = [f"s{r['seed']} {100 * (r['accuracy'] - by_seed[r['seed']]):+.2f}"
+                  for r in sorted(result["runs"].values(), key=lambda r: r["seed"])
+                  if (r["estimator"], r["bits"], r["variant"]) == ("pege", low, "main") and r["seed"] in by_seed]
+        checks.append({"target": f"PEGE W{low}A{low} >= STE + {100 * PEGE_VS_STE_TARGET:.2f}",
+                       "measured": f"PEGE {100 * pege:.2f}, STE {100 * ste:.2f}: {100 * (pege - ste):+.2f} "
+                                   f"(per seed: {', '.join(paired)})",
+                       "met": pege - ste >= PEGE_VS_STE_TARGET - 1e-12})
+    return checks
 
 
 BN_REESTIMATION_BATCHES = 200

@@ -358,6 +358,35 @@ def test_run_plan_stops_starting_after_a_failure_and_respects_max_runs(monkeypat
     assert [e[1] for e in log if e[0] == "start"] == ["resnet20-fp"]
 
 
+def test_target_checks_answer_the_issue_targets_from_the_finished_runs():
+    def run(est, b, seed, acc, variant="main"):
+        return {"estimator": est, "bits": b, "seed": seed, "variant": variant, "accuracy": acc}
+
+    runs = {str(i): r for i, r in enumerate([
+        run("pege", 2, 0, 0.80), run("pege", 2, 1, 0.84), run("pege", 2, 2, 0.85),  # seed 2: no STE partner
+        run("ste", 2, 0, 0.79), run("ste", 2, 1, 0.82), run("pege", 2, 0, 0.99, "instant"),
+        run("pege", 4, 0, 0.88), run("pege", 3, 0, 0.874)])}
+    summary = [{"estimator": "pege", "bits": 2, "variant": "main", "mean": 0.83},
+               {"estimator": "ste", "bits": 2, "variant": "main", "mean": 0.805},
+               {"estimator": "pege", "bits": 2, "variant": "instant", "mean": 0.99},
+               {"estimator": "pege", "bits": 4, "variant": "main", "mean": 0.88},
+               {"estimator": "pege", "bits": 3, "variant": "main", "mean": 0.874}]
+    result = {"fp_accuracy": 0.88, "runs": runs, "summary": summary}
+    checks = {c["target"]: (c["measured"], c["met"]) for c in bench.target_checks(result)}
+    assert checks == {
+        "FP >= 89.00": ("88.00", False),
+        "PEGE W4A4 >= FP": ("88.00 (FP +0.00)", True),  # equal is met
+        "PEGE W3A3 >= FP -0.50": ("87.40 (FP -0.60)", False),
+        "PEGE W2A2 >= FP -1.50": ("83.00 (FP -5.00)", False),
+        # 83.0 - 80.5 = +2.5 >= 1.0; per seed only where both ran, the instant ablation left out
+        "PEGE W2A2 >= STE + 1.00": ("PEGE 83.00, STE 80.50: +2.50 (per seed: s0 +1.00, s1 +2.00)", True)}
+    table = bench.accuracy_table({**result, "summary": [], "diverged_at_step": {}, "missing": []})
+    assert "| target | measured | met |\n|---|---|---|\n| FP >= 89.00 | 88.00 | no |\n" in table
+    assert bench.target_checks({**result, "fp_accuracy": None}) == []  # nothing to compare against yet
+    no_ste = [r for r in summary if r["estimator"] != "ste"]
+    assert [c["target"] for c in bench.target_checks({**result, "summary": no_ste})][-1] == "PEGE W2A2 >= FP -1.50"
+
+
 def test_bn_reestimation_column_and_runner_step(monkeypatch, tmp_path):
     """Finished runs get one BN re-estimation each (never redone, the run's files untouched, unfinished runs
     skipped); the table shows the re-estimated mean over seeds beside the plain one, "-" until every seed has it."""
