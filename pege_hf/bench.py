@@ -627,11 +627,13 @@ def target_checks(result: dict) -> list[dict]:
     low = min((b for _, b in main), default=None)
     if ("pege", low) in main and ("ste", low) in main:
         pege, ste = main["pege", low]["mean"], main["ste", low]["mean"]
-        by_seed = {r["seed"]: r["accuracy"] for r in result["runs"].values()
-                   if (r["estimator"], r["bits"], r["variant"]) == ("ste", low, "main")}
-        paired = [f"s{r['seed']} {100 * (r['accuracy'] - by_seed[r['seed']]):+.2f}"
-                  for r in sorted(result["runs"].values(), key=lambda r: r["seed"])
-                  if (r["estimator"], r["bits"], r["variant"]) == ("pege", low, "main") and r["seed"] in by_seed]
+        def by_seed(estimator):
+            return {r["seed"]: r["accuracy"] for r in result["runs"].values()
+                    if (r["estimator"], r["bits"], r["variant"]) == (estimator, low, "main")}
+
+        pege_runs, ste_runs = by_seed("pege"), by_seed("ste")
+        paired = [f"s{seed} {100 * (pege_runs[seed] - ste_runs[seed]):+.2f}"
+                  for seed in sorted(pege_runs.keys() & ste_runs.keys())]
         checks.append({"target": f"PEGE W{low}A{low} >= STE + {100 * PEGE_VS_STE_TARGET:.2f}",
                        "measured": f"PEGE {100 * pege:.2f}, STE {100 * ste:.2f}: {100 * (pege - ste):+.2f} "
                                    f"(per seed: {', '.join(paired)})",
