@@ -59,9 +59,10 @@ def _speed_variants(bits: int, progress: float):
 
 
 def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progress=0.3, device=None,
-                compile=False, seed=0) -> dict:
+                compile=False, channels_last=False, seed=0) -> dict:
     """Median time of one training step (forward + backward + SGD step) per variant, interleaved:
-    every round runs one step of each variant, so machine noise hits them alike."""
+    every round runs one step of each variant, so machine noise hits them alike. `channels_last`: the
+    models' 4-D weights in channels-last memory format (`pege train --channels-last`)."""
     from tqdm.auto import tqdm
 
     from .quant.kernels import use_compiled_kernels
@@ -75,6 +76,8 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
     for name, (cfg, p) in _speed_variants(bits, progress).items():
         torch.manual_seed(seed)
         model = model_fn().to(device).train()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         if cfg is not None:
             quantize(model, cfg)
             model(x[:8])  # initialise activation scales from data
@@ -114,6 +117,7 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "compile": compile,
+        "channels_last": channels_last,
         "variants": {},
     }
     for name, run in runs.items():
@@ -433,7 +437,7 @@ def runner_args(run_dir: Path, checkpointing_steps: int) -> list[str]:
 
 
 # flags the runner adds, or that change speed but not results: not part of a run's settings
-RUNNER_FLAGS = (*(a for a in runner_args(Path(), 0) if a.startswith("--")), "--compile-kernels")
+RUNNER_FLAGS = (*(a for a in runner_args(Path(), 0) if a.startswith("--")), "--compile-kernels", "--channels-last")
 
 
 def run_settings(args) -> dict[str, tuple[str, ...]]:
@@ -554,7 +558,7 @@ def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
             "estimator": run.estimator, "bits": run.bits, "seed": run.seed, "variant": run.variant,
             "accuracy": m["accuracy"], "top5": m.get("top5"), "best_accuracy": m.get("best_accuracy"),
             "epoch_accuracy": [h["accuracy"] for h in m.get("history", [])], "wall_time_s": m.get("wall_time_s"),
-            "steps": m.get("steps"), "quantization_config": m.get("quantization_config"), "command": m.get("command"),
+            "epochs": m.get("epochs"), "steps": m.get("steps"), "quantization_config": m.get("quantization_config"), "command": m.get("command"),
             "accuracy_bn": _bn_accuracy(runs_dir / run.name),
         }
     fp = next((r["accuracy"] for r in runs.values() if r["estimator"] == "fp"), None)
@@ -586,11 +590,15 @@ def accuracy_table(result: dict) -> str:
         delta = row[f"delta{suffix}_vs_fp"]
         return f"{pct(row[f'mean{suffix}'])}{spread} | {'-' if delta is None else f'{100 * delta:+.2f}'}"
 
-    lines = ["CIFAR-10 ResNet-20 top-1 (%) on the 10k test images, QAT from one FP model with LSQ forward quantizers; "
-             "mean +- half-range over seeds. \"BN re-estimated\": the same final weights with their BatchNorm "
-             f"statistics re-estimated on {BN_REESTIMATION_BATCHES} augmented training batches (`pege eval "
-             f"--reestimate-bn {BN_REESTIMATION_BATCHES}`; \"-\" where not done yet).", "",
-             f"Full precision: {pct(result['fp_accuracy'])}", "",
+    def epochs(fp: bool):  # the budget as the runs' metrics.json recorded it
+        found = sorted({r["epochs"] for r in result["runs"].values() if (r["estimator"] == "fp") == fp and r.get("epochs")})
+        return f" ({'/'.join(map(str, found))} epochs)" if found else ""
+
+    lines = [f"CIFAR-10 ResNet-20 top-1 (%) on the 10k test images, QAT{epochs(False)} from one FP model with LSQ "
+             "forward quantizers; mean +- half-range over seeds. \"BN re-estimated\": the same final weights with "
+             f"their BatchNorm statistics re-estimated on {BN_REESTIMATION_BATCHES} augmented training batches "
+             f"(`pege eval --reestimate-bn {BN_REESTIMATION_BATCHES}`; \"-\" where not done yet).", "",
+             f"Full precision{epochs(True)}: {pct(result['fp_accuracy'])}", "",
              "| bits | estimator | variant | seeds | top-1 | delta vs FP | top-1, BN re-estimated | delta vs FP |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["summary"]:
@@ -1058,7 +1066,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="after each run, also evaluate every finished run with its BatchNorm statistics re-estimated "
                          f"on N augmented training batches (default {BN_REESTIMATION_BATCHES}; 0: not)")
     ac.add_argument("--train-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument passed to every training run (repeat), e.g. --train-arg=--compile-kernels")
+                    help="extra argument passed to every training run (repeat), e.g. --train-arg=--compile-kernels "
+                         "--train-arg=--channels-last")
     ac.add_argument("--qat-arg", action="append", default=None, metavar="ARG",
                     help="the shared QAT recipe, passed to every QAT run (repeat; replaces the tuned default "
                          f"{' '.join(QAT_RECIPE) or '(none)'})")

@@ -669,6 +669,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-kernels", action="store_true",
                    help="run the quantizers' elementwise kernels through torch.compile (faster QAT steps; "
                         "the first step compiles, ~30 s on 2 CPU cores)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="keep the model's 4-D weights in channels-last memory format, so convolutions run "
+                        "channels-last (faster on CPUs and on GPUs with --mixed-precision; results equal up to "
+                        "float rounding)")
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -857,6 +861,8 @@ def train(args) -> dict[str, Any]:
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if channels == 3 else ((0.5,), (0.25,))
     device = accelerator.device
     model.to(device)
+    if getattr(args, "channels_last", False):  # a conv follows its weight's format: the inputs need not change
+        model.to(memory_format=torch.channels_last)
     quantized = quant_config is not None
     if quantized:
         calibrate(model, normalize(x_train[: args.batch_size].to(device), mean, std))

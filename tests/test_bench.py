@@ -397,7 +397,8 @@ def test_bn_reestimation_column_and_runner_step(monkeypatch, tmp_path):
     finals = {"resnet20-fp": 0.88, "resnet20-w2a2-ste-s0": 0.80, "resnet20-w2a2-ste-s1": 0.82}
     for name, acc in finals.items():
         (runs / name).mkdir(parents=True)
-        (runs / name / "metrics.json").write_text(json.dumps({"accuracy": acc}))
+        epochs = 60 if name == "resnet20-fp" else 15
+        (runs / name / "metrics.json").write_text(json.dumps({"accuracy": acc, "epochs": epochs}))
         (runs / name / "config.json").write_text("{}")
     calls = []
 
@@ -419,8 +420,9 @@ def test_bn_reestimation_column_and_runner_step(monkeypatch, tmp_path):
     row = bench.collect_accuracy(plan, runs)["summary"][0]
     assert row["seeds"] == 2 and row["mean"] == pytest.approx(0.81) and row["mean_bn"] == pytest.approx(0.83)
     assert row["spread_bn"] == pytest.approx(0.02) and row["delta_bn_vs_fp"] == pytest.approx(0.83 - 0.88)
-    assert "| W2A2 | ste | main | 2 | 81.00 +- 1.00 | -7.00 | 83.00 +- 2.00 | -5.00 |" in bench.accuracy_table(
-        bench.collect_accuracy(plan, runs))
+    table = bench.accuracy_table(bench.collect_accuracy(plan, runs))
+    assert "| W2A2 | ste | main | 2 | 81.00 +- 1.00 | -7.00 | 83.00 +- 2.00 | -5.00 |" in table
+    assert "QAT (15 epochs) from one FP model" in table and "Full precision (60 epochs): 88.00" in table
     (runs / "resnet20-w2a2-ste-s0" / bench.BN_FILE).unlink()  # one seed without it: no re-estimated mean
     row = bench.collect_accuracy(plan, runs)["summary"][0]
     assert row["mean_bn"] is None and row["delta_bn_vs_fp"] is None

@@ -161,6 +161,27 @@ def test_reestimate_bn_after_training_is_what_is_saved_and_reported(fp_run, tmp_
     assert not (tmp_path / "bad").exists()
 
 
+def test_channels_last_flag_trains_channels_last_and_saves_ordinary_checkpoints(fp_run, tmp_path):
+    """--channels-last reaches the optimizer (its saved momenta are channels-last) and changes nothing but
+    the layout: the first step's loss is the contiguous run's (same seed), and the saved model loads as usual.
+    That loss and gradients agree to rounding is tested on the model (test_quant_core)."""
+    fp_dir, fp_metrics = fp_run
+    out = tmp_path / "run"
+    metrics = _train(["--estimator", "none", *SMALL, "--checkpointing-steps", "epoch", "--channels-last",
+                      "--output-dir", str(out)])
+    first_loss = lambda d: next(r["train/loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text()  # noqa: E731
+                                                                .splitlines()) if "train/loss" in r)
+    assert first_loss(out) == pytest.approx(first_loss(fp_dir), rel=1e-5)
+    assert metrics["steps"] == fp_metrics["steps"]
+    (checkpoint,) = T.complete_checkpoints(out)
+    state = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
+    momenta = [v["momentum_buffer"] for v in state.values() if v["momentum_buffer"].dim() == 4]
+    assert len(momenta) == 19  # every conv of ResNet-20
+    assert all(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous() for m in momenta)
+    model = _load(out)
+    assert not T.is_quantized(model) and all(p.is_contiguous() for p in model.parameters())
+
+
 def test_param_groups_no_decay_on_bn_bias_and_quantizers(fp_run):
     import pege_hf
 
