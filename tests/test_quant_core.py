@@ -1,6 +1,7 @@
 """The PEGE core against independent float64 formulas (method: shared/docs/pege-method.md)."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -93,6 +94,26 @@ def test_random_bytes_are_uniform():
     assert b.double().mean().item() == pytest.approx(127.5, abs=0.3)
     for k in range(8):  # every byte of a drawn word, the top one included (mean's sigma here ~0.2)
         assert b[k::8].double().mean().item() == pytest.approx(127.5, abs=1.2)
+
+
+def test_masks_follow_the_memory_layout():
+    x = torch.randn(64, 16, 8, 8)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    for policy in ("progressive", "bernoulli"):
+        m = replacement_mask(cl, 0.3, policy, seed=5)
+        assert m.shape == x.shape and m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous()
+        assert m.float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert torch.equal(replacement_mask(cl, 0.3, "progressive", seed=5), replacement_mask(x, 0.3, "progressive", seed=5))
+    # a Bernoulli mask takes the random bytes in memory order: the same draws, another logical mask
+    torch.manual_seed(0)
+    flat = replacement_mask(x, 0.3, "bernoulli")
+    torch.manual_seed(0)
+    permuted = replacement_mask(cl, 0.3, "bernoulli")
+    assert torch.equal(permuted.permute(0, 2, 3, 1).flatten(), flat.flatten())
+    assert replacement_mask(cl, 1.0, "bernoulli").is_contiguous(memory_format=torch.channels_last)
+    strided = x[:, ::2]  # not dense: a plain contiguous mask of its shape
+    m = replacement_mask(strided, 0.3, "bernoulli")
+    assert m.shape == strided.shape and m.is_contiguous()
 
 
 def test_bernoulli_and_error_masks():
@@ -551,15 +572,17 @@ def test_quantized_model_trains():
 @pytest.mark.parametrize("estimator", [None, "ste", "pege"])
 def test_channels_last_model_computes_the_same_loss_and_gradients(estimator):
     """`pege train --channels-last` lays the 4-D weights out channels-last: the quantizers, masks and the
-    discretization pull see the same logical elements, so loss and gradients equal the contiguous model's (a PEGE
-    mid-ramp forward draws the same Bernoulli masks from the same seed). In float64, so that no element lands on
-    the other side of a rounding boundary (in float32 a few do, and a 2-bit code flip moves the gradients)."""
+    discretization pull see the same logical elements, so loss and gradients equal the contiguous model's (PEGE
+    mid-ramp with progressive masks, the same logical masks in every layout; Bernoulli masks are drawn in memory
+    order, test_masks_follow_the_memory_layout). In float64, so that no element lands on the other side of a
+    rounding boundary (in float32 a few do, and a 2-bit code flip moves the gradients)."""
     from pege_hf.hf.cifar import cifar_resnet
 
     torch.manual_seed(0)
     model = cifar_resnet(8)
     if estimator is not None:
-        model = pege_hf.quantize(model, PEGEConfig(w_bits=2, a_bits=2, estimator=estimator, discretization_lambda=0.1))
+        model = pege_hf.quantize(model, PEGEConfig(w_bits=2, a_bits=2, estimator=estimator, discretization_lambda=0.1,
+                                                   a_mask="progressive"))
         pege_hf.set_progress(model, 0.3)
     model = model.double()
     x, y = torch.randn(16, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (16,))
@@ -682,24 +705,30 @@ def test_kernels_take_a_uint8_view_of_the_mask():
 
 @pytest.mark.slow
 def test_compiled_kernels_match_eager():
-    """torch.compile'd kernels (the fast training path) agree with the eager formulas."""
+    """torch.compile'd kernels (the fast training path) agree with the eager formulas and keep the input's
+    memory layout, for contiguous and channels-last inputs (`pege train --channels-last`), on activations (one
+    step size) and on conv weights (one per output channel)."""
     from pege_hf.quant import kernels
 
     cfg = PEGEConfig(w_bits=2, a_bits=2, discretization_lambda=0.5, ewgs_delta=0.1, a_mask="progressive")
-    x0 = torch.relu(torch.randn(8, 4, 6, 6))
+    inputs = {False: torch.relu(torch.randn(8, 4, 6, 6)), True: torch.randn(6, 4, 3, 3)}  # weight?: x
     results = {}
     try:
         for compiled in (False, True):
             kernels.use_compiled_kernels(compiled)
-            for est in ("ste", "ewgs", "pege"):
-                fq = make_fake_quantizer(PEGEConfig(**{**cfg.to_dict(), "estimator": est}), weight=False, seed=1).train()
+            for est, weight, layout in itertools.product(("ste", "ewgs", "pege"), (False, True),
+                                                         (torch.contiguous_format, torch.channels_last)):
+                fq = make_fake_quantizer(PEGEConfig(**{**cfg.to_dict(), "estimator": est}), weight=weight,
+                                         channels=6 if weight else None, seed=1).train()
                 fq.set_progress(0.3)
-                x = x0.clone().requires_grad_()
+                x = inputs[weight].clone().contiguous(memory_format=layout).requires_grad_()
                 out = fq(x)
+                assert out.is_contiguous(memory_format=layout), (est, weight, layout)
                 (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-                results[compiled, est] = (out.detach(), x.grad, fq.quantizer.scale.grad)
+                results[compiled, est, weight, layout] = (out.detach(), x.grad, fq.quantizer.scale.grad)
     finally:
         kernels.use_compiled_kernels(False)
-    for est in ("ste", "ewgs", "pege"):
-        for a, b in zip(results[False, est], results[True, est]):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), est
+    for (compiled, *case), values in results.items():
+        if compiled:
+            for a, b in zip(results[(False, *case)], values):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), case

@@ -93,6 +93,26 @@ def random_bytes(n: int, device=None) -> torch.Tensor:
     return words.view(torch.uint8)[:n]
 
 
+def in_layout_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The n = x.numel() values of ``flat`` laid out in x's memory order: a view with x's shape and strides
+    (a channels-last x gets a channels-last mask, so elementwise work on both streams through memory once);
+    a plain reshape when x is contiguous or not dense."""
+    if x.is_contiguous() or not _dense(x):
+        return flat.view(x.shape)
+    return flat.as_strided(x.shape, x.stride())
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill x.numel() consecutive storage slots, each once (any permuted layout)."""
+    dims = sorted((st, size) for st, size in zip(x.stride(), x.shape) if size != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def replacement_mask(
     x: torch.Tensor,
     ratio: float,
@@ -105,16 +125,20 @@ def replacement_mask(
 
     progressive: M = priority(seed, index) < ratio; monotone in ratio and fixed across steps.
     bernoulli:   M ~ Bernoulli(ratio'), fresh on every call, ratio' = ratio rounded to 1/256 (one
-                 random byte per element: the cheapest fresh randomness, 2-4x faster than torch.rand).
+                 random byte per element: the cheapest fresh randomness, 2-4x faster than torch.rand),
+                 drawn in x's memory order.
+    The mask has x's memory layout (channels-last for a channels-last x); a progressive mask is
+    the same logical mask in every layout.
     error:       the round(ratio * numel) elements with the smallest |x - Q(x)| (``error``).
     """
     if policy == "progressive":
-        return element_priority(x.shape, seed, x.device) < ratio
+        mask = element_priority(x.shape, seed, x.device) < ratio
+        return mask if x.is_contiguous() else torch.empty_like(x, dtype=torch.bool).copy_(mask)
     if policy == "bernoulli":
         threshold = int(round(ratio * 256))
         if threshold >= 256:
-            return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-        return (random_bytes(x.numel(), x.device) < threshold).view(x.shape)
+            return torch.ones_like(x, dtype=torch.bool)
+        return in_layout_of(random_bytes(x.numel(), x.device), x) < threshold
     if policy == "error":
         if error is None:
             raise ValueError("mask policy 'error' needs the quantization error |x - Q(x)|")
