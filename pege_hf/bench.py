@@ -136,7 +136,8 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
 def speed_table(result: dict) -> str:
     lines = [f"Training step, CIFAR ResNet-20, batch {result['batch_size']}, W{result['bits']}A{result['bits']}, "
              f"{result['device']} ({result['threads']} threads), median of {result['steps']} interleaved steps, "
-             f"quantizer kernels {'torch.compile' if result['compile'] else 'eager'}; "
+             f"quantizer kernels {'torch.compile' if result['compile'] else 'eager'}"
+             f"{', channels-last weights' if result.get('channels_last') else ''}; "
              f"`pege` runs mid-ramp (progress {result['pege_progress']}), `pege_r1` at r = 1.",
              "",
              "| variant | median step (s) | vs FP | vs STE | saved activations (MB) | memory vs FP |",
@@ -271,8 +272,9 @@ def speed_plot(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend(loc="upper left", fontsize=8)
     kernels = "torch.compile" if result["compile"] else "eager"
+    layout = ", channels-last weights" if result.get("channels_last") else ""
     fig.suptitle(f"CIFAR ResNet-20 training step, W{result['bits']}A{result['bits']}, batch "
-                 f"{result['batch_size']}, {result['device']}, {kernels} kernels", fontsize=9)
+                 f"{result['batch_size']}, {result['device']}, {kernels} kernels{layout}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1030,6 +1032,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     sp.add_argument("--compile", action="store_true",
                     help="run the quantizers' elementwise kernels through torch.compile (the FP model has none)")
+    sp.add_argument("--channels-last", action="store_true",
+                    help="every model's 4-D weights channels-last (`pege train --channels-last`)")
     sp.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     sz = sub.add_parser("size", help="packed checkpoint bytes vs the float safetensors, per bit width",
                         description="Save a CIFAR ResNet-20 as float and as packed PEGE checkpoints; compare bytes.")
@@ -1123,8 +1127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.bench == "speed":
         result = bench_speed(_resnet20, batch_size=args.batch_size, bits=args.bits, steps=args.steps,
-                             warmup=args.warmup, progress=args.progress, device=args.device, compile=args.compile)
-        stem = "speed_compiled" if args.compile else "speed"
+                             warmup=args.warmup, progress=args.progress, device=args.device, compile=args.compile,
+                             channels_last=args.channels_last)
+        stem = ("speed_compiled" if args.compile else "speed") + ("_channels_last" if args.channels_last else "")
         write_result(result, speed_table(result), args.out, stem)
         speed_plot(result, args.out / f"{stem}.png")
     elif args.bench == "size":

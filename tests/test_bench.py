@@ -45,6 +45,19 @@ def test_speed_benchmark_structure():
     assert variants["pege"]["saved_activation_mb"] > variants["pege_r1"]["saved_activation_mb"]
 
 
+def test_speed_cli_channels_last_writes_its_own_files(tmp_path, capsys):
+    """`pege bench speed --channels-last`: the models run channels-last, the files say so and sit beside the
+    contiguous ones instead of replacing them."""
+    from pege_hf import cli
+
+    assert cli.main(["bench", "speed", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--channels-last",
+                     "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "speed_channels_last.json").read_text())
+    assert result["channels_last"] is True and set(result["variants"]) == {"fp", "ste", "pege", "pege_r1"}
+    assert "quantizer kernels eager, channels-last weights;" in (tmp_path / "speed_channels_last.md").read_text()
+    assert (tmp_path / "speed_channels_last.png").is_file() and not (tmp_path / "speed.json").exists()
+
+
 def test_speed_plot_writes_a_png(tmp_path):
     result = json.loads((Path(bench.__file__).parents[1] / "benchmarks" / "speed.json").read_text())
     bench.speed_plot(result, tmp_path / "speed.png")
@@ -477,7 +490,7 @@ def test_readme_quotes_the_committed_benchmark_files_verbatim():
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    quoted = ["size", "speed", "speed_compiled", "latency", "grid"]
+    quoted = ["size", "speed", "speed_compiled", "speed_compiled_channels_last", "latency", "grid"]
     quoted += [name for name in ("accuracy", "tuning", "tune15/tuning") if f"benchmarks/{name}.md" in readme]
     for name in quoted:
         table = (root / "benchmarks" / f"{name}.md").read_text().strip()
