@@ -560,7 +560,8 @@ def collect_accuracy(plan: list[Run], runs_dir: Path) -> dict:
             "estimator": run.estimator, "bits": run.bits, "seed": run.seed, "variant": run.variant,
             "accuracy": m["accuracy"], "top5": m.get("top5"), "best_accuracy": m.get("best_accuracy"),
             "epoch_accuracy": [h["accuracy"] for h in m.get("history", [])], "wall_time_s": m.get("wall_time_s"),
-            "epochs": m.get("epochs"), "steps": m.get("steps"), "quantization_config": m.get("quantization_config"), "command": m.get("command"),
+            "epochs": m.get("epochs"), "steps": m.get("steps"), "quantization_config": m.get("quantization_config"),
+            "command": m.get("command"),
             "accuracy_bn": _bn_accuracy(runs_dir / run.name),
         }
     fp = next((r["accuracy"] for r in runs.values() if r["estimator"] == "fp"), None)

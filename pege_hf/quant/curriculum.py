@@ -127,9 +127,9 @@ def replacement_mask(
     bernoulli:   M ~ Bernoulli(ratio'), fresh on every call, ratio' = ratio rounded to 1/256 (one
                  random byte per element: the cheapest fresh randomness, 2-4x faster than torch.rand),
                  drawn in x's memory order.
-    The mask has x's memory layout (channels-last for a channels-last x); a progressive mask is
-    the same logical mask in every layout.
     error:       the round(ratio * numel) elements with the smallest |x - Q(x)| (``error``).
+    Progressive and Bernoulli masks have x's memory layout (channels-last for a channels-last x); a
+    progressive mask is the same logical mask in every layout.
     """
     if policy == "progressive":
         mask = element_priority(x.shape, seed, x.device) < ratio
