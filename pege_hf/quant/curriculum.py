@@ -94,23 +94,10 @@ def random_bytes(n: int, device=None) -> torch.Tensor:
 
 
 def in_layout_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The n = x.numel() values of ``flat`` laid out in x's memory order: a view with x's shape and strides
-    (a channels-last x gets a channels-last mask, so elementwise work on both streams through memory once);
-    a plain reshape when x is contiguous or not dense."""
-    if x.is_contiguous() or not _dense(x):
-        return flat.view(x.shape)
-    return flat.as_strided(x.shape, x.stride())
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """Whether x's elements fill x.numel() consecutive storage slots, each once (any permuted layout)."""
-    dims = sorted((st, size) for st, size in zip(x.stride(), x.shape) if size != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    """The n = x.numel() values of ``flat`` laid out in x's memory order: a view with x's shape and the
+    strides torch gives a tensor like x (x's own when x is dense, as channels-last is; contiguous otherwise),
+    so elementwise work on the result and x streams through memory once."""
+    return flat.as_strided(x.shape, torch.empty_like(x, device="meta").stride())
 
 
 def replacement_mask(
