@@ -1025,10 +1025,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
-    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per step (default 128)")
     sp.add_argument("--bits", type=int, default=2, help="weight and activation bits (default 2)")
     sp.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
-    sp.add_argument("--warmup", type=int, default=3)
+    sp.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps per variant first (default 3)")
     sp.add_argument("--progress", type=float, default=0.3, help="PEGE training progress for the mid-ramp variant")
     sp.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     sp.add_argument("--compile", action="store_true",
@@ -1038,7 +1038,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     sz = sub.add_parser("size", help="packed checkpoint bytes vs the float safetensors, per bit width",
                         description="Save a CIFAR ResNet-20 as float and as packed PEGE checkpoints; compare bytes.")
-    sz.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    sz.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
+                    help="bit widths to save (default 2 3 4 8)")
     sz.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     it = sub.add_parser("init", help="time and error of the step-size init rules on one big weight",
                         description="Median time and quantization MSE of LSQ init, the MSE search and the 80-point "
@@ -1050,7 +1051,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     it.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     la = sub.add_parser("latency", help="server-side time of one demo request (the four shipped models)",
                         description="Median time of the demo's predict call: FP, W4A4, W3A3, W2A2 on one image.")
-    la.add_argument("--calls", type=int, default=50)
+    la.add_argument("--calls", type=int, default=50, metavar="N", help="timed requests; median and p90 reported (default 50)")
     la.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
     ac = sub.add_parser(
         "accuracy", help="the resumable accuracy matrix: FP vs STE vs EWGS vs PEGE at W2A2/W3A3/W4A4",
@@ -1058,10 +1059,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "and seeds), one child process per run. Resumable: finished runs are never redone and a "
                     "cut-off run continues from its last checkpoint. Writes accuracy.json/.md and PNG plots.")
     ac.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 folder, parquet or Hub id")
-    ac.add_argument("--fp-epochs", type=int, default=60)
-    ac.add_argument("--qat-epochs", type=int, default=15)
-    ac.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    ac.add_argument("--estimators", nargs="+", default=["ste", "ewgs", "pege"])
+    ac.add_argument("--fp-epochs", type=int, default=60, metavar="N", help="epochs of the FP model (default 60)")
+    ac.add_argument("--qat-epochs", type=int, default=15, metavar="N", help="epochs of each QAT run (default 15)")
+    ac.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], metavar="B",
+                    help="bit widths, weights and activations alike (default 2 3 4)")
+    ac.add_argument("--estimators", nargs="+", default=["ste", "ewgs", "pege"], metavar="NAME",
+                    help="gradient estimators to compare (default ste ewgs pege)")
     ac.add_argument("--seeds", type=int, default=2, help="seeds per estimator at the other widths (default 2)")
     ac.add_argument("--seeds-low-bits", type=int, default=3, help="seeds at the lowest width (default 3)")
     ac.add_argument("--no-ablations", action="store_true", help="skip the W2A2 PEGE ablations")
@@ -1097,8 +1100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tu.add_argument("--model", default=str(DEFAULT_OUT / "runs" / "resnet20-fp"), help="FP checkpoint to start from")
     tu.add_argument("--data", default="../shared/data/cifar10/train.parquet",
                     help="the training file; 10%% of it (seed 0) is the validation split")
-    tu.add_argument("--epochs", type=int, default=3)
-    tu.add_argument("--bits", type=int, default=2)
+    tu.add_argument("--epochs", type=int, default=3, metavar="N", help="epochs of each tuning run (default 3)")
+    tu.add_argument("--bits", type=int, default=2, metavar="B", help="weight and activation bits (default 2)")
     tu.add_argument("--combine", nargs="+", default=[], metavar="A+B",
                     help="also try these combinations of settings (names from the report joined by '+', "
                          "e.g. lambda0.1+amask-progressive), each as one more run")

@@ -85,15 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hub dataset id, parquet file/folder, save_to_disk folder or imagefolder "
                              "(default: the shipped CIFAR-10 sample)")
     parser.add_argument("--split", default="test", choices=("test", "train"), help="which split (default test)")
-    parser.add_argument("--image-column", default=None)
-    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--image-column", default=None, metavar="NAME", help="image column (default: found from the features/names)")
+    parser.add_argument("--label-column", default=None, metavar="NAME", help="label column (default: found from the features/names)")
     parser.add_argument("--train-split", default=None, help="name of the training split (default train)")
     parser.add_argument("--test-split", default=None, help="name of the evaluation split (default test/validation)")
     parser.add_argument("--max-test", type=int, default=None, metavar="N",
                         help="evaluate a random subset of N images (the one `pege train --max-test N` uses)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset / carved test split (default 0)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"))
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="evaluation batch size (default 256)")
+    parser.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
+                        help="default: as configured for accelerate (no)")
     parser.add_argument("--reestimate-bn", type=int, default=0, metavar="N",
                         help=f"first re-estimate the BatchNorm running statistics on N augmented training batches of "
                              f"{BN_BATCH_SIZE} images (the checkpoint on disk is not changed; default 0: off)")

@@ -634,16 +634,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="sgd (momentum, Nesterov) or adam (AdamW) (default sgd)")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: sgd 0.1 from scratch / 0.01 from --model; adam 1e-3 / 1e-4)")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, default=5e-4,
                    help="on conv/linear weights only, never on BN, biases or quantizer scales (default 5e-4)")
     g.add_argument("--quantizer-lr-scale", type=float, default=0.1,
                    help="lr of quantizer parameters (step sizes) relative to --lr (default 0.1)")
-    g.add_argument("--scheduler", default="cosine", choices=("cosine", "linear", "constant"))
+    g.add_argument("--scheduler", default="cosine", choices=("cosine", "linear", "constant"),
+                   help="lr schedule after the warmup (default cosine)")
     g.add_argument("--warmup-ratio", type=float, default=0.05,
                    help="share of the optimizer steps with linear lr warmup (default 0.05)")
     g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default 0)")
     g.add_argument("--reestimate-bn", type=int, default=0, metavar="N",
                    help="after the last epoch, replace the BatchNorm moving averages by a plain average over N "
                         "augmented training batches, before saving and the final evaluation (default 0: off)")
