@@ -17,7 +17,7 @@ import torch
 
 from .data import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET, TensorImageDataset, load_image_dataset, to_tensors
 from .train import _main_first, _model_input_spec, augmented_batches, check_checkpoint, check_labels, evaluate
-from .train import is_quantized, load_model, reestimate_batchnorm
+from .train import add_column_and_split_args, is_quantized, load_model, reestimate_batchnorm
 
 BN_BATCH_SIZE = 128  # the training batch size of the benchmark runs
 
@@ -85,10 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hub dataset id, parquet file/folder, save_to_disk folder or imagefolder "
                              "(default: the shipped CIFAR-10 sample)")
     parser.add_argument("--split", default="test", choices=("test", "train"), help="which split (default test)")
-    parser.add_argument("--image-column", default=None, metavar="NAME", help="image column (default: found from the features/names)")
-    parser.add_argument("--label-column", default=None, metavar="NAME", help="label column (default: found from the features/names)")
-    parser.add_argument("--train-split", default=None, help="name of the training split (default train)")
-    parser.add_argument("--test-split", default=None, help="name of the evaluation split (default test/validation)")
+    add_column_and_split_args(parser)
     parser.add_argument("--max-test", type=int, default=None, metavar="N",
                         help="evaluate a random subset of N images (the one `pege train --max-test N` uses)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset / carved test split (default 0)")

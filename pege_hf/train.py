@@ -544,6 +544,15 @@ def _checkpointing_steps(text: str):
     return value
 
 
+def add_column_and_split_args(group) -> None:
+    """The dataset's column and split options, shared by `pege train` and `pege eval`."""
+    group.add_argument("--image-column", default=None, metavar="NAME", help="image column (default: found from the features/names)")
+    group.add_argument("--label-column", default=None, metavar="NAME", help="label column (default: found from the features/names)")
+    group.add_argument("--train-split", default=None, metavar="NAME", help="training split (default: train)")
+    group.add_argument("--test-split", default=None, metavar="NAME",
+                       help="evaluation split (default: test, else validation, else 10%% carved off train)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
@@ -583,11 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default=None, metavar="SOURCE",
                    help="a Hub dataset id (uoft-cs/cifar10), a parquet file or folder (../shared/data/cifar10), "
                         "a save_to_disk folder or an imagefolder (default: the shipped CIFAR-10 sample)")
-    g.add_argument("--image-column", default=None, metavar="NAME", help="image column (default: found from the features/names)")
-    g.add_argument("--label-column", default=None, metavar="NAME", help="label column (default: found from the features/names)")
-    g.add_argument("--train-split", default=None, metavar="NAME", help="training split (default: train)")
-    g.add_argument("--test-split", default=None, metavar="NAME",
-                   help="evaluation split (default: test, else validation, else 10%% carved off train)")
+    add_column_and_split_args(g)
     g.add_argument("--max-train", type=int, default=None, metavar="N", help="train on a random subset of N images")
     g.add_argument("--max-test", type=int, default=None, metavar="N", help="evaluate on a random subset of N images")
 
