@@ -1,128 +1,161 @@
-"""PEGEConfig: every option of a PEGE quantization, validated when it is built."""
+"""PEGEConfig: every option of a PEGE quantization, with its metadata, validated when it is built.
+
+The fields are the one source of truth: their metadata (help, choices, range) drives validation here
+and the command-line options of `pege train` (same names as the fields, see ``config_fields``).
+"""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quant.curriculum import LAMBDA_SCHEDULES, MASK_POLICIES, SCHEDULES
-from .quant.estimators import DISCRETIZATION_SCOPES, ESTIMATORS
-from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS
+from .quant.estimators import DISCRETIZATION_FORMS, DISCRETIZATION_SCOPES, DISCRETIZATION_TARGETS, ESTIMATORS
+from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS, WEIGHT_QUANTIZERS
 
 QUANT_METHOD = "pege"
 REDUCTIONS = ("mean", "sum")
 
 
-def _choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"PEGEConfig.{field} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+def _option(default, help: str, *, choices: tuple | None = None, low: float | None = None, high: float | None = None,
+            open_low: bool = False, optional: bool = False, cli: bool = True):
+    """A config field with the metadata validation and the CLI read."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "open_low": open_low,
+            "optional": optional, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _bits(field: str, value, optional: bool = False) -> None:
-    if value is None and optional:
+def _check(name: str, value, meta: dict, kind: type) -> None:
+    """Raise ValueError naming the field and what it allows unless ``value`` fits the field."""
+    if value is None and meta["optional"]:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        extra = " (or None to keep activations in full precision)" if optional else ""
-        raise ValueError(f"PEGEConfig.{field} must be an integer from {MIN_BITS} to {MAX_BITS}{extra}; got {value!r}")
+    if meta["choices"] is not None:
+        if value not in meta["choices"]:
+            raise ValueError(f"PEGEConfig.{name} must be one of {', '.join(map(repr, meta['choices']))}; got {value!r}")
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"PEGEConfig.{name} must be True or False; got {value!r}")
+        return
+    if kind in (int, float):
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        low, high = meta["low"], meta["high"]
+        ok = ok and (low is None or (value > low if meta["open_low"] else value >= low)) and (high is None or value <= high)
+        if not ok:
+            what = "an integer" if kind is int else "a number"
+            bound = "" if low is None else f" {'>' if meta['open_low'] else '>='} {low}"
+            bound += "" if high is None else f"{' and' if bound else ''} <= {high}"
+            if kind is int and low is not None and high is not None:
+                bound = f" from {low} to {high}"
+            extra = " (or None to keep activations in full precision)" if meta["optional"] else ""
+            raise ValueError(f"PEGEConfig.{name} must be {what}{bound}{extra}; got {value!r}")
+        return
+    if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"PEGEConfig.{name} must be a list of module names or patterns; got {value!r}")
 
 
-def _number(field: str, value, *, low: float = 0.0, high: float | None = None, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"PEGEConfig.{field} must be a number {bound}; got {value!r}")
-
-
+@dataclass(kw_only=True, eq=True, repr=False)
 class PEGEConfig(QuantizationConfigMixin):
     """Configuration of PEGE quantization-aware training (Zhao, arXiv 2509.00097).
 
-    Args:
-        w_bits / a_bits: weight / input-activation bit width, 2..8 (a_bits=None: float activations).
-        estimator: the backward rule: "pege" (default), "ste" or "ewgs".
-        w_quantizer / a_quantizer: forward quantizers: "lsq" (default), "minmax", "pact" (activations).
-        scale_init: how step sizes start from data: "lsq" (2 mean|x| / sqrt(qmax)) or "mse".
-        curriculum: replacement schedule r(t): "log" (default), "linear", "cosine", "instant".
-        alpha: curvature of the log curriculum (> 0). ramp_fraction: share of training spent ramping r to 1.
-        w_mask / a_mask: which elements are replaced first: "progressive", "bernoulli", "error".
-        discretization_lambda: weight of the discretization-error term D (>= 0).
-        lambda_schedule: "constant", "follow" (lambda * r(t)) or "ramp" (lambda while r(t) < 1, then 0).
-        discretization_scope: D over "all" elements or only the "replaced" ones.
-        discretization_reduction: D as the "mean" (default) or "sum" over a tensor's elements.
-        ewgs_delta: EWGS' fixed delta (>= 0).
-        skip_stem / skip_head: keep the first / last layer in full precision (default True).
-        modules_to_not_convert: more module names to keep in full precision.
-        seed: seed of the progressive masks.
+    Every field is validated when the config is built (ValueError naming the field); unknown keys are
+    refused. ``pege train`` exposes each field as ``--field-name``. See docs/method.md for the method.
     """
 
-    def __init__(
-        self,
-        w_bits: int = 4,
-        a_bits: int | None = 4,
-        estimator: str = "pege",
-        w_quantizer: str = "lsq",
-        a_quantizer: str = "lsq",
-        scale_init: str = "lsq",
-        curriculum: str = "log",
-        alpha: float = 9.0,
-        ramp_fraction: float = 0.75,
-        w_mask: str = "progressive",
-        a_mask: str = "bernoulli",
-        discretization_lambda: float = 1e-4,
-        lambda_schedule: str = "constant",
-        discretization_scope: str = "all",
-        discretization_reduction: str = "mean",
-        ewgs_delta: float = 1e-3,
-        skip_stem: bool = True,
-        skip_head: bool = True,
-        modules_to_not_convert: list[str] | None = None,
-        seed: int = 0,
-        **kwargs: Any,
-    ):
-        self.quant_method = QUANT_METHOD
-        self.w_bits, self.a_bits = w_bits, a_bits
-        self.estimator = estimator
-        self.w_quantizer, self.a_quantizer, self.scale_init = w_quantizer, a_quantizer, scale_init
-        self.curriculum, self.alpha, self.ramp_fraction = curriculum, alpha, ramp_fraction
-        self.w_mask, self.a_mask = w_mask, a_mask
-        self.discretization_lambda, self.lambda_schedule = discretization_lambda, lambda_schedule
-        self.discretization_scope, self.discretization_reduction = discretization_scope, discretization_reduction
-        self.ewgs_delta = ewgs_delta
-        self.skip_stem, self.skip_head = skip_stem, skip_head
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
-        self.seed = seed
-        kwargs.pop("quant_method", None)
-        for key, value in kwargs.items():  # fields written by newer versions, kept for the round trip
-            setattr(self, key, value)
+    quant_method: str = _option(QUANT_METHOD, "always 'pege'", choices=(QUANT_METHOD,), cli=False)
+    w_bits: int = _option(4, "weight bit width", low=MIN_BITS, high=MAX_BITS)
+    a_bits: int | None = _option(4, "input-activation bit width (none: float activations)", low=MIN_BITS,
+                                 high=MAX_BITS, optional=True)
+    estimator: str = _option("pege", "backward rule", choices=ESTIMATORS)
+    w_quantizer: str = _option("lsq", "weight forward quantizer", choices=WEIGHT_QUANTIZERS)
+    a_quantizer: str = _option("lsq", "activation forward quantizer", choices=QUANTIZERS)
+    scale_init: str = _option("mse", "step-size initialisation from data (mse: the step size with the least "
+                              "quantization error, coarse-to-fine; lsq: 2 mean|x| / sqrt(qmax))", choices=SCALE_INITS)
+    curriculum: str = _option("log", "replacement schedule r(t)", choices=SCHEDULES)
+    alpha: float = _option(9.0, "curvature of the log curriculum", low=0.0, open_low=True)
+    ramp_fraction: float = _option(0.75, "share of training spent ramping r(t) to 1", low=0.0, high=1.0)
+    w_mask: str = _option("progressive", "which weight elements are replaced first", choices=MASK_POLICIES)
+    a_mask: str = _option("bernoulli", "which activation elements are replaced", choices=MASK_POLICIES)
+    discretization_lambda: float = _option(0.1, "weight of the discretization-error term D (the final value "
+                                           "for the log/exp schedules)", low=0.0)
+    lambda_schedule: str = _option("constant", "lambda(t): constant, follow (lambda r(t)), ramp (0 once r = 1), "
+                                   "log or exp (from lambda_start to lambda over training)", choices=LAMBDA_SCHEDULES)
+    lambda_start: float = _option(0.0, "lambda at the start of the log/exp schedules (exp needs > 0)", low=0.0)
+    discretization_form: str = _option("scaled", "D = lambda mean(((x - Q) / s)^2) (scaled) or lambda / 2 "
+                                       "sum((x - Q)^2) (plain: the author's u (x - Q) gradient)",
+                                       choices=DISCRETIZATION_FORMS)
+    discretization_target: str = _option("latent", "what D's gradient reaches: the latent values, the "
+                                         "quantizer's step size, or both", choices=DISCRETIZATION_TARGETS)
+    discretization_scope: str = _option("all", "D over all elements or only the replaced ones",
+                                        choices=DISCRETIZATION_SCOPES)
+    discretization_reduction: str = _option("mean", "D as the mean or the sum over a tensor's elements",
+                                            choices=REDUCTIONS)
+    ewgs_delta: float = _option(1e-3, "EWGS' fixed delta", low=0.0)
+    skip_stem: bool = _option(True, "keep the first layer in full precision")
+    skip_head: bool = _option(True, "keep the last layer in full precision")
+    modules_to_not_convert: list[str] | None = _option(None, "more module names to keep in full precision",
+                                                      optional=True)
+    seed: int = _option(0, "seed of the progressive masks")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules_to_not_convert, tuple):
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
         self.post_init()
 
     def post_init(self) -> None:
         """Validate every field; raise ValueError naming the field and what it allows."""
-        _bits("w_bits", self.w_bits)
-        _bits("a_bits", self.a_bits, optional=True)
-        _choice("estimator", self.estimator, ESTIMATORS)
-        _choice("w_quantizer", self.w_quantizer, ("lsq", "minmax"))
-        _choice("a_quantizer", self.a_quantizer, QUANTIZERS)
-        _choice("scale_init", self.scale_init, SCALE_INITS)
-        _choice("curriculum", self.curriculum, SCHEDULES)
-        _number("alpha", self.alpha, open_low=True)
-        _number("ramp_fraction", self.ramp_fraction, high=1.0)
-        _choice("w_mask", self.w_mask, MASK_POLICIES)
-        _choice("a_mask", self.a_mask, MASK_POLICIES)
-        _number("discretization_lambda", self.discretization_lambda)
-        _choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
-        _choice("discretization_scope", self.discretization_scope, DISCRETIZATION_SCOPES)
-        _choice("discretization_reduction", self.discretization_reduction, REDUCTIONS)
-        _number("ewgs_delta", self.ewgs_delta)
-        for field in ("skip_stem", "skip_head"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"PEGEConfig.{field} must be True or False; got {getattr(self, field)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"PEGEConfig.seed must be an integer; got {self.seed!r}")
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name), f.metadata, _kind(f))
+        if self.lambda_schedule == "exp" and self.lambda_start <= 0:
+            raise ValueError("PEGEConfig.lambda_start must be > 0 for lambda_schedule='exp'; got "
+                             f"{self.lambda_start!r}")
+
+    def __repr__(self) -> str:
+        return QuantizationConfigMixin.__repr__(self)
 
     @property
     def name(self) -> str:
         """A short tag such as 'W2A2-pege'."""
         a = "A32" if self.a_bits is None else f"A{self.a_bits}"
         return f"W{self.w_bits}{a}-{self.estimator}"
+
+
+def _kind(f) -> type:
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if text.startswith("list"):
+        return list
+    return kinds.get(text.split(" ")[0].split("|")[0].strip(), str)
+
+
+def config_fields() -> list[tuple[str, type, Any, dict]]:
+    """(name, type, default, metadata) of every field a user sets, in declaration order: what the CLI
+    generates its options from."""
+    out = []
+    for f in fields(PEGEConfig):
+        if f.metadata.get("cli", True):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            out.append((f.name, _kind(f), default, dict(f.metadata)))
+    return out
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(PEGEConfig))
+
+
+def _refuse_unknown_keys(init):
+    @functools.wraps(init)
+    def __init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - _FIELD_NAMES)
+        if unknown:
+            known = ", ".join(sorted(_FIELD_NAMES - {"quant_method"}))
+            raise ValueError(f"PEGEConfig got unknown key(s) {', '.join(map(repr, unknown))}; known keys: {known}")
+        init(self, **kwargs)
+    return __init__
+
+
+PEGEConfig.__init__ = _refuse_unknown_keys(PEGEConfig.__init__)

@@ -24,6 +24,7 @@ import pege_hf
 from pege_hf import PEGEConfig, QuantConv2d, QuantLinear
 from pege_hf.hf.cifar import cifar_resnet, cifar_vgg_small
 from pege_hf.hf.quantizer import quant_layers
+from pege_hf.quant.quantizers import init_scale_mse
 
 CFG = dict(w_bits=2, a_bits=4, discretization_lambda=1e-2)
 
@@ -91,7 +92,7 @@ def test_round_trip_gives_identical_logits_and_resumes_training(arch, tmp_path):
     for name, layer in layers:
         q = layer.weight_quantizer.quantizer
         w = layer.weight.detach()
-        ref = 2 * w.abs().mean(dim=list(range(1, w.dim()))) / (2 ** (CFG["w_bits"] - 1) - 1) ** 0.5
+        ref = init_scale_mse(w, -(2 ** (CFG["w_bits"] - 1)), 2 ** (CFG["w_bits"] - 1) - 1, axis=0)  # the default init
         assert torch.allclose(q.scale, ref), name
     before = _scales(model)
     _train_steps(model, inputs, labels)

@@ -13,7 +13,7 @@ import torch
 
 SCHEDULES = ("log", "linear", "cosine", "instant")
 MASK_POLICIES = ("progressive", "bernoulli", "error")
-LAMBDA_SCHEDULES = ("constant", "follow", "ramp")
+LAMBDA_SCHEDULES = ("constant", "follow", "ramp", "log", "exp")
 
 _MASK32 = 0xFFFFFFFF
 

@@ -14,6 +14,8 @@ from . import kernels
 
 ESTIMATORS = ("pege", "ste", "ewgs")
 DISCRETIZATION_SCOPES = ("all", "replaced")
+DISCRETIZATION_FORMS = ("scaled", "plain")
+DISCRETIZATION_TARGETS = ("latent", "step_size", "both")
 
 
 class RoundSTE(torch.autograd.Function):

@@ -14,6 +14,7 @@ from torch import nn
 
 from .estimators import round_ste
 
+WEIGHT_QUANTIZERS = ("lsq", "minmax")
 QUANTIZERS = ("lsq", "minmax", "pact")
 SCALE_INITS = ("lsq", "mse")
 MIN_BITS, MAX_BITS = 2, 8
