@@ -437,6 +437,84 @@ def test_pege_sum_reduction_and_follow_schedule():
     assert torch.allclose(x.grad, gx_q + 2 * 0.3 * 1.0 * (x.detach() - qx) / s**2, atol=1e-12)
 
 
+def _ste_quantize(x, s, qn, qp):
+    """s * round(clamp(x / s)) with round's gradient taken as 1 (LSQ's dQ/ds by autograd)."""
+    vc = (x / s).clamp(qn, qp)
+    return (vc + (vc.round() - vc).detach()) * s
+
+
+@pytest.mark.parametrize("form", ["scaled", "plain"])
+@pytest.mark.parametrize("target", ["latent", "step_size", "both"])
+@pytest.mark.parametrize("scope", ["all", "replaced"])
+@pytest.mark.parametrize("progress", [0.4, 1.0])
+def test_discretization_forms_and_targets_match_autograd_of_the_term(form, target, scope, progress):
+    """Task gradient + the gradient of D, by float64 autograd of D's formula: scaled D = lam mean(((x - sg Q) / sg s)^2),
+    plain D = lam / 2 sum((x - sg Q)^2) (the author's u (x - Q), clipped elements included); D reaches x
+    (target latent/both) and/or the step size through Q(x; s) (step_size/both)."""
+    torch.manual_seed(7)
+    shape, bits = (6, 4, 3, 3), 2
+    lam, reduction = (0.3, "mean") if form == "scaled" else (0.05, "sum")
+    fq = make_fq("pege", bits, channels=shape[0], discretization_lambda=lam, discretization_scope=scope,
+                 discretization_form=form, discretization_target=target, discretization_reduction=reduction)
+    fq.train()
+    fq.set_progress(progress)
+    x0 = torch.randn(shape, dtype=torch.float64) * 0.8
+    g = torch.randn(shape, dtype=torch.float64)
+    x = x0.clone().requires_grad_()
+    fq(x).backward(g)
+    q = fq.quantizer
+    qn, qp = float(q.qmin), float(q.qmax)
+    m = (element_priority(shape, fq.seed) < replacement_ratio(progress)).double()
+    xr = x0.clone().requires_grad_()
+    sr = q.scale.detach().view(-1, 1, 1, 1).clone().requires_grad_()
+    out = m * _ste_quantize(xr, sr, qn, qp) + (1 - m) * xr
+    x_term = xr if target in ("latent", "both") else xr.detach()
+    q_term = _ste_quantize(x0, sr if target in ("step_size", "both") else sr.detach(), qn, qp)
+    err = (x_term - q_term) ** 2 * (m if scope == "replaced" else 1.0)
+    d = lam * (err / sr.detach() ** 2).mean() if form == "scaled" else lam / 2 * err.sum()
+    ((g * out).sum() + d).backward()
+    assert torch.allclose(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    lsq_scale = 1 / math.sqrt(x0[0].numel() * qp)
+    assert torch.allclose(q.scale.grad, sr.grad.flatten() * lsq_scale, rtol=1e-9, atol=1e-12)
+    if target == "step_size":  # D moves the step size only: x's gradient is the task's alone
+        plain = make_fq("pege", bits, channels=shape[0], discretization_lambda=0.0)
+        plain.load_state_dict(fq.state_dict())
+        plain.train()
+        plain.set_progress(progress)
+        x2 = x0.clone().requires_grad_()
+        plain(x2).backward(g)
+        assert torch.equal(x.grad, x2.grad)
+
+
+def test_discretization_target_needs_a_uniform_quantizer():
+    class Custom(nn.Module):  # a plug-in quantizer: forward(x, round_fn) and step_size(x)
+        def forward(self, x, round_fn):
+            return round_fn(x)
+
+        def step_size(self, x):
+            return torch.ones(())
+
+    from pege_hf.quant.modules import FakeQuantizer
+    FakeQuantizer(Custom(), PEGEConfig(), mask="progressive")  # the default target works with any quantizer
+    with pytest.raises(ValueError, match="discretization_target='step_size' needs a uniform quantizer"):
+        FakeQuantizer(Custom(), PEGEConfig(discretization_target="step_size"), mask="progressive")
+
+
+def test_log_and_exp_lambda_schedules():
+    from pege_hf.quant.curriculum import discretization_weight
+
+    # the author's exponential u(t): 1e-8 -> 5e-8 over training, geometric
+    exp = [discretization_weight(5e-8, 0.3, "exp", progress=p, start=1e-8) for p in (0.0, 0.5, 1.0, 2.0)]
+    assert exp == pytest.approx([1e-8, 1e-8 * 5 ** 0.5, 5e-8, 5e-8], rel=1e-12)
+    log = [discretization_weight(0.4, 0.3, "log", progress=p, start=0.1, alpha=9.0) for p in (0.0, 0.5, 1.0)]
+    assert log == pytest.approx([0.1, 0.1 + 0.3 * math.log(5.5) / math.log(10.0), 0.4], rel=1e-12)
+    fq = make_fq("pege", 2, channels=5, discretization_lambda=5e-8, lambda_schedule="exp", lambda_start=1e-8)
+    fq.set_progress(0.5)
+    assert fq.lam == pytest.approx(1e-8 * 5 ** 0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="lambda_start must be > 0 for lambda_schedule='exp'"):
+        PEGEConfig(lambda_schedule="exp")
+
+
 def test_lambda_schedules():
     from pege_hf.quant.curriculum import discretization_weight
 

@@ -38,13 +38,17 @@ def replacement_ratio(progress: float, schedule: str = "log", alpha: float = 9.0
     raise ValueError(f"unknown curriculum {schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
 
-def discretization_weight(base: float, ratio: float, schedule: str = "constant") -> float:
-    """lambda(t) from the base lambda and the replacement ratio r(t).
+def discretization_weight(base: float, ratio: float, schedule: str = "constant", *, progress: float = 0.0,
+                          start: float = 0.0, alpha: float = 9.0) -> float:
+    """lambda(t) from the base lambda, the replacement ratio r(t) and the training progress p = t / T.
 
     constant: lambda
     follow:   lambda * r(t) (the pull grows as elements are replaced)
     ramp:     lambda while r(t) < 1, then 0: no pull once every element is quantized, where it parks
               latent weights on grid points and stops their codes from changing (`pege bench grid`)
+    log:      start + (lambda - start) * ln(1 + alpha p) / ln(1 + alpha)
+    exp:      start * (lambda / start)^p, geometric from start (> 0) to lambda (the author's u(t) schedules:
+              u grew from 1e-8 to 5e-8 over training in the SQAKD code, shared/docs/pege-method.md section 7)
     """
     if schedule == "constant":
         return base
@@ -52,6 +56,11 @@ def discretization_weight(base: float, ratio: float, schedule: str = "constant")
         return base * ratio
     if schedule == "ramp":
         return base if ratio < 1.0 else 0.0
+    p = min(1.0, max(0.0, progress))
+    if schedule == "log":
+        return start + (base - start) * math.log1p(alpha * p) / math.log1p(alpha)
+    if schedule == "exp":
+        return start * (base / start) ** p
     raise ValueError(f"unknown lambda schedule {schedule!r}; allowed: {', '.join(LAMBDA_SCHEDULES)}")
 
 

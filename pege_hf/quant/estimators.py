@@ -118,12 +118,14 @@ class FakeQuantEWGS(torch.autograd.Function):
 
 
 class FakeQuantPEGE(torch.autograd.Function):
-    """where(M, Q(x), x) for a uniform Q, with the discretization pull coef * (x - Q(x)) in backward."""
+    """where(M, Q(x), x) for a uniform Q, with the discretization term's gradient in backward: the pull
+    coef * (x - Q(x)) to x and/or its share to the step size s (``target``: latent / step_size / both)."""
 
     @staticmethod
-    def forward(ctx, x, s, qmin, qmax, mask, coef, scope: str):
+    def forward(ctx, x, s, qmin, qmax, mask, coef, scope: str, target: str = "latent"):
         ctx.save_for_backward(x, s, qmin, qmax, mask, coef)
         ctx.replaced_only = scope == "replaced"
+        ctx.pull_to_x, ctx.pull_to_s = target in ("latent", "both"), target in ("step_size", "both")
         if mask is None:
             return kernels.impl["uniform_forward"](x, s, qmin, qmax)
         return kernels.impl["mixed_forward"](x, s, qmin, qmax, mask)
@@ -131,8 +133,9 @@ class FakeQuantPEGE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, s, qmin, qmax, mask, coef = ctx.saved_tensors
-        grad_x, grad_s = kernels.impl["pege_backward"](g, x, s, qmin, qmax, mask, coef, ctx.replaced_only)
-        return grad_x, grad_s.sum_to_size(s.shape), None, None, None, None, None
+        grad_x, grad_s = kernels.impl["pege_backward"](g, x, s, qmin, qmax, mask, coef, ctx.replaced_only,
+                                                       ctx.pull_to_x, ctx.pull_to_s)
+        return grad_x, grad_s.sum_to_size(s.shape), None, None, None, None, None, None
 
 
 def round_ste(v: torch.Tensor) -> torch.Tensor:

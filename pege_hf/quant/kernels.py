@@ -40,8 +40,10 @@ def uniform_backward(g, x, s, qmin, qmax, delta: float):
     return torch.where(inside, g * factor, 0.0), g * torch.where(inside, r - factor * v, r)
 
 
-def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool):
-    """Gradients of where(M, Q(x), x) plus the discretization pull coef * (x - Q(x)).
+def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool, pull_to_x: bool = True, pull_to_s: bool = False):
+    """Gradients of where(M, Q(x), x) plus those of the discretization term D, whose gradient with
+    respect to x is the pull coef * (x - Q(x)): to x (``pull_to_x``) and, through dQ/ds, to the step
+    size (``pull_to_s``: dD/ds = -coef * (x - Q(x)) * dQ/ds, with LSQ's dQ/ds).
 
     mask=None: every element replaced; coef=None: no pull. Returns (grad_x, grad_s elementwise)."""
     mask = _as_bool(mask)
@@ -51,12 +53,17 @@ def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool):
     replaced = inside if mask is None else mask & inside
     gm = g if mask is None else torch.where(mask, g, 0.0)
     grad_x = torch.where(replaced, g, 0.0) if mask is None else torch.where(mask, torch.where(inside, g, 0.0), g)
+    dq_ds = torch.where(inside, r - v, r)
+    grad_s = gm * dq_ds
     if coef is not None:
         pull = coef * (x - r * s)
         if replaced_only and mask is not None:
             pull = torch.where(mask, pull, 0.0)
-        grad_x = grad_x + pull
-    return grad_x, gm * torch.where(inside, r - v, r)
+        if pull_to_x:
+            grad_x = grad_x + pull
+        if pull_to_s:
+            grad_s = grad_s - pull * dq_ds
+    return grad_x, grad_s
 
 
 _EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backward, pege_backward)}

@@ -41,14 +41,20 @@ class FakeQuantizer(nn.Module):
         self.mask, self.seed = mask, seed
         self.curriculum, self.alpha, self.ramp_fraction = config.curriculum, config.alpha, config.ramp_fraction
         self.base_lambda, self.lambda_schedule = config.discretization_lambda, config.lambda_schedule
+        self.lambda_start = config.lambda_start
         self.scope, self.reduction = config.discretization_scope, config.discretization_reduction
+        self.form, self.target = config.discretization_form, config.discretization_target
         self.ewgs_delta = config.ewgs_delta
         self.fused = isinstance(quantizer, UniformQuantizer)
+        if not self.fused and self.target != "latent" and self.estimator == "pege":
+            raise ValueError(f"discretization_target={self.target!r} needs a uniform quantizer (LSQ, min-max, PACT); "
+                             f"{type(quantizer).__name__} supports only 'latent'")
         self.set_progress(0.0)
 
     def set_progress(self, progress: float) -> None:
         self.ratio = replacement_ratio(progress, self.curriculum, self.alpha, self.ramp_fraction)
-        self.lam = discretization_weight(self.base_lambda, self.ratio, self.lambda_schedule)
+        self.lam = discretization_weight(self.base_lambda, self.ratio, self.lambda_schedule, progress=progress,
+                                         start=self.lambda_start, alpha=self.alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x)[0]
@@ -89,7 +95,8 @@ class FakeQuantizer(nn.Module):
             if mask is None and not pull:
                 return FakeQuantSTE.apply(x, s, q.qmin, q.qmax), _uniform_rebuild(x, s, q)
             coef = self._pull_coefficient(s.detach(), x.numel(), lam) if pull else None
-            return FakeQuantPEGE.apply(x, s, q.qmin, q.qmax, mask, coef, self.scope), _uniform_rebuild(x, s, q, mask)
+            return (FakeQuantPEGE.apply(x, s, q.qmin, q.qmax, mask, coef, self.scope, self.target),
+                    _uniform_rebuild(x, s, q, mask))
         xq = q(x, round_ste)
         if ratio >= 1 and not pull:
             return xq, None
@@ -101,8 +108,12 @@ class FakeQuantizer(nn.Module):
         return pege_mix(x, xq.to(x.dtype), mask, coef, self.scope), None
 
     def _pull_coefficient(self, s, numel, lam):
-        """2 * lambda / (s^2 * N): the gradient of lambda * mean(((x - sg Q(x)) / sg s)^2) is coef * (x - Q(x))."""
+        """coef with dD/dx = coef * (x - Q(x)). scaled: D = lambda * mean(((x - sg Q(x)) / sg s)^2), coef =
+        2 lambda / (s^2 N); plain: D = lambda / 2 * mean((x - sg Q(x))^2), coef = lambda / N (the author's
+        u * (x - Q(x)) with the sum reduction). N = 1 for the sum reduction."""
         n = numel if self.reduction == "mean" else 1
+        if self.form == "plain":
+            return torch.full_like(s, lam / n)
         return (2.0 * lam / n) / (s * s)
 
     def extra_repr(self) -> str:
