@@ -80,7 +80,8 @@ PEGE_DEFAULTS = {p.name: p.default for p in inspect.signature(PEGEConfig.__init_
 # PEGEConfig fields with a command-line option of the same name; left out, PEGEConfig's default applies
 CLI_CONFIG_FIELDS = ("w_quantizer", "a_quantizer", "scale_init", "curriculum", "alpha", "ramp_fraction", "w_mask",
                      "a_mask", "discretization_lambda", "lambda_schedule", "discretization_scope",
-                     "discretization_reduction", "ewgs_delta")
+                     "discretization_reduction", "ewgs_delta", "lambda_start", "discretization_form",
+                     "discretization_target")
 ESTIMATOR_CHOICES = ("pege", "ste", "ewgs", "none")  # "none": full precision; the rest go to PEGEConfig
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -623,6 +624,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--discretization-reduction", metavar="R",
                    help=f"D as the 'mean' or the 'sum' over a tensor's elements (default {d['discretization_reduction']})")
     g.add_argument("--ewgs-delta", metavar="D", type=float, help=f"EWGS delta (default {d['ewgs_delta']})")
+    g.add_argument("--lambda-start", metavar="L", type=float, help=f"lambda at the start of the log/exp schedules (default {d['lambda_start']})")
+    g.add_argument("--discretization-form", metavar="F", help=f"scaled | plain (default {d['discretization_form']})")
+    g.add_argument("--discretization-target", metavar="T", help=f"latent | step_size | both (default {d['discretization_target']})")
     g.add_argument("--quantize-stem", action="store_true", help="quantize the first layer too")
     g.add_argument("--quantize-head", action="store_true", help="quantize the classifier too")
     g.add_argument("--modules-to-not-convert", nargs="+", default=None, metavar="NAME",
