@@ -62,7 +62,14 @@ class FakeQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor):
         """(output, rebuild): ``rebuild()`` recomputes the output from tensors the estimator's backward
         keeps anyway (x, s, the mask), so a layer need not save the output too; None when there is no
-        such recipe (the composite path, or an output that is x itself)."""
+        such recipe (the composite path, or an output that is x itself). Half-precision tensors are
+        quantized in float32 (codes exact, step sizes float32) and the output cast back to x's dtype."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            out, rebuild = self._quantize(x.float())
+            return out.to(x.dtype), rebuild
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor):
         q = self.quantizer
         if self.fused and not q.is_initialized():
             q.initialize(x)
@@ -225,7 +232,7 @@ class QuantLayer:
 
     def to_packed_form(self) -> None:
         """Replace the float `weight` parameter by a `weight_packed` uint8 buffer (for loading a packed checkpoint)."""
-        self._weight_shape = self.weight.shape
+        self._weight_shape, self._weight_dtype = self.weight.shape, self.weight.dtype
         device = self.weight.device
         nbytes = self.expected_packed_bytes()
         del self.weight
@@ -239,7 +246,7 @@ class QuantLayer:
         codes = unpack_codes(self.weight_packed, q.bits, self._weight_shape.numel()).view(self._weight_shape)
         weight = (codes.to(q.scale_tensor().dtype) + q.qmin) * broadcast_to(q.scale_tensor(), codes, 0)
         del self.weight_packed
-        self.weight = nn.Parameter(weight)
+        self.weight = nn.Parameter(weight.to(self._weight_dtype))  # the model's dtype (codes * s in bf16 keeps 2-8-bit codes)
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)

@@ -134,9 +134,19 @@ class UniformQuantizer(nn.Module):
         self.bits, self.axis, self.scale_init, self.auto_sign = int(bits), axis, scale_init, signed is None
         qmin, qmax = qrange(self.bits, bool(signed))
         # [qmin, qmax, initialized] in one buffer: saved with the model, one tensor per quantizer
-        self.register_buffer("qstate", torch.tensor([float(qmin), float(qmax), 0.0]))
+        self.register_buffer("qstate", torch.tensor([float(qmin), float(qmax), 0.0], dtype=torch.float32))
         self._ready = False  # python mirror of qstate[2], so the hot path never syncs a device
         self.n_scales = channels if axis is not None else 1
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model (.to(device)); dtype casts do not: step sizes and the code range stay
+        float32 in a bf16/fp16 model (a 2-bit step size in bf16 would misplace codes)."""
+        super()._apply(fn, recurse)
+        for tensors in (self._parameters, self._buffers):
+            for t in tensors.values():
+                if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                    t.data = t.data.float()
+        return self
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -223,7 +233,7 @@ class LSQQuantizer(UniformQuantizer):
 
     def __init__(self, bits, **kw):
         super().__init__(bits, **kw)
-        self.scale = nn.Parameter(torch.ones(self.n_scales))
+        self.scale = nn.Parameter(torch.ones(self.n_scales, dtype=torch.float32))
 
     def _set_scale(self, scale):
         self.scale.data.copy_(scale.reshape(self.scale.shape))
@@ -243,7 +253,7 @@ class PACTQuantizer(UniformQuantizer):
 
     def __init__(self, bits, **kw):
         super().__init__(bits, **kw)
-        self.clip = nn.Parameter(torch.ones(self.n_scales))
+        self.clip = nn.Parameter(torch.ones(self.n_scales, dtype=torch.float32))
 
     def _set_scale(self, scale):
         self.clip.data.copy_((scale * self.qmax).reshape(self.clip.shape))
@@ -262,7 +272,7 @@ class MinMaxQuantizer(UniformQuantizer):
     def __init__(self, bits, *, momentum: float = 0.1, dynamic: bool = False, **kw):
         super().__init__(bits, **kw)
         self.momentum, self.dynamic = momentum, dynamic
-        self.register_buffer("scale", torch.ones(self.n_scales))
+        self.register_buffer("scale", torch.ones(self.n_scales, dtype=torch.float32))
 
     def _initial_scale(self, x):
         return self._observe(x)
