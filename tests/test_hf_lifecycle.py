@@ -53,3 +53,99 @@ def test_half_precision_model_keeps_float32_quantizers_trains_and_round_trips(dt
     with torch.no_grad():
         after = again.eval()(**inputs).logits
     assert after.dtype == dtype and torch.equal(before, after)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16))
+
+
+def test_gpt2_conv1d_layers_are_quantized_per_output_feature_and_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from pege_hf.hf.conv1d import QuantConv1D
+
+    _tiny_gpt2().save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=PEGEConfig(w_bits=3, a_bits=8))
+    names = [n for n, _ in quant_layers(model)]
+    assert len(names) == 8 and all(isinstance(model.get_submodule(n), QuantConv1D) for n in names)  # 4 Conv1D a block
+    layer = model.get_submodule(names[0])
+    w, s = layer.weight.detach().double(), layer.weight_quantizer.quantizer.scale.detach().double()
+    assert s.shape == (w.shape[1],)  # one step size per output feature (Conv1D stores weight as (in, out))
+    ref = torch.clamp(torch.round(w / s), -4, 3) * s  # float64: codes per column
+    layer.eval()
+    assert torch.allclose(layer.quantized_weight().double(), ref, atol=1e-6)
+    x = torch.randn(2, 5, w.shape[0])
+    xq = layer.input_quantizer(x)
+    assert torch.allclose(layer(x), xq @ layer.quantized_weight() + layer.bias, atol=1e-5)
+    ids = torch.randint(0, 64, (2, 8))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for step in range(2):
+        pege_hf.set_progress(model, 0.5 * step)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "q")
+    again = pege_hf.from_pretrained(tmp_path / "q", auto_class=AutoModelForCausalLM).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, before)
+    plain = again.dequantize()
+    assert not quant_layers(plain) and isinstance(plain.get_submodule(names[0]), Conv1D)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, before, atol=1e-5)
+
+
+NAMES = ["model.layers.1.attn", "model.layers.11.attn", "model.layers.1.mlp.gate", "model.layers.1.mlp.gate_proj",
+         "model.decoder.layers.23.fc1", "lm_head"]
+
+
+@pytest.mark.parametrize("pattern", ["model.layers.1", r"model.layers.*", "mlp.gate", "fc1", r"model\.layers\.1\d", "lm_head"])
+def test_modules_to_not_convert_patterns_follow_transformers_rule(pattern):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from pege_hf.quant.modules import _matches
+
+    for name in NAMES:
+        assert _matches(name, [pattern]) == (not should_convert_module(name, [pattern])), name
+
+
+def test_keep_in_fp32_and_pattern_skips_stay_float(caplog):
+    model = _tiny_gpt2()
+    model._keep_in_fp32_modules = ["mlp.c_fc", "mlp.c_proj"]  # suffixes, as T5 lists "wo"
+    pege_hf.quantize(model, PEGEConfig(modules_to_not_convert=[r"transformer\.h\.1\.attn.*"]))
+    assert sorted(n for n, _ in quant_layers(model)) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
+
+
+def test_weights_no_layer_can_hold_are_named_in_one_warning_and_nothing_quantized_is_an_error(caplog):
+    class Experts(torch.nn.Module):  # MoE experts as one 3-D tensor
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 8, 8))
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), Experts(), torch.nn.Conv1d(8, 8, 3),
+                                torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    with caplog.at_level("WARNING"):
+        pege_hf.quantize(model, PEGEConfig())
+    warnings = [r.getMessage() for r in caplog.records if "full precision" in r.getMessage()]
+    assert len(warnings) == 1 and "2 module(s)" in warnings[0] and "2, 3" in warnings[0]  # experts, Conv1d
+    assert [n for n, _ in quant_layers(model)] == ["1"]  # 0 = stem, 5 = head
+    with pytest.raises(ValueError, match="PEGE found no layer to quantize in Sequential.*cannot hold: 1"):
+        pege_hf.quantize(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv1d(8, 8, 3), torch.nn.Linear(8, 2)),
+                         PEGEConfig())
+
+
+@pytest.mark.parametrize("device_map", [{"": "disk"}, {"transformer": 0, "lm_head": "cpu"}])
+def test_offloading_device_maps_are_refused_before_loading(device_map, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _tiny_gpt2().save_pretrained(tmp_path / "fp")
+    with pytest.raises(ValueError, match="cannot run with parts of the model offloaded to (disk|cpu)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=PEGEConfig(), device_map=device_map)

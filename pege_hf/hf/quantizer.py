@@ -19,9 +19,14 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from ..config import QUANT_METHOD, PEGEConfig
-from ..quant.modules import QuantLayer, layers_to_skip, set_progress
+from transformers.utils import logging
+
+from ..quant.modules import QuantLayer, layers_to_skip, set_progress, unquantized_weights
 from ..quant.modules import quantize as quantize_module
 from ..quant.quantizers import fake_quantize
+from . import conv1d  # noqa: F401  (registers transformers' Conv1D with the layer swap)
+
+logger = logging.get_logger(__name__)
 
 
 QUANTIZER_KEYS = r"\.(weight|input)_quantizer\.quantizer\.(scale|clip|qstate)$"
@@ -42,15 +47,16 @@ class PEGEHfQuantizer(HfQuantizer):
             quantization_config = PEGEConfig.from_dict(quantization_config)
         super().__init__(quantization_config, **kwargs)
 
-    def validate_environment(self, *args, **kwargs):
-        return None
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        refuse_offload(device_map)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False  # weights stay float latents; quantization happens in the layers' forward
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs):
         cfg = self.quantization_config
-        quantize_module(model, cfg, skip=layers_to_skip(model, cfg))
+        refuse_offload(kwargs.get("device_map"))  # "auto" is only resolved into a map by now
+        swap_layers(model, cfg)
         # a float checkpoint has no quantizer state: the after-hook creates it, so it is not "missing"
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {QUANTIZER_KEYS}
         if self.pre_quantized:
@@ -91,6 +97,42 @@ class PEGEHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         return dequantize(model)
+
+
+def refuse_offload(device_map) -> None:
+    """QAT needs every quantized weight resident on a compute device: a device_map that offloads part of
+    the model to disk (or to the CPU beside accelerators) is refused before any weight is loaded."""
+    if not isinstance(device_map, dict):
+        return
+    places = {str(v) for v in device_map.values()}
+    offloaded = sorted(places & {"disk", "meta"})
+    if "cpu" in places and len(places - {"disk", "meta", "cpu"}) > 0:
+        offloaded.append("cpu (beside accelerators)")
+    if offloaded:
+        raise ValueError(f"PEGE quantization-aware training cannot run with parts of the model offloaded to "
+                         f"{', '.join(offloaded)} (device_map); load it on devices that hold all of it, or shard "
+                         "it with FSDP")
+
+
+def swap_layers(model: nn.Module, config: PEGEConfig) -> None:
+    """The layer swap with transformers' conventions: `_keep_in_fp32_modules` and modules_to_not_convert
+    (patterns) stay float; weights no quant layer can hold are named in one warning; a model in which
+    nothing would be quantized is an error (never a "pege" checkpoint)."""
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or ()), *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
+    skip = layers_to_skip(model, config, keep_float=keep)
+    quantize_module(model, config, skip=skip)
+    left = unquantized_weights(model, skip)
+    if not quant_layers(model):
+        raise ValueError(f"PEGE found no layer to quantize in {type(model).__name__}: it quantizes nn.Linear, "
+                         "nn.Conv2d and transformers' Conv1D outside the float stem/head and modules_to_not_convert"
+                         + (f"; weights it cannot hold: {_names(left)}" if left else ""))
+    if left:
+        logger.warning(f"PEGE leaves {len(left)} module(s) with weights in full precision (no quantized layer type "
+                       f"for them): {_names(left)}")
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _read_header(path) -> dict:
@@ -155,10 +197,9 @@ def dequantize(model: nn.Module) -> nn.Module:
     """Replace every quant layer by a plain nn.Linear / nn.Conv2d holding its quantized weight. Input
     activations that were quantized keep a fixed fake-quantization pre-hook, so the function is unchanged."""
     for name, layer in quant_layers(model):
-        float_cls = nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d
         with torch.device("meta"):
             plain = layer._empty_like(layer)
-            plain.__class__ = float_cls
+            plain.__class__ = layer.float_class
         layer.eval()
         plain.weight = nn.Parameter(layer.quantized_weight().detach())
         plain.bias = layer.bias
@@ -185,7 +226,7 @@ def quantize(model: nn.Module, config: PEGEConfig) -> nn.Module:
     also attaches the PEGE quantizer, so `save_pretrained` writes a packed checkpoint."""
     if not isinstance(config, PEGEConfig):
         raise TypeError(f"config must be a PEGEConfig, got {type(config).__name__}")
-    quantize_module(model, config)
+    swap_layers(model, config)
     if isinstance(model, PreTrainedModel):
         model.hf_quantizer = PEGEHfQuantizer(config, pre_quantized=False)
         model.config.quantization_config = config

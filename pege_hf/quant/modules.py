@@ -7,6 +7,7 @@ so float checkpoints load into them unchanged.
 
 from __future__ import annotations
 
+import re
 import zlib
 from contextlib import contextmanager
 from functools import partial
@@ -183,11 +184,12 @@ def saved_as_rebuild(xq: torch.Tensor, rebuild: Rebuild | None):
         yield
 
 
-def make_fake_quantizer(config, *, weight: bool, channels: int | None = None, seed: int = 0) -> FakeQuantizer:
-    """The factory from a config to the fake quantizer of a layer's weight or input activation."""
+def make_fake_quantizer(config, *, weight: bool, channels: int | None = None, seed: int = 0, axis: int = 0) -> FakeQuantizer:
+    """The factory from a config to the fake quantizer of a layer's weight (per channel along ``axis``)
+    or input activation."""
     bits = config.w_bits if weight else config.a_bits
     name = config.w_quantizer if weight else config.a_quantizer
-    quantizer = make_quantizer(name, bits, weight=weight, channels=channels, scale_init=config.scale_init)
+    quantizer = make_quantizer(name, bits, weight=weight, channels=channels, axis=axis, scale_init=config.scale_init)
     return FakeQuantizer(quantizer, config, mask=config.w_mask if weight else config.a_mask, seed=seed)
 
 
@@ -196,10 +198,13 @@ class QuantLayer:
 
     weight_quantizer: FakeQuantizer
     input_quantizer: FakeQuantizer | None
+    float_class: type[nn.Module]  # the float layer this one replaces
+    weight_axis = 0  # the output-channel dimension of `weight` (per-channel step sizes run along it)
 
     def _attach_quantizers(self, config, seed: int) -> None:
         device = self.weight.device
-        self.weight_quantizer = make_fake_quantizer(config, weight=True, channels=self.weight.shape[0], seed=seed).to(device)
+        self.weight_quantizer = make_fake_quantizer(config, weight=True, channels=self.weight.shape[self.weight_axis],
+                                                    seed=seed, axis=self.weight_axis).to(device)
         self.input_quantizer = None
         if config.a_bits is not None:
             self.input_quantizer = make_fake_quantizer(config, weight=False, seed=seed ^ 0x5BD1E995).to(device)
@@ -237,6 +242,10 @@ class QuantLayer:
         nbytes = self.expected_packed_bytes()
         del self.weight
         self.register_buffer("weight_packed", torch.empty(nbytes, dtype=torch.uint8, device=device))
+        # a plain attribute, not a parameter: model-level weight init (GPT-2 rescales c_proj.weight) finds
+        # it marked initialised and leaves it alone; from_packed_form replaces it with the real parameter
+        self.weight = torch.empty(self._weight_shape, dtype=self._weight_dtype, device="meta")
+        self.weight._is_hf_initialized = True
         self._is_hf_initialized = True  # the weight comes from the codes: transformers must not re-initialise it
 
     @torch.no_grad()
@@ -244,7 +253,7 @@ class QuantLayer:
         """Rebuild the float latent `weight` = codes * scale from `weight_packed` (exactly the quantized weight)."""
         q = self.weight_quantizer.quantizer
         codes = unpack_codes(self.weight_packed, q.bits, self._weight_shape.numel()).view(self._weight_shape)
-        weight = (codes.to(q.scale_tensor().dtype) + q.qmin) * broadcast_to(q.scale_tensor(), codes, 0)
+        weight = (codes.to(q.scale_tensor().dtype) + q.qmin) * broadcast_to(q.scale_tensor(), codes, self.weight_axis)
         del self.weight_packed
         self.weight = nn.Parameter(weight.to(self._weight_dtype))  # the model's dtype (codes * s in bf16 keeps 2-8-bit codes)
 
@@ -271,6 +280,8 @@ class QuantLayer:
 
 
 class QuantLinear(QuantLayer, nn.Linear):
+    float_class = nn.Linear
+
     @classmethod
     def _empty_like(cls, layer: nn.Linear):
         return cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
@@ -280,6 +291,8 @@ class QuantLinear(QuantLayer, nn.Linear):
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
+    float_class = nn.Conv2d
+
     @classmethod
     def _empty_like(cls, layer: nn.Conv2d):
         return cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
@@ -290,20 +303,47 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         return self._forward_quantized(self._conv_forward, x)
 
 
-QUANT_LAYERS = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+QUANT_LAYERS: dict[type[nn.Module], type[QuantLayer]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+# modules that are never quantized on purpose (lookup tables, normalisation): not reported as skipped
+NEVER_QUANTIZED = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
-def _matches(name: str, keys) -> bool:
-    return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
+def register_quant_layer(quant_cls: type[QuantLayer]) -> None:
+    """Quantize every ``quant_cls.float_class`` layer with ``quant_cls`` (e.g. transformers' Conv1D)."""
+    QUANT_LAYERS[quant_cls.float_class] = quant_cls
 
 
-def layers_to_skip(model: nn.Module, config) -> set[str]:
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def _matches(name: str, patterns) -> bool:
+    """transformers' rule for modules_to_not_convert: a pattern matches from the start up to a module
+    boundary ("layer.1" matches "layer.1.attn", not "layer.11.attn"), as a regex with the same boundary
+    ("layer.*" matches "layer.11.attn"), or as a suffix ("fc1" matches "model.layers.3.fc1")."""
+    return any(re.match(rf"(?:{p}){_BOUNDARY}", name) or name.endswith(p) for p in patterns)
+
+
+def unquantized_weights(model: nn.Module, skip=()) -> list[str]:
+    """Modules holding a weight matrix (a parameter of 2 or more dimensions) that no quant layer
+    covers and that were not kept float on purpose (``skip``, embeddings, norms): e.g. MoE experts
+    stored as 3-D tensors, Conv1d/Conv3d, custom layers."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLayer, *NEVER_QUANTIZED)) or type(m) in QUANT_LAYERS or name in skip:
+            continue
+        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+            out.append(name or type(m).__name__)
+    return out
+
+
+def layers_to_skip(model: nn.Module, config, keep_float=()) -> set[str]:
     """Names of the float layers that stay full precision: the stem (the first layer, when it reads
-    the model input rather than an embedding table), the head (the last layer) and
-    ``config.modules_to_not_convert``."""
+    the model input rather than an embedding table), the head (the last layer) and the layers matching
+    ``config.modules_to_not_convert`` or ``keep_float`` (patterns, see ``_matches``)."""
     order = [(name, m) for name, m in model.named_modules()]
     layers = [name for name, m in order if type(m) in QUANT_LAYERS]
-    skip = {name for name in layers if _matches(name, config.modules_to_not_convert or ())}
+    patterns = [*(config.modules_to_not_convert or ()), *keep_float]
+    skip = {name for name in layers if _matches(name, patterns)}
     if layers and config.skip_head:
         skip.add(layers[-1])
     if layers and config.skip_stem:
