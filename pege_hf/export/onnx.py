@@ -70,29 +70,36 @@ def gain_for(codes: torch.Tensor) -> int:
     return max(1, 127 // peak) if peak else 1
 
 
-def tie_safe_bias(ideal: float, thresholds: list[float], gain: int, reach: int) -> int:
-    """The int32 bias B (accumulator units) nearest to the real ``ideal`` = b / unit such that no
-    requantization threshold crosses: for every reachable accumulator a (a multiple of ``gain`` within
-    +-gain*reach) and threshold t (a rounding tie k + 0.5 of the output code, in accumulator units), a + B
-    lies on the same side of t as a + ideal. So round((a + B) * M) picks the code the float model picks,
-    even where the float value sits within a rounding error of B of a tie (a zero input: the bias alone).
-    Falls back to plain rounding where no integer satisfies every threshold."""
-    lo, hi = math.floor(ideal), math.ceil(ideal)
-    candidates = sorted({lo, hi}, key=lambda b: abs(b - ideal))
-    for b in candidates:
-        left, right = min(b, ideal), max(b, ideal)
-        if not any(_crosses(t, left, right, gain, reach) for t in thresholds):
-            return int(b)
-    return int(round(ideal))
+def requant_params(ideal: float, mult: float, ties: list[float], gain: int, reach: int) -> tuple[int, float]:
+    """(B, M'): an int32 bias and a requantization multiplier with which round((acc + B) * M') picks the
+    same code as the exact round((acc + ideal) * mult) for every reachable accumulator (a multiple of
+    ``gain`` within +-gain*reach) — ``ideal`` = b / unit is the folded bias in accumulator units, ``ties``
+    the rounding ties k + 0.5 of the output codes. Plain rounding of the bias alone flips codes whose
+    float value sits within half an accumulator unit of a tie (a zero input gives the bias alone). Keeps
+    M' = mult when it already works; else the middle of the interval that works. Falls back to
+    (round(ideal), mult) when no B near ``ideal`` admits one."""
+    acc = gain * np.arange(-reach, reach + 1, dtype=np.float64)
+    t = np.asarray(ties, dtype=np.float64)[:, None]
+    above = (acc + ideal) * mult > t  # the side of each tie the exact value is on
+    for bias in sorted({math.floor(ideal), math.ceil(ideal)}, key=lambda v: abs(v - ideal)):
+        lo, hi = _multiplier_interval(acc + bias, t, above)
+        if lo < hi:
+            margin = 1e-6 * abs(mult)
+            return int(bias), float(mult if lo + margin < mult < hi - margin else (lo + hi) / 2)
+    return int(round(ideal)), float(mult)
 
 
-def _crosses(t: float, left: float, right: float, gain: int, reach: int) -> bool:
-    """Whether some t - gain * a, a an integer in [-reach, reach], lies strictly between left and right."""
-    a_lo, a_hi = math.ceil((t - right) / gain), math.floor((t - left) / gain)
-    for a in range(max(a_lo, -reach), min(a_hi, reach) + 1):
-        if left < t - gain * a < right:
-            return True
-    return False
+def _multiplier_interval(base: np.ndarray, t: np.ndarray, above: np.ndarray) -> tuple[float, float]:
+    """The open interval of M with (base * M > t) == above for all entries ((-inf, inf) when unconstrained;
+    empty, lo >= hi, when impossible)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = t / base
+    pos, neg, zero = base > 0, base < 0, base == 0
+    if np.any(zero & (above != (0 > t))):
+        return 1.0, 0.0
+    lower = np.concatenate([bound[pos & above], bound[neg & ~above]])
+    upper = np.concatenate([bound[pos & ~above], bound[neg & above]])
+    return (lower.max() if lower.size else -np.inf), (upper.min() if upper.size else np.inf)
 
 
 def storage_type(codes: torch.Tensor) -> str:
@@ -241,22 +248,26 @@ class QLinearConvLayer(nn.Module):
         target.codes_in = True
         self.gain = gain_for(self.codes)
         w_scale = self.w_scale / self.gain
-        self.register_buffer("w_scale_t", w_scale.float())
         self.register_buffer("y_scale", target.scale.clone())
         self.register_buffer("y_zp", target.zp.clone())
         self.register_buffer("y_lo", target.zp.clone() if relu else target.lo.clone())
         self.register_buffer("y_hi", target.hi.clone())
-        self.register_buffer("bias_int", self._bias_codes(self.scale.double() * w_scale))
+        bias, w_scale = self._requant(self.scale.double() * w_scale)
+        self.register_buffer("bias_int", bias)
+        self.register_buffer("w_scale_t", w_scale)
 
-    def _bias_codes(self, unit: torch.Tensor) -> torch.Tensor:
-        """The folded bias in accumulator units, each channel rounded by tie_safe_bias."""
-        zp, s_next = int(self.y_zp), float(self.y_scale)
-        ties = [(k + 0.5) * s_next for k in range(int(self.y_lo) - zp, int(self.y_hi) - zp)]
+    def _requant(self, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel (requant_params): the int32 bias and the weight scale giving QLinearConv's multiplier."""
+        zp, s_next, s_in = int(self.y_zp), float(self.y_scale), float(self.scale)
+        ties = [k + 0.5 for k in range(int(self.y_lo) - zp, int(self.y_hi) - zp)]
         x_reach = max(abs(int(self.lo) - int(self.zp)), abs(int(self.hi) - int(self.zp)))
         reach = (self.codes.abs().flatten(1).sum(1) * x_reach).tolist()
-        out = [tie_safe_bias(float(b / u), [t / float(u) for t in ties], self.gain, int(r))
-               for b, u, r in zip(self.bias_f, unit, reach)]
-        return torch.tensor(out, dtype=torch.int32)
+        bias, scale = [], []
+        for b, u, r in zip(self.bias_f.tolist(), unit.tolist(), reach):
+            bias_c, mult = requant_params(b / u, u / s_next, ties, self.gain, int(r))
+            bias.append(bias_c)
+            scale.append(mult * s_next / s_in)  # QLinearConv's multiplier is x_scale * w_scale / y_scale
+        return torch.tensor(bias, dtype=torch.int32), torch.tensor(scale, dtype=torch.float32)
 
     def forward(self, x):
         return _QLinearConvFn.apply(x, self.codes, self.w_scale_t, self.bias_int, self.scale, self.zp, self.lo,
