@@ -5,7 +5,7 @@ Latency: batch 1 and 64, 2 intra-op threads, median of interleaved runs. Sizes: 
 checkpoint folder) and in memory (sum of initializer / parameter+buffer bytes). Agreement and accuracy of
 each ONNX Runtime integer model against its fake-quantized model on the test images.
 
-    PYTHONPATH=. python benchmarks/deploy.py [--data /work/shared/data/cifar10/test.parquet] [--repeats 30]
+    PYTHONPATH=. python benchmarks/deploy.py [--data /work/shared/data/cifar10] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/work/shared/data/cifar10/test.parquet", help="CIFAR-10 test parquet")
+    parser.add_argument("--data", default="/work/shared/data/cifar10", help="CIFAR-10 folder with train.parquet and test.parquet (its test split is used)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(OUT), help="folder for deploy.json / deploy.md / deploy.png")
