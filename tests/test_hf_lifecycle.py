@@ -149,3 +149,104 @@ def test_offloading_device_maps_are_refused_before_loading(device_map, tmp_path)
     _tiny_gpt2().save_pretrained(tmp_path / "fp")
     with pytest.raises(ValueError, match="cannot run with parts of the model offloaded to (disk|cpu)"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=PEGEConfig(), device_map=device_map)
+
+
+TRAINER_SCRIPT = r'''
+import os, signal, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+import pege_hf
+from pege_hf import PEGEConfig
+
+out, mode = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=2, vocab_size=64, max_position_embeddings=32))
+pege_hf.quantize(model, PEGEConfig(w_bits=3, a_bits=4, a_mask="bernoulli"))
+g = torch.Generator().manual_seed(1)
+data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (48, 12), generator=g)]
+
+class KillAt(TrainerCallback):  # SIGKILL right after a checkpoint is complete: nothing runs after it
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+best = mode == "best"
+args = TrainingArguments(out, max_steps=8, per_device_train_batch_size=4, learning_rate=5e-2, lr_scheduler_type="linear",
+                         save_strategy="steps", save_steps=2, eval_strategy="steps" if best else "no", eval_steps=2,
+                         per_device_eval_batch_size=8, load_best_model_at_end=best, metric_for_best_model="eval_loss",
+                         report_to=[], use_cpu=True, seed=0, data_seed=0, logging_steps=100, disable_tqdm=True,
+                         save_only_model=False)
+callbacks = [pege_hf.PEGECallback()] + ([KillAt()] if mode == "kill" else [])
+trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:16] if best else None, callbacks=callbacks)
+trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
+if best:
+    print("BEST", trainer.state.best_model_checkpoint)
+from safetensors.torch import save_file
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "final_state.safetensors"))
+'''
+
+
+def _run_trainer(tmp_path, out, mode):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run_trainer.py"
+    script.write_text(TRAINER_SCRIPT)
+    return subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.mark.slow
+def test_trainer_killed_mid_run_and_resumed_ends_with_the_uninterrupted_parameters(tmp_path):
+    from safetensors.torch import load_file
+
+    full = _run_trainer(tmp_path, tmp_path / "full", "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _run_trainer(tmp_path, tmp_path / "run", "kill")
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after checkpoint-4
+    assert (tmp_path / "run" / "checkpoint-4" / "pege_qat_state.safetensors").is_file()
+    resumed = _run_trainer(tmp_path, tmp_path / "run", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "full" / "final_state.safetensors")
+    b = load_file(tmp_path / "run" / "final_state.safetensors")
+    assert a.keys() == b.keys() and any(".weight_quantizer." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+@pytest.mark.slow
+def test_trainer_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    run = _run_trainer(tmp_path, tmp_path / "best", "best")
+    assert run.returncode == 0, run.stderr[-2000:]
+    best = run.stdout.split("BEST ")[1].split()[0]
+    final = load_file(tmp_path / "best" / "final_state.safetensors")
+    saved = load_file(f"{best}/pege_qat_state.safetensors")
+    assert all(torch.equal(final[k], saved[k]) for k in saved)
+
+
+def test_trainer_checkpoint_without_the_qat_state_is_refused(tmp_path):
+    from pege_hf.hf.callback import load_qat_state
+
+    with pytest.raises(FileNotFoundError, match="has no pege_qat_state.safetensors: it was not saved with PEGECallback"):
+        load_qat_state(torch.nn.Linear(2, 2), str(tmp_path))
+
+
+def test_packed_state_dict_loads_into_a_training_model_as_the_quantized_weights(tmp_path):
+    """What Trainer does on resume: model.load_state_dict(the packed model.safetensors, strict=False)."""
+    from safetensors.torch import load_file
+
+    model = _tiny_gpt2()
+    pege_hf.quantize(model, PEGEConfig(w_bits=2, a_bits=8))
+    model.save_pretrained(tmp_path / "q")
+    fresh = _tiny_gpt2()
+    torch.nn.init.normal_(fresh.transformer.h[0].attn.c_attn.weight)  # different latent weights
+    pege_hf.quantize(fresh, PEGEConfig(w_bits=2, a_bits=8))
+    result = fresh.load_state_dict(load_file(tmp_path / "q" / "model.safetensors"), strict=False)
+    assert not [k for k in result.missing_keys if k.endswith(".weight") and k != "lm_head.weight"]  # tied to wte
+    assert not [k for k in result.unexpected_keys if k.endswith("weight_packed")]
+    for (name, a), (_, b) in zip(quant_layers(model), quant_layers(fresh)):
+        a.eval(), b.eval()
+        assert torch.equal(a.quantized_weight(), b.quantized_weight()), name
+        assert torch.equal(b.weight, b.quantized_weight()), name  # latent = the quantized values

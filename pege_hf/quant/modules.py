@@ -202,6 +202,7 @@ class QuantLayer:
     weight_axis = 0  # the output-channel dimension of `weight` (per-channel step sizes run along it)
 
     def _attach_quantizers(self, config, seed: int) -> None:
+        self.register_load_state_dict_post_hook(QuantLayer._finish_packed_load)
         device = self.weight.device
         self.weight_quantizer = make_fake_quantizer(config, weight=True, channels=self.weight.shape[self.weight_axis],
                                                     seed=seed, axis=self.weight_axis).to(device)
@@ -251,11 +252,35 @@ class QuantLayer:
     @torch.no_grad()
     def from_packed_form(self) -> None:
         """Rebuild the float latent `weight` = codes * scale from `weight_packed` (exactly the quantized weight)."""
-        q = self.weight_quantizer.quantizer
-        codes = unpack_codes(self.weight_packed, q.bits, self._weight_shape.numel()).view(self._weight_shape)
-        weight = (codes.to(q.scale_tensor().dtype) + q.qmin) * broadcast_to(q.scale_tensor(), codes, self.weight_axis)
+        weight = self._unpacked_weight(self.weight_packed, self._weight_shape)
         del self.weight_packed
         self.weight = nn.Parameter(weight.to(self._weight_dtype))  # the model's dtype (codes * s in bf16 keeps 2-8-bit codes)
+
+    def _unpacked_weight(self, packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        q = self.weight_quantizer.quantizer
+        codes = unpack_codes(packed.to(q.scale_tensor().device), q.bits, shape.numel()).view(shape)
+        return (codes.to(q.scale_tensor().dtype) + q.qmin) * broadcast_to(q.scale_tensor(), codes, self.weight_axis)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """A packed state dict (what save_pretrained writes; what Trainer reloads with load_state_dict) also
+        loads into a layer that holds a float weight: the codes are unpacked once the step sizes have loaded
+        (see _finish_packed_load), so the layer computes the saved quantized function."""
+        packed_key = prefix + "weight_packed"
+        if packed_key in state_dict and prefix + "weight" not in state_dict and "weight" in self._parameters:
+            self._pending_packed = state_dict[packed_key]
+            state_dict = {k: v for k, v in state_dict.items() if k != packed_key}
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            missing_keys.remove(prefix + "weight")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @staticmethod
+    @torch.no_grad()
+    def _finish_packed_load(layer, incompatible_keys) -> None:
+        packed = layer.__dict__.pop("_pending_packed", None)
+        if packed is not None:
+            layer.weight.copy_(layer._unpacked_weight(packed, layer.weight.shape))
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
