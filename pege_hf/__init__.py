@@ -10,6 +10,7 @@ from .hf.callback import PEGECallback
 from .hf.loading import from_pretrained
 from .hf.quantizer import PEGEHfQuantizer, dequantize, quantize, register
 from .quant.modules import QuantConv2d, QuantLinear, set_progress
+from . import hub  # noqa: E402,F401 - makes model.push_to_hub upload the PEGE model card
 
 register()
 register_cifar_models()

@@ -26,15 +26,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(name: str, main, args) -> int:
+    """``main(args)``; bad input (ValueError, FileNotFoundError, FileExistsError) becomes one line on stderr,
+    ``pege NAME: error: ...``, and exit code 2, as argparse reports a bad option. ``args`` may be a callable
+    that parses them (so a parse that validates is covered too)."""
+    try:
+        return main(args() if callable(args) else args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
+        print(f"pege {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
-    try:
-        return importlib.import_module(COMMANDS[args.command][0]).main(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
-        print(f"pege {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.command, importlib.import_module(COMMANDS[args.command][0]).main, args)
 
 
 if __name__ == "__main__":

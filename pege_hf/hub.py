@@ -29,6 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .hf.quantizer import MODEL_HOOKS
+from .sources import SHIPPED_FP_MODEL, check_checkpoint_dir, is_hub_id
+
 logger = logging.getLogger("pege_hf.hub")
 
 __all__ = ["PushError", "attach_model_card", "render_model_card", "push_to_hub", "add_arguments", "main"]
@@ -48,7 +51,6 @@ ESTIMATORS = {
     "ste": "the straight-through estimator (STE)",
     "ewgs": "EWGS (element-wise gradient scaling)",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _CIFAR10_NAMES = re.compile(r"^cifar-?10([_-]sample)?$", re.IGNORECASE)
 
 
@@ -77,20 +79,6 @@ def _read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object ({what})")
     return data
-
-
-def check_checkpoint_dir(checkpoint_dir: str | os.PathLike) -> Path:
-    """The folder as a Path; FileNotFoundError when it is not a checkpoint written by save_pretrained."""
-    path = Path(checkpoint_dir).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise FileNotFoundError(f"{str(path)!r} is a file, not a checkpoint folder (a folder written by "
-                                "save_pretrained or `pege train`)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a model checkpoint: it has no config.json (expected a folder "
-                                "written by save_pretrained or `pege train`)")
-    return path
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -133,9 +121,9 @@ def _local_dir(ref: str | None, *anchors: Path) -> Path | None:
 
 def _hub_id(ref: str | None, *anchors: Path) -> str | None:
     """``ref`` when it can only be a Hub repo id (owner/name, not a local path), else None."""
-    if not ref or _local_dir(ref, *anchors) is not None or Path(ref).expanduser().exists():
+    if not ref or _local_dir(ref, *anchors) is not None:
         return None
-    return ref if _HUB_ID.match(ref) and not ref.startswith(".") else None
+    return ref if is_hub_id(ref) else None
 
 
 def _inspect_model(checkpoint_dir: Path, config: dict) -> dict[str, Any]:
@@ -261,8 +249,6 @@ def _describe_base(ref: str | None, explicit: str | None, metrics: dict | None, 
         return hub, f"[{hub}](https://huggingface.co/{hub})"
     local = _local_dir(ref, *anchors)
     name = Path(ref).name or ref
-    from .train import SHIPPED_FP_MODEL
-
     if local is not None and local.resolve() == SHIPPED_FP_MODEL.resolve():
         return None, f"the full-precision CIFAR ResNet-20 shipped with pege-hf (`{name}`)"
     return None, f"a local float checkpoint (`{name}`)"
@@ -638,6 +624,9 @@ def attach_model_card(model) -> None:
         model._upload_modified_files = _PEGECardOnPush(model)
 
 
+MODEL_HOOKS.append(attach_model_card)
+
+
 # ============================================================================ command line
 
 
@@ -672,7 +661,10 @@ def main(args: argparse.Namespace) -> int:
         url = push_to_hub(args.checkpoint_dir, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.commit_message, endpoint=args.endpoint, base_model=args.base_model,
                           dataset=args.dataset)
-    except (PushError, FileNotFoundError, ValueError, TypeError) as e:
+    except (FileNotFoundError, ValueError, TypeError) as e:  # bad input: exit 2, as argparse does
+        print(f"pege push: error: {_one_line(e, 1000)}", file=sys.stderr)
+        return 2
+    except PushError as e:  # the Hub or the login: exit 1
         print(f"pege push: error: {_one_line(e, 1000)}", file=sys.stderr)
         return 1
     print(f"pushed {args.checkpoint_dir} to {url}")

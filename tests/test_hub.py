@@ -329,7 +329,7 @@ def test_not_a_checkpoint(server, tmp_path):
         hub.render_model_card(tmp_path)
     assert server.requests == []
     args = cli.build_parser("push").parse_args(["push", str(tmp_path), "tester/bad", "--token", TOKEN])
-    assert hub.main(args) == 1
+    assert hub.main(args) == 2  # bad input: exit 2 with one line, as in every command
 
 
 # ----------------------------------------------------------------------------------------------- cards of training runs
