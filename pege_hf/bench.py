@@ -22,7 +22,13 @@ import torch.nn.functional as F
 
 from .config import PEGEConfig
 from .quant.modules import quantize, set_progress
-from .train import DIVERGED_FILE, PEGE_TUNED, QAT_RECIPE, output_dir_is_locked
+from .training import recipes
+from .training.args import ALIASES
+from .training.state import DIVERGED_FILE, complete_checkpoints, output_dir_is_locked
+
+# the tuned recipes (pege_hf.training.recipes) as `pege train` options, as run plans pass them
+QAT_RECIPE: tuple[str, ...] = recipes.recipe_argv(recipes.QAT)
+PEGE_TUNED: tuple[str, ...] = recipes.recipe_argv(recipes.PEGE)
 
 DEFAULT_OUT = Path("benchmarks")
 
@@ -442,13 +448,17 @@ def runner_args(run_dir: Path, checkpointing_steps: int) -> list[str]:
 RUNNER_FLAGS = (*(a for a in runner_args(Path(), 0) if a.startswith("--")), "--compile-kernels", "--channels-last")
 
 
+# short spellings of `pege train` options -> their field names (--lambda -> --discretization-lambda)
+OPTION_SPELLINGS = {alias: f"--{name.replace('_', '-')}" for name, aliases in ALIASES.items() for alias in aliases}
+
+
 def run_settings(args) -> dict[str, tuple[str, ...]]:
     """{flag: its values} of a `pege_hf.train` argument list, without RUNNER_FLAGS."""
     settings: dict[str, tuple[str, ...]] = {}
     flag = None
     for token in args:
         if token.startswith("--"):
-            flag = token.split("=", 1)[0]
+            flag = OPTION_SPELLINGS.get(token.split("=", 1)[0], token.split("=", 1)[0])
             settings[flag] = tuple(token.split("=", 1)[1:])
         elif flag is not None:
             settings[flag] += (token,)
@@ -665,7 +675,7 @@ def reestimate_finished_runs(plan: list[Run], runs_dir: Path, batches: int = BN_
     """Evaluate every finished run of the plan once more with its BatchNorm statistics re-estimated
     (`pege eval RUN --reestimate-bn batches`, seed 0) and write the result beside it (BN_FILE); runs
     that already have one are skipped, the run's own files are never changed. Returns the names done."""
-    from .evaluate import evaluate_checkpoint
+    from .training.evaluation import evaluate_checkpoint
 
     done = []
     for run in plan:
@@ -943,7 +953,6 @@ def bench_grid(run_dir: Path) -> dict:
 
     from .hf.loading import from_pretrained
     from .quant.grid import codes_changed, summarize, weight_codes_and_positions
-    from .train import complete_checkpoints
 
     checkpoints = complete_checkpoints(run_dir)[-2:]
     if not run_is_finished(run_dir) or not checkpoints:
@@ -964,7 +973,6 @@ def bench_grid(run_dir: Path) -> dict:
 
 
 def finished_qat_runs_with_checkpoints(runs_dir: Path) -> list[Path]:
-    from .train import complete_checkpoints
 
     return [d for d in sorted(runs_dir.glob("*")) if run_is_finished(d) and complete_checkpoints(d)
             and "quantization_config" in json.loads((d / "config.json").read_text())]

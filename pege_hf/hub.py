@@ -450,7 +450,16 @@ def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *,
         command=command_text(m.get("command")), training_facts=_training_facts(m),
         pege_hf_version=__version__,
     )
+    if not can_render_cards():
+        raise ImportError("model cards need jinja2: pip install 'pege-hf[hub]'")
     return ModelCard.from_template(card_data, template_path=str(template_path()), **variables)
+
+
+def can_render_cards() -> bool:
+    """Whether jinja2 (the `hub` extra), which huggingface_hub renders card templates with, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("jinja2") is not None
 
 
 def render_model_card(checkpoint_dir: str | os.PathLike, *, base_model: str | None = None,

@@ -199,7 +199,7 @@ def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
     parse = lambda r: cli.build_parser("train").parse_args(["train", *r.args])  # noqa: E731
     plan = bench.accuracy_plan(data="D", qat_args=("--scale-init", "lsq", "--quantizer-lr-scale", "0.5"))
     assert {(parse(r).scale_init, parse(r).quantizer_lr_scale) for r in plan[1:]} == {("lsq", 0.5)}
-    assert parse(plan[0]).quantizer_lr_scale == 0.1  # FP: untouched
+    assert parse(plan[0]).quantizer_lr_scale == 1.0  # FP: untouched (the default)
 
 
 def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():

@@ -28,7 +28,8 @@ from pege_hf.config import PEGEConfig
 from pege_hf.data import DEFAULT_DATASET, normalize
 from pege_hf.evaluate import evaluate_checkpoint
 from pege_hf.training import args as train_args
-from pege_hf.training import evaluation, loop, optim, state
+from pege_hf.training import evaluation, loop, optim
+from pege_hf.training import state as train_state
 from pege_hf.training.model import is_quantized
 
 SMALL = ["--dataset", DEFAULT_DATASET, "--max-train", "300", "--max-test", "200", "--epochs", "1",
@@ -149,7 +150,7 @@ def test_channels_last_flag_trains_channels_last_and_saves_ordinary_checkpoints(
                                                                 .splitlines()) if "train/loss" in r)
     assert first_loss(out) == pytest.approx(first_loss(fp_dir), rel=1e-5)
     assert metrics["steps"] == fp_metrics["steps"]
-    (checkpoint,) = state.complete_checkpoints(out)
+    (checkpoint,) = train_state.complete_checkpoints(out)
     state = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
     momenta = [v["momentum_buffer"] for v in state.values() if v["momentum_buffer"].dim() == 4]
     assert len(momenta) == 19  # every conv of ResNet-20
@@ -191,7 +192,7 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path):
     proc = subprocess.Popen(hooked_train_command(*args, "--output-dir", str(killed)), cwd=ROOT,
                             env=subprocess_env(PEGE_TEST_STEP_SLEEP=0.5), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    first = killed / "checkpoints" / "step_2" / state.STATE_FILE
+    first = killed / "checkpoints" / "step_2" / train_state.STATE_FILE
     deadline = time.time() + 120
     jsonl = killed / "metrics.jsonl"
     logged_step_3 = lambda: jsonl.is_file() and '"step": 3,' in jsonl.read_text()  # noqa: E731
@@ -228,7 +229,7 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path):
     loss_steps = lambda path: [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r]  # noqa: E731
     assert loss_steps(killed / "metrics.jsonl") == loss_steps(tmp_path / "straight" / "metrics.jsonl")
     # the newest checkpoints are complete and load
-    kept = state.complete_checkpoints(killed)
+    kept = train_state.complete_checkpoints(killed)
     assert [p.name for p in kept] == ["step_10", "step_12"]  # every 2 steps, the last 2 kept
     assert not list((killed / "checkpoints").glob(".tmp_*"))
     from safetensors.torch import load_file
@@ -236,7 +237,7 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path):
     from pege_hf.hf.cifar import cifar_resnet
 
     cifar_resnet(20).load_state_dict(load_file(str(kept[-1] / "model.safetensors")), strict=True)
-    assert json.loads((kept[-1] / state.STATE_FILE).read_text())["global_step"] == 12
+    assert json.loads((kept[-1] / train_state.STATE_FILE).read_text())["global_step"] == 12
 
     # a fresh run into a directory holding checkpoints must be asked for explicitly
     with pytest.raises(FileExistsError, match="--resume"):
@@ -330,15 +331,15 @@ def test_a_folder_being_trained_into_refuses_a_second_training(tmp_path):
     out = tmp_path / "out"
     args = ["--estimator", "none", "--dataset", DEFAULT_DATASET, "--max-train", "64", "--max-test", "32",
             "--epochs", "1", "--batch-size", "32", "--no-tensorboard", "--output-dir", str(out)]
-    held = state.lock_output_dir(out)  # as a running training holds it
-    assert state.output_dir_is_locked(out)
+    held = train_state.lock_output_dir(out)  # as a running training holds it
+    assert train_state.output_dir_is_locked(out)
     with pytest.raises(RuntimeError, match=rf"being trained into by another process \(pid {os.getpid()}\)"):
         _train(args)
     _assert_nothing_trained(out)
     held.close()  # the first training ends
-    assert not state.output_dir_is_locked(out)
+    assert not train_state.output_dir_is_locked(out)
     assert _train(args)["steps"] == 2
-    assert not state.output_dir_is_locked(out)  # released when training returns
+    assert not train_state.output_dir_is_locked(out)  # released when training returns
 
 
 def test_a_diverging_training_stops_and_says_where(tmp_path):
@@ -348,7 +349,7 @@ def test_a_diverging_training_stops_and_says_where(tmp_path):
             "--output-dir", str(out)]
     with pytest.raises(loop.TrainingDiverged, match=r"training diverged: the mean loss up to step (\d+) is (nan|inf)"):
         _train(args)
-    record = json.loads((out / state.DIVERGED_FILE).read_text())
+    record = json.loads((out / train_state.DIVERGED_FILE).read_text())
     losses = [r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
     # it stopped at the first non-finite logged loss (one log per step here), long before the 16 steps planned
     assert record["step"] == len(losses) < 16 and not math.isfinite(losses[-1])
@@ -356,7 +357,7 @@ def test_a_diverging_training_stops_and_says_where(tmp_path):
     assert not (out / "metrics.json").exists()
     # starting over clears the record
     _train([*args[:args.index("--lr")], "--lr", "0.01", *args[args.index("--lr") + 2:], "--overwrite"])
-    assert not (out / state.DIVERGED_FILE).exists() and (out / "metrics.json").is_file()
+    assert not (out / train_state.DIVERGED_FILE).exists() and (out / "metrics.json").is_file()
 
 
 def test_bad_inputs_fail_before_training(fp_run, tmp_path):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import PEGEConfig
-from ..hub import render_model_card
+from ..hub import can_render_cards, render_model_card
 from ..data import TensorImageDataset, normalize, random_crop_flip
 from ..quant.grid import codes_changed, summarize, weight_codes_and_positions
 from ..quant.modules import FakeQuantizer, set_progress
@@ -378,7 +378,10 @@ def finalise(run: Run, resumed_from: Path | None) -> dict:
     }
     if run.main:
         (run.output_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        render_model_card(run.output_dir)
+        if can_render_cards():
+            render_model_card(run.output_dir)
+        else:
+            print("model card: skipped (pip install 'pege-hf[hub]' to write README.md)", flush=True)
         print(f"done: test accuracy {100 * result['accuracy']:.2f}% (top-5 {100 * result['top5']:.2f}%), "
               f"{result['steps']} steps in {result['wall_time_s']:.0f} s -> {run.output_dir}", flush=True)
     run.accelerator.end_training()

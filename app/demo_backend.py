@@ -1,6 +1,7 @@
-"""Inference for the demo: a full-precision model and its PEGE 4/3/2-bit checkpoints side by side.
+"""The demo's backend: a full-precision model and its PEGE 4/3/2-bit checkpoints side by side.
 
-Everything the Gradio app (app/app.py) shows comes from here; the app holds no model logic::
+Everything the Gradio page (app.py, next to this file) shows comes from here; the page holds no model
+logic. It lives beside the app, not in the pege_hf wheel (needs the `demo` extra: matplotlib)::
 
     models = ModelSet.load(resolve_sources())          # the shipped models, loaded once
     pred = models.predict("cat.png")                   # PIL image, path, bytes or 1x3xHxW tensor
@@ -19,7 +20,6 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -34,7 +34,10 @@ from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 from torch import nn
 
-from .data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET, preprocess_pil
+from pege_hf.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET, preprocess_pil
+from pege_hf.hf.loading import from_pretrained
+from pege_hf.quant.modules import QuantLayer
+from pege_hf.sources import SHIPPED_MODELS_DIR, is_hub_id
 
 __all__ = [
     "MODEL_KEYS",
@@ -70,23 +73,15 @@ DEFAULT_TITLES = {"fp": "Full precision", "w4": "PEGE W4A4", "w3": "PEGE W3A3", 
 _KEY_BITS = {"w4": 4, "w3": 3, "w2": 2}
 
 #: where the shipped checkpoints live, one folder per variant
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "assets" / "models"
 SHIPPED_DIRNAMES = {"fp": "resnet20-fp", "w4": "resnet20-pege-w4a4", "w3": "resnet20-pege-w3a3",
                     "w2": "resnet20-pege-w2a2"}
 #: the accuracy benchmark's results (written by `pege bench`), in a source checkout
-BENCHMARK_ACCURACY_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.json"
+BENCHMARK_ACCURACY_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.json"  # in a checkout
 
 #: larger uploads are refused with a clear message instead of being decoded (RGB: 3 bytes a pixel)
 MAX_IMAGE_PIXELS = 100_000_000
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 # --------------------------------------------------------------------------------------------- sources
-
-
-def _is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not Path(source).exists()
 
 
 def _quant_bits(config_dict: Mapping | None) -> tuple[int | None, int | None]:
@@ -147,7 +142,7 @@ def resolve_sources(model_dir: str | os.PathLike | None = None, *, fp: str | Non
         given = explicit[key]
         if given is not None:
             text = os.fspath(given)
-            if not Path(text).expanduser().exists() and not _is_hub_id(text):
+            if not Path(text).expanduser().exists() and not is_hub_id(text):
                 raise FileNotFoundError(f"--{key} {text}: no such folder (and not a Hub id like user/name)")
             if Path(text).expanduser().exists() and not (Path(text).expanduser() / "config.json").is_file():
                 raise FileNotFoundError(f"--{key} {text} is not a model checkpoint: it has no config.json")
@@ -204,7 +199,7 @@ def read_metrics_accuracy(source: str | os.PathLike) -> float | None:
     """Test accuracy (a fraction in [0, 1]) from the checkpoint's metrics.json (written by
     `pege train`: top-level "accuracy", a fraction); percentages are converted. None when absent."""
     path = _local_file(os.fspath(source), "metrics.json")
-    if path is None and _is_hub_id(os.fspath(source)) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
+    if path is None and is_hub_id(os.fspath(source)) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
         try:
             from huggingface_hub import hf_hub_download
 
@@ -230,7 +225,6 @@ def freeze_for_inference(model: nn.Module) -> nn.Module:
     """eval(), no gradients, and every PEGE layer's fake-quantized weight computed once instead of on
     every forward. Bit-exact: a weight loaded from packed codes is already on the quantization grid,
     and quantizing it again in eval mode always gives the same tensor. Returns the model."""
-    from .quant.modules import QuantLayer
 
     model.eval()
     model.requires_grad_(False)
@@ -335,7 +329,6 @@ class ModelSet:
     @classmethod
     def load(cls, sources: Mapping[str, str], *, freeze: bool = True) -> "ModelSet":
         """Load every source with pege_hf.from_pretrained (float or packed PEGE checkpoints)."""
-        from .hf.loading import from_pretrained
 
         models: dict[str, LoadedModel] = {}
         class_names: list[str] | None = None
