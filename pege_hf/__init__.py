@@ -5,6 +5,7 @@ project's CIFAR models with the Auto classes.
 """
 
 from .config import PEGEConfig
+from .version import __version__
 from .hf.cifar import register_cifar_models
 from .hf.callback import PEGECallback
 from .hf.loading import from_pretrained
@@ -16,4 +17,3 @@ register()
 register_cifar_models()
 
 __all__ = ["PEGECallback", "PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "from_pretrained", "quantize", "set_progress"]
-__version__ = "0.1.0"

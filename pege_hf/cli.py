@@ -1,4 +1,4 @@
-"""The `pege` command: train | eval | push | demo | bench."""
+"""The `pege` command: train | eval | push | demo | bench (one module per command, see COMMANDS)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ COMMANDS = {
     "eval": ("pege_hf.evaluate", "accuracy (top-1, top-5) of a float or PEGE checkpoint on a data set"),
     "push": ("pege_hf.hub", "upload a checkpoint folder to the Hugging Face Hub with a model card"),
     "demo": ("pege_hf.demo", "open the Gradio demo: full precision vs 2/3/4-bit predictions"),
-    "bench": ("pege_hf.bench", "benchmarks: speed, size, step-size init, latency, the accuracy matrix, tuning, shipping its models"),
+    "bench": ("pege_hf.bench", "micro-benchmarks: training-step speed and memory, packed checkpoint size, step-size init"),
 }
 
 

@@ -516,7 +516,7 @@ def make_cifar_sample(src_dir: str | os.PathLike, dst_path: str | os.PathLike,
     schema (Image + ClassLabel features). Returns the written paths.
 
     The shipped sample was made with
-    ``make_cifar_sample("../shared/data/cifar10", DEFAULT_DATASET)``.
+    ``make_cifar_sample("path/to/cifar10", DEFAULT_DATASET)``.
     """
     src, dst = Path(src_dir), Path(dst_path)
     dst.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,7 @@
                             ``save_pretrained(..., push_to_hub=True)``) upload the PEGE card instead of
                             transformers' generic one; the PEGE quantizer calls it on every model it sets up.
 
-The card template is model_cards/model_card.md in the repository; the wheel carries an identical copy
-as pege_hf/model_card_template.md (tests/test_hub.py holds them equal).
+The card template is pege_hf/model_card_template.md (a huggingface_hub ModelCard jinja template).
 """
 
 from __future__ import annotations
@@ -31,13 +30,13 @@ from typing import Any
 
 from .hf.quantizer import MODEL_HOOKS
 from .sources import SHIPPED_FP_MODEL, check_checkpoint_dir, is_hub_id
+from .version import __version__
 
 logger = logging.getLogger("pege_hf.hub")
 
 __all__ = ["PushError", "attach_model_card", "render_model_card", "push_to_hub", "add_arguments", "main"]
 
 _HERE = Path(__file__).resolve().parent
-REPO_TEMPLATE = _HERE.parent / "model_cards" / "model_card.md"  # canonical, in a source checkout
 PACKAGED_TEMPLATE = _HERE / "model_card_template.md"  # the copy installed with the wheel
 LICENSE = "apache-2.0"
 LIBRARY_NAME = "pege-hf"
@@ -63,12 +62,10 @@ class PushError(RuntimeError):
 
 
 def template_path() -> Path:
-    """The card template: the repository's model_cards/model_card.md, else the packaged copy."""
-    for path in (REPO_TEMPLATE, PACKAGED_TEMPLATE):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"model card template not found (looked for {REPO_TEMPLATE} and {PACKAGED_TEMPLATE}); "
-                            "reinstall pege-hf")
+    """The card template shipped with the package."""
+    if not PACKAGED_TEMPLATE.is_file():
+        raise FileNotFoundError(f"model card template not found ({PACKAGED_TEMPLATE}); reinstall pege-hf")
+    return PACKAGED_TEMPLATE
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -326,8 +323,6 @@ def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *,
     """The ModelCard of a checkpoint folder, given its training metrics (None: not measured)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from . import __version__
-
     ckpt = check_checkpoint_dir(checkpoint_dir)
     anchors = (ckpt, ckpt.parent, Path.cwd())
     config = _read_json(ckpt / "config.json", "the model config")
@@ -540,8 +535,6 @@ def push_to_hub(model_or_dir, repo_id: str, *, private: bool = False, token: str
     or any Hub failure; pushing again after a failure is safe."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from . import __version__
 
     # ---- 1. local input
     is_dir = isinstance(model_or_dir, (str, os.PathLike))

@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = Path(__file__).resolve().parent / "train_with_hooks.py"
+if str(ROOT) not in sys.path:  # benchmarks/ (research code, not in the wheel) imports as a package from the checkout
+    sys.path.insert(0, str(ROOT))
 
 
 def subprocess_env(**extra) -> dict:

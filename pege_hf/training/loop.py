@@ -23,7 +23,6 @@ from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..config import PEGEConfig
 from ..hub import can_render_cards, render_model_card
 from ..data import TensorImageDataset, normalize, random_crop_flip
@@ -37,6 +36,7 @@ from .optim import make_optimizer, make_scheduler
 from .state import DIVERGED_FILE, TrainerState, clear_previous_run, lock_output_dir, remove_stale_checkpoint_parts
 from .state import resume_checkpoint, save_checkpoint
 from .tracking import JSONLTracker, flat_hparams, rewind_jsonl
+from ..version import __version__
 
 logger = logging.getLogger("pege_hf.train")
 
