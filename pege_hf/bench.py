@@ -71,19 +71,8 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
     torch.manual_seed(seed)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    runs = {}
-    for name, (cfg, p) in _speed_variants(bits, progress).items():
-        torch.manual_seed(seed)
-        model = model_fn().to(device).train()
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        if cfg is not None:
-            quantize(model, cfg)
-            model(x[:8])  # initialise activation scales from data
-            if p is not None:
-                set_progress(model, p)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        runs[name] = dict(model=model, opt=opt, times=[], memory=saved_activation_bytes(model, (x, y)))
+    runs = {name: _speed_run(model_fn, cfg, p, x, y, device, channels_last, seed)
+            for name, (cfg, p) in _speed_variants(bits, progress).items()}
 
     def step(run):
         if device.type == "cuda":
@@ -102,34 +91,38 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
             t = step(run)
             if i >= warmup:
                 run["times"].append(t)
-    fp = statistics.median(runs["fp"]["times"])
-    ste = statistics.median(runs["ste"]["times"])
-    result = {
-        "benchmark": "speed",
-        "model": "cifar_resnet20",
-        "batch_size": batch_size,
-        "bits": bits,
-        "pege_progress": progress,
-        "steps": steps,
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "compile": compile,
-        "channels_last": channels_last,
-        "variants": {},
-    }
+    settings = {"benchmark": "speed", "model": "cifar_resnet20", "batch_size": batch_size, "bits": bits,
+                "pege_progress": progress, "steps": steps, "device": str(device), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "machine": platform.machine(), "compile": compile,
+                "channels_last": channels_last}
+    return {**settings, "variants": _speed_summary(runs)}
+
+
+def _speed_run(model_fn, cfg, progress, x, y, device, channels_last: bool, seed: int) -> dict:
+    """One variant's model (quantized with ``cfg``, at ``progress``), optimiser and saved-activation bytes."""
+    torch.manual_seed(seed)
+    model = model_fn().to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg is not None:
+        quantize(model, cfg)
+        model(x[:8])  # initialise activation scales from data
+        if progress is not None:
+            set_progress(model, progress)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return dict(model=model, opt=opt, times=[], memory=saved_activation_bytes(model, (x, y)))
+
+
+def _speed_summary(runs: dict) -> dict:
+    """Median step time and memory of each variant, and their ratios to FP and STE."""
+    fp, ste = statistics.median(runs["fp"]["times"]), statistics.median(runs["ste"]["times"])
+    out = {}
     for name, run in runs.items():
         med = statistics.median(run["times"])
-        result["variants"][name] = {
-            "median_step_s": med,
-            "step_times_s": run["times"],
-            "ratio_vs_fp": med / fp,
-            "ratio_vs_ste": med / ste,
-            "saved_activation_mb": run["memory"] / 2**20,
-            "memory_ratio_vs_fp": run["memory"] / runs["fp"]["memory"],
-        }
-    return result
+        out[name] = {"median_step_s": med, "step_times_s": run["times"], "ratio_vs_fp": med / fp,
+                     "ratio_vs_ste": med / ste, "saved_activation_mb": run["memory"] / 2**20,
+                     "memory_ratio_vs_fp": run["memory"] / runs["fp"]["memory"]}
+    return out
 
 
 def speed_table(result: dict) -> str:

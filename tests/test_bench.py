@@ -218,8 +218,9 @@ def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
         assert args["seed"] == 0 and args["dataset"] == "train.parquet" and args["test_split"] is None
         changed = {k for k in args if args[k] != default[k]}
         flags = matrix._tuning_setting(r.variant).split() if matrix._tuning_setting(r.variant) != "-" else []
-        # exactly the run's own settings differ (plus the estimator for STE), each one given
-        assert len(changed) == len(flags) // 2 + (r.estimator == "ste")
+        # only the run's own settings differ (plus the estimator for STE), each one given; a setting equal to
+        # today's default (the tuned recipe became the default) differs in name only
+        assert len(changed) <= len(flags) // 2 + (r.estimator == "ste")
         assert all(f in r.args for f in flags)
     # every recipe is tried for STE and for PEGE alike
     for recipe in matrix.TUNING_RECIPES:

@@ -124,3 +124,13 @@ def test_the_wheel_does_not_reach_outside_itself():
         for needle in ("../shared", "parents[1] / \"benchmarks\"", "parents[1] / \"app\""):
             if needle in text and path.name != "demo.py":
                 raise AssertionError(f"{path.relative_to(ROOT)} reaches outside the package: {needle}")
+
+
+def test_functions_stay_small():
+    """No function of the package runs over about 60 lines: a long one is a sequence of named steps."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long, long

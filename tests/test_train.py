@@ -474,19 +474,22 @@ def test_a_value_the_run_cannot_honour_is_an_error(tmp_path, argv, message):
 
 @pytest.mark.slow
 def test_quickstart_default(tmp_path, capsys):
-    """`pege train` with no --model/--dataset (data subset to keep it short)."""
+    """`pege train` with no --model/--dataset/--estimator (data subset to keep it short): the shipped models'
+    accuracy, then W2A2 QAT from the shipped FP model with PEGE and STE side by side, with the defaults
+    (which are the tuned recipe)."""
     out = tmp_path / "qs"
     assert cli.main(["train", "--max-train", "512", "--max-test", "200", "--epochs", "1", "--no-tensorboard",
                      "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["quantization"] == "W2A2-pege"
-    assert "full precision ResNet-20" in text and "W2A2-pege" in text
-    assert is_quantized(_load(summary["quantized_model"]))
-    # the QAT step runs with the benchmark's tuned recipe and PEGE setting, not the CLI defaults
-    run = json.loads((Path(summary["quantized_model"]) / "metrics.json").read_text())
-    qc = run["quantization_config"]
-    assert (qc["scale_init"], qc["discretization_lambda"], run["quantizer_lr_scale"]) == ("mse", 0.1, 1.0)
+    assert list(summary["shipped"]) == ["full precision", "PEGE W4A4", "PEGE W3A3", "PEGE W2A2"]
+    assert list(summary["qat"]) == ["W2A2-pege", "W2A2-ste"]
+    assert "full precision" in text and "W2A2-pege" in text and "W2A2-ste" in text
+    for run in summary["qat"].values():
+        assert is_quantized(_load(run["model"]))
+        metrics = json.loads((Path(run["model"]) / "metrics.json").read_text())
+        qc = metrics["quantization_config"]
+        assert (qc["scale_init"], qc["discretization_lambda"], metrics["quantizer_lr_scale"]) == ("mse", 0.1, 1.0)
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
