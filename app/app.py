@@ -4,7 +4,7 @@
     python app/app.py --model runs/quickstart --host 0.0.0.0 --port 8080
     pege demo ...                                # the same
 
-The Gradio UI only: every number comes from pege_hf.inference (models loaded once at start-up).
+The Gradio UI only: every number comes from demo_backend.py beside it (models loaded once at start-up).
 API endpoints (gradio_client): /predict (image -> four top-5 labels, agreement, table,
 probabilities) and /probability_plot (probabilities -> grouped bar chart).
 """
@@ -22,9 +22,11 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_backend.py, also when run as a file
+
+import demo_backend as inference  # noqa: E402
 import pege_hf  # noqa: E402,F401  (registers quant_method "pege")
-from pege_hf import inference  # noqa: E402
-from pege_hf.demo import add_arguments  # noqa: E402
+from pege_hf.demo import add_arguments, check_arguments  # noqa: E402
 
 TITLE = "PEGE: full precision vs 4-, 3- and 2-bit, side by side"
 CSS = """
@@ -34,7 +36,7 @@ CSS = """
 
 
 class ImageInput(gr.Image):
-    """gr.Image that hands the upload's path on undecoded, so that pege_hf.inference.load_image checks
+    """gr.Image that hands the upload's path on undecoded, so that demo_backend.load_image checks
     it (empty file, not an image, too large) and the user gets a clear message instead of a failure
     inside gradio's own decoding. Drawn by the frontend as a plain Image."""
 
@@ -137,6 +139,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="app.py", description=TITLE)
         add_arguments(parser)
         args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except ValueError as err:
+        print(f"pege demo: error: {err}", file=sys.stderr)
+        return 2
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         print("loading: " + ", ".join(f"{k}={v}" for k, v in sources.items()), flush=True)
         models = inference.ModelSet.load(sources)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"pege demo: {err}", file=sys.stderr)
+        print(f"pege demo: error: {err}", file=sys.stderr)
         return 2
     examples = inference.example_images(args.examples) if args.examples > 0 else []
     benchmark = args.benchmarks if args.benchmarks is not None else inference.BENCHMARK_ACCURACY_FILE

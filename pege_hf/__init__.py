@@ -5,14 +5,15 @@ project's CIFAR models with the Auto classes.
 """
 
 from .config import PEGEConfig
+from .version import __version__
 from .hf.cifar import register_cifar_models
 from .hf.callback import PEGECallback
 from .hf.loading import from_pretrained
 from .hf.quantizer import PEGEHfQuantizer, dequantize, quantize, register
 from .quant.modules import QuantConv2d, QuantLinear, set_progress
+from . import hub  # noqa: E402,F401 - makes model.push_to_hub upload the PEGE model card
 
 register()
 register_cifar_models()
 
 __all__ = ["PEGECallback", "PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "from_pretrained", "quantize", "set_progress"]
-__version__ = "0.1.0"

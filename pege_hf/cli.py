@@ -1,4 +1,4 @@
-"""The `pege` command: train | eval | push | demo | bench."""
+"""The `pege` command: train | eval | push | demo | bench (one module per command, see COMMANDS)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ COMMANDS = {
     "push": ("pege_hf.hub", "upload a checkpoint folder to the Hugging Face Hub with a model card"),
     "demo": ("pege_hf.demo", "open the Gradio demo: full precision vs 2/3/4-bit predictions"),
     "export": ("pege_hf.export.command", "export a trained PEGE model for deployment (ONNX Runtime integer kernels)"),
-    "bench": ("pege_hf.bench", "benchmarks: speed, size, step-size init, latency, the accuracy matrix, tuning, shipping its models"),
+    "bench": ("pege_hf.bench", "micro-benchmarks: training-step speed and memory, packed checkpoint size, step-size init"),
 }
 
 
@@ -27,15 +27,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(name: str, main, args) -> int:
+    """``main(args)``; bad input (ValueError, FileNotFoundError, FileExistsError) becomes one line on stderr,
+    ``pege NAME: error: ...``, and exit code 2, as argparse reports a bad option. ``args`` may be a callable
+    that parses them (so a parse that validates is covered too)."""
+    try:
+        return main(args() if callable(args) else args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
+        print(f"pege {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
-    try:
-        return importlib.import_module(COMMANDS[args.command][0]).main(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
-        print(f"pege {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.command, importlib.import_module(COMMANDS[args.command][0]).main, args)
 
 
 if __name__ == "__main__":

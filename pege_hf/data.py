@@ -28,6 +28,9 @@ import torch
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
+from .hf.cifar import CIFAR10_LABELS
+from .sources import looks_like_path
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -46,10 +49,7 @@ __all__ = [
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)
+CIFAR10_CLASSES = CIFAR10_LABELS
 
 #: The CIFAR-10 sample shipped with the package (train.parquet + test.parquet).
 DEFAULT_DATASET = str(Path(__file__).resolve().parent / "assets" / "cifar10_sample")
@@ -74,26 +74,6 @@ class ImageData:
     image_column: str
     label_column: str
     class_names: list[str]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.class_names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.class_names)}
-
-    def tensors(self, split: str = "train", image_size: int | tuple[int, int] = 32,
-                channels: int = 3, progress: bool | None = None):
-        """`to_tensors` on the "train" or "test" split."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        return to_tensors(getattr(self, split), self.image_column, self.label_column,
-                          image_size=image_size, channels=channels, progress=progress)
 
 
 def load_image_dataset(
@@ -155,7 +135,7 @@ def _load_splits(source: str | os.PathLike) -> dict[str, datasets.Dataset]:
         return dict(datasets.load_dataset("parquet", data_files={"train": str(path)}))
     if path.is_dir():
         return _load_dir(path)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise FileNotFoundError(f"dataset path {text!r} does not exist")
     try:  # a Hub id
         loaded = datasets.load_dataset(text)
@@ -164,12 +144,6 @@ def _load_splits(source: str | os.PathLike) -> dict[str, datasets.Dataset]:
             f"{text!r} is not a local path, and loading it as a Hub dataset failed "
             f"({type(err).__name__}: {err})") from err
     return dict(loaded)
-
-
-def _looks_like_path(text: str) -> bool:
-    """True for strings that cannot be Hub ids ("owner/name" or "name")."""
-    return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
-            or "\\" in text or text.endswith((".parquet", ".arrow")))
 
 
 def _load_dir(path: Path) -> dict[str, datasets.Dataset]:
@@ -542,7 +516,7 @@ def make_cifar_sample(src_dir: str | os.PathLike, dst_path: str | os.PathLike,
     schema (Image + ClassLabel features). Returns the written paths.
 
     The shipped sample was made with
-    ``make_cifar_sample("../shared/data/cifar10", DEFAULT_DATASET)``.
+    ``make_cifar_sample("path/to/cifar10", DEFAULT_DATASET)``.
     """
     src, dst = Path(src_dir), Path(dst_path)
     dst.mkdir(parents=True, exist_ok=True)

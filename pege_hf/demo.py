@@ -5,7 +5,9 @@
     pege demo --fp runs/fp --w2 runs/w2a2 --w3 runs/w3a3 --w4 runs/w4a4 --host 0.0.0.0 --port 8080
     pege demo --w2 user/resnet20-pege-w2a2      # Hub ids work too (when online)
 
-It runs app/app.py of the source checkout (`python app/app.py` takes the same options).
+The page and its backend live in app/ of the repository (above the library, with the `demo` extra:
+``pip install 'pege-hf[demo]'``); this command runs app/app.py of a source checkout, and says how to get
+one when it is missing. ``python app/app.py`` takes the same options.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import sys
 from pathlib import Path
 
 APP_PATH = Path(__file__).resolve().parents[1] / "app" / "app.py"
+DEFAULT_HOST = "127.0.0.1"
+HOW_TO_GET_THE_APP = ("`pege demo` runs the Gradio app of a source checkout of pege-hf: git clone the repository, "
+                      "`pip install -e '.[demo]'` there, then run `pege demo` (or `python app/app.py`)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for key, title in (("fp", "full-precision"), ("w4", "PEGE W4A4"), ("w3", "PEGE W3A3"), ("w2", "PEGE W2A2")):
         models.add_argument(f"--{key}", metavar="DIR_OR_HUB_ID", default=None,
                             help=f"the {title} checkpoint (a folder or a Hub id); overrides --model")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or DEFAULT_HOST,
+                        help=f"interface to listen on (default: $GRADIO_SERVER_NAME, else {DEFAULT_HOST}; "
+                             "0.0.0.0 listens on every interface)")
     parser.add_argument("--port", type=int, default=None,
                         help="port (default: $GRADIO_SERVER_PORT, else the first free one from 7860)")
     parser.add_argument("--concurrency", type=int, default=2,
@@ -42,15 +48,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "benchmarks/accuracy.json of the checkout; the models' metrics.json without it)")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """ValueError naming the option, before any model is loaded."""
+    if args.port is not None and not 0 < args.port < 65536:
+        raise ValueError(f"--port must be from 1 to 65535; got {args.port}")
+    for name, low in (("concurrency", 1), ("threads", 0), ("examples", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} must be >= {low}; got {getattr(args, name)}")
+    if args.benchmarks is not None and not Path(args.benchmarks).is_file():
+        raise FileNotFoundError(f"--benchmarks {args.benchmarks!r} does not exist")
+
+
 def main(args: argparse.Namespace) -> int:
+    check_arguments(args)
     if not APP_PATH.is_file():
-        print(f"pege demo: the Gradio app is missing: {APP_PATH} does not exist. `pege demo` runs app/app.py of a "
-              f"source checkout of pege_hf (git clone the repository, then `pip install -e .` there).",
+        print(f"pege demo: error: the Gradio app is not installed ({APP_PATH} does not exist). {HOW_TO_GET_THE_APP}",
               file=sys.stderr)
         return 2
+    if importlib.util.find_spec("gradio") is None:
+        print("pege demo: error: gradio is not installed: pip install 'pege-hf[demo]'", file=sys.stderr)
+        return 2
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no calls home
-    app = load_app_module()
-    return app.main(args=args)
+    return load_app_module().main(args=args)
 
 
 def load_app_module(path: Path | None = None):
@@ -68,4 +87,6 @@ def load_app_module(path: Path | None = None):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="pege demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    from .cli import run_command
+
+    sys.exit(run_command("demo", main, parser.parse_args()))

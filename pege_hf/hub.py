@@ -10,8 +10,7 @@
                             ``save_pretrained(..., push_to_hub=True)``) upload the PEGE card instead of
                             transformers' generic one; the PEGE quantizer calls it on every model it sets up.
 
-The card template is model_cards/model_card.md in the repository; the wheel carries an identical copy
-as pege_hf/model_card_template.md (tests/test_hub.py holds them equal).
+The card template is pege_hf/model_card_template.md (a huggingface_hub ModelCard jinja template).
 """
 
 from __future__ import annotations
@@ -29,12 +28,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .hf.quantizer import MODEL_HOOKS
+from .sources import SHIPPED_FP_MODEL, check_checkpoint_dir, is_hub_id
+from .version import __version__
+
 logger = logging.getLogger("pege_hf.hub")
 
 __all__ = ["PushError", "attach_model_card", "render_model_card", "push_to_hub", "add_arguments", "main"]
 
 _HERE = Path(__file__).resolve().parent
-REPO_TEMPLATE = _HERE.parent / "model_cards" / "model_card.md"  # canonical, in a source checkout
 PACKAGED_TEMPLATE = _HERE / "model_card_template.md"  # the copy installed with the wheel
 LICENSE = "apache-2.0"
 LIBRARY_NAME = "pege-hf"
@@ -48,7 +50,6 @@ ESTIMATORS = {
     "ste": "the straight-through estimator (STE)",
     "ewgs": "EWGS (element-wise gradient scaling)",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _CIFAR10_NAMES = re.compile(r"^cifar-?10([_-]sample)?$", re.IGNORECASE)
 
 
@@ -61,12 +62,10 @@ class PushError(RuntimeError):
 
 
 def template_path() -> Path:
-    """The card template: the repository's model_cards/model_card.md, else the packaged copy."""
-    for path in (REPO_TEMPLATE, PACKAGED_TEMPLATE):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"model card template not found (looked for {REPO_TEMPLATE} and {PACKAGED_TEMPLATE}); "
-                            "reinstall pege-hf")
+    """The card template shipped with the package."""
+    if not PACKAGED_TEMPLATE.is_file():
+        raise FileNotFoundError(f"model card template not found ({PACKAGED_TEMPLATE}); reinstall pege-hf")
+    return PACKAGED_TEMPLATE
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -77,20 +76,6 @@ def _read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object ({what})")
     return data
-
-
-def check_checkpoint_dir(checkpoint_dir: str | os.PathLike) -> Path:
-    """The folder as a Path; FileNotFoundError when it is not a checkpoint written by save_pretrained."""
-    path = Path(checkpoint_dir).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise FileNotFoundError(f"{str(path)!r} is a file, not a checkpoint folder (a folder written by "
-                                "save_pretrained or `pege train`)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a model checkpoint: it has no config.json (expected a folder "
-                                "written by save_pretrained or `pege train`)")
-    return path
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -133,9 +118,9 @@ def _local_dir(ref: str | None, *anchors: Path) -> Path | None:
 
 def _hub_id(ref: str | None, *anchors: Path) -> str | None:
     """``ref`` when it can only be a Hub repo id (owner/name, not a local path), else None."""
-    if not ref or _local_dir(ref, *anchors) is not None or Path(ref).expanduser().exists():
+    if not ref or _local_dir(ref, *anchors) is not None:
         return None
-    return ref if _HUB_ID.match(ref) and not ref.startswith(".") else None
+    return ref if is_hub_id(ref) else None
 
 
 def _inspect_model(checkpoint_dir: Path, config: dict) -> dict[str, Any]:
@@ -261,8 +246,6 @@ def _describe_base(ref: str | None, explicit: str | None, metrics: dict | None, 
         return hub, f"[{hub}](https://huggingface.co/{hub})"
     local = _local_dir(ref, *anchors)
     name = Path(ref).name or ref
-    from .train import SHIPPED_FP_MODEL
-
     if local is not None and local.resolve() == SHIPPED_FP_MODEL.resolve():
         return None, f"the full-precision CIFAR ResNet-20 shipped with pege-hf (`{name}`)"
     return None, f"a local float checkpoint (`{name}`)"
@@ -335,47 +318,43 @@ def _training_facts(m: dict) -> list[str]:
 # ============================================================================ the card
 
 
-def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *, base_model: str | None = None,
-                     dataset: str | None = None, repo_id: str | None = None):
-    """The ModelCard of a checkpoint folder, given its training metrics (None: not measured)."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from . import __version__
-
-    ckpt = check_checkpoint_dir(checkpoint_dir)
-    anchors = (ckpt, ckpt.parent, Path.cwd())
-    config = _read_json(ckpt / "config.json", "the model config")
+def _quantization_of(ckpt: Path, config: dict) -> dict:
+    """What the checkpoint is: its PEGE config (or None), bit label and estimator."""
     qc = config.get("quantization_config") or None
     quantized = bool(qc) and qc.get("quant_method") == "pege"
     if qc and not quantized:
         raise ValueError(f"{ckpt} holds a {qc.get('quant_method')!r}-quantized checkpoint; pege-hf writes cards for "
                          "float and PEGE checkpoints only")
-    m = metrics or {}
-
-    # ---- what the model is
     w_bits = qc.get("w_bits") if quantized else None
     a_bits = qc.get("a_bits") if quantized else None
-    bits_label = (f"W{w_bits}A{a_bits if a_bits is not None else 32}" if quantized else "FP32")
-    estimator = qc.get("estimator", "pege") if quantized else None
-    title = (repo_id.split("/")[-1] if repo_id else None) or ckpt.resolve().name
+    return {"qc": qc if quantized else {}, "quantized": quantized, "w_bits": w_bits, "a_bits": a_bits,
+            "bits_label": f"W{w_bits}A{a_bits if a_bits is not None else 32}" if quantized else "FP32",
+            "estimator": qc.get("estimator", "pege") if quantized else None}
+
+
+def _task_of(config: dict) -> str | None:
     arch = (config.get("architectures") or [""])[0]
-    task = ("image-classification" if arch.endswith("ForImageClassification") else
+    return ("image-classification" if arch.endswith("ForImageClassification") else
             "text-classification" if arch.endswith("ForSequenceClassification") else None)
+
+
+def _inspect_safely(ckpt: Path, config: dict) -> dict:
     try:
-        inspected = _inspect_model(ckpt, config)
+        return _inspect_model(ckpt, config)
     except Exception as e:  # noqa: BLE001 - the card says what could not be computed, and why
         logger.warning("could not build the architecture of %s to count its parameters: %s", ckpt, e)
-        inspected = {"error": f"{type(e).__name__}: {e}"}
+        return {"error": f"{type(e).__name__}: {e}"}
 
-    # ---- sizes
+
+def _sizes(ckpt: Path, m: dict, inspected: dict, quantized: bool) -> dict:
+    """Checkpoint bytes on disk, the float32 size (and how it was found), their ratio."""
     weights = weight_files(ckpt)
     ckpt_bytes = sum(f.stat().st_size for f in weights)
     if isinstance(m.get("float_size_bytes"), int):
         float_bytes = m["float_size_bytes"]
         float_how = "The float32 size is `float_size_bytes` from this checkpoint's metrics.json."
     elif "params" in inspected:
-        n = inspected["params"] + inspected["buffers"]
-        float_bytes = 4 * n
+        float_bytes = 4 * (inspected["params"] + inspected["buffers"])
         float_how = (f"The float32 size is computed, not measured on a file: the dequantized model "
                      f"(`model.dequantize()`) has {inspected['params']:,} parameters and {inspected['buffers']:,} "
                      f"buffer elements, x 4 bytes = {float_bytes:,} bytes (a float safetensors file adds a small "
@@ -383,88 +362,117 @@ def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *,
     else:
         float_bytes = None
         float_how = f"The float32 size could not be computed ({inspected.get('error')})."
-    ratio = f"{float_bytes / ckpt_bytes:.1f}" if float_bytes and ckpt_bytes and quantized else None
+    return {"weight_files_text": ", ".join(f.name for f in weights) or "none found",
+            "checkpoint_size": _bytes(ckpt_bytes), "float_size": _bytes(float_bytes) if float_bytes else "unknown",
+            "ratio": f"{float_bytes / ckpt_bytes:.1f}" if float_bytes and ckpt_bytes and quantized else None,
+            "float_size_how": float_how}
 
-    # ---- data, base model, accuracy
-    ds_id, ds_text, ds_name = _describe_dataset(m.get("dataset"), dataset, anchors)
-    base_id, base_text = _describe_base(m.get("base_model"), base_model, metrics, anchors)
-    accuracy = m.get("accuracy") if _measured(m.get("accuracy")) else None
-    base_acc = _base_accuracy(m, m.get("base_model"), anchors) if accuracy is not None else None
-    num_test = m.get("num_test")
-    eval_text = f"test split of {ds_text}" + (f" ({num_test:,} images)" if isinstance(num_test, int) else "")
 
-    # ---- metadata
+def _card_data(q: dict, task, accuracy, ds: tuple, base_id, num_test, title):
+    """The card's YAML metadata: tags, data set, base model, the measured accuracy as an eval result."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    ds_id, _, ds_name = ds
     tags = ["pege", "pege-hf"]
-    if quantized:
-        tags += ["quantization", "qat", bits_label.lower(), f"{w_bits}-bit"]
-        if estimator != "pege":
-            tags.append(estimator)
+    if q["quantized"]:
+        tags += ["quantization", "qat", q["bits_label"].lower(), f"{q['w_bits']}-bit"]
+        tags += [q["estimator"]] if q["estimator"] != "pege" else []
     else:
         tags.append("full-precision")
-    if task:
-        tags.append(task)
+    tags += [task] if task else []
     eval_results = None
     if accuracy is not None and task:
         eval_results = [EvalResult(
             task_type=task, dataset_type=ds_id or ds_name, dataset_split="test",
             dataset_name=ds_name + (f", {num_test:,} test images" if isinstance(num_test, int) else ""),
             metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=float(accuracy))]
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name=LIBRARY_NAME, license=LICENSE, tags=tags, pipeline_tag=task,
         datasets=[ds_id] if ds_id else None, base_model=base_id,
-        base_model_relation="quantized" if (base_id and quantized) else None,
+        base_model_relation="quantized" if (base_id and q["quantized"]) else None,
         metrics=["accuracy"] if eval_results else None, model_name=title if eval_results else None,
         eval_results=eval_results)
 
-    # ---- body
+
+def _model_texts(config: dict, q: dict, inspected: dict) -> dict:
+    """The card's sentences about the model: labels, parameters, what stays float, the curriculum."""
+    qc = q["qc"]
     labels = [v for _, v in sorted((config.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
     labels_text = (f"{len(labels)} classes: " + ", ".join(map(str, labels[:20])) + (", ..." if len(labels) > 20 else "")
                    if labels else "unknown")
     if "params" in inspected:
         num_params_text = f"{inspected['params']:,} parameters"
-        if quantized:
+        if q["quantized"]:
             num_params_text += (f"; {len(inspected['quantized_layers'])} of {len(inspected['layers'])} conv/linear "
                                 "layers quantized")
         kept = [f"`{n}`" for n in inspected["float_layers"]] or ["no conv/linear layer"]
     else:  # the config's rule, in words
         num_params_text = "parameter count unknown"
         kept = [label for flag, label in ((qc.get("skip_stem"), "the first layer"), (qc.get("skip_head"), "the head"))
-                if flag] + [f"`{n}`" for n in (qc.get("modules_to_not_convert") or [])] if quantized else []
-    kept_float_text = ", ".join(kept or ["no conv/linear layer"]) + \
-        "; BatchNorm, biases and other non-conv/linear operations stay float32"
-    if quantized and estimator == "pege":
+                if flag] + [f"`{n}`" for n in (qc.get("modules_to_not_convert") or [])] if q["quantized"] else []
+    if q["quantized"] and q["estimator"] == "pege":
         curriculum_text = (f"{qc.get('curriculum')} r(t) (alpha {qc.get('alpha')}, reaches 1 after "
                            f"{100 * float(qc.get('ramp_fraction', 0)):.0f}% of training); masks: "
                            f"{qc.get('w_mask')} (weights), {qc.get('a_mask')} (activations); discretization "
                            f"lambda {qc.get('discretization_lambda')} ({qc.get('lambda_schedule')})")
     else:
         curriculum_text = "none (every element is quantized from the first step)"
+    return {"labels_text": labels_text, "num_params_text": num_params_text, "curriculum_text": curriculum_text,
+            "kept_float_text": ", ".join(kept or ["no conv/linear layer"])
+            + "; BatchNorm, biases and other non-conv/linear operations stay float32"}
+
+
+def _accuracy_texts(m: dict, accuracy, base_acc) -> dict:
+    measured_number = lambda d, k: _number(d[k]) if d and isinstance(d.get(k), (int, float)) else "not measured"  # noqa: E731
+    return {
+        "accuracy": _pct(accuracy) if accuracy is not None else None,
+        "top5": _pct(m["top5"]) if _measured(m.get("top5")) else "not measured",
+        "loss": measured_number(m, "loss"),
+        "base_accuracy": _pct(base_acc["accuracy"]) if base_acc else None,
+        "base_top5": _pct(base_acc["top5"]) if base_acc and _measured(base_acc.get("top5")) else "not measured",
+        "base_loss": measured_number(base_acc, "loss"),
+        "base_accuracy_source": base_acc["source"] if base_acc else None,
+    }
+
+
+def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *, base_model: str | None = None,
+                     dataset: str | None = None, repo_id: str | None = None):
+    """The ModelCard of a checkpoint folder, given its training metrics (None: not measured)."""
+    from huggingface_hub import ModelCard
+
+    ckpt = check_checkpoint_dir(checkpoint_dir)
+    anchors = (ckpt, ckpt.parent, Path.cwd())
+    config = _read_json(ckpt / "config.json", "the model config")
+    q, m, task = _quantization_of(ckpt, config), metrics or {}, _task_of(config)
+    title = (repo_id.split("/")[-1] if repo_id else None) or ckpt.resolve().name
+    inspected = _inspect_safely(ckpt, config)
+    ds = _describe_dataset(m.get("dataset"), dataset, anchors)
+    base_id, base_text = _describe_base(m.get("base_model"), base_model, metrics, anchors)
+    accuracy = m.get("accuracy") if _measured(m.get("accuracy")) else None
+    base_acc = _base_accuracy(m, m.get("base_model"), anchors) if accuracy is not None else None
+    num_test = m.get("num_test")
     variables = dict(
-        title=title, has_metrics=metrics is not None, quantized=quantized, bits_label=bits_label, w_bits=w_bits,
-        a_bits=a_bits,
-        estimator=estimator, estimator_long=ESTIMATORS.get(estimator, estimator),
-        w_quantizer=qc.get("w_quantizer") if quantized else None,
-        a_quantizer=qc.get("a_quantizer") if quantized else None,
-        arch_name=_arch_name(config), num_params_text=num_params_text, base_model_text=base_text,
-        dataset_text=ds_text, kept_float_text=kept_float_text, curriculum_text=curriculum_text,
-        labels_text=labels_text,
-        accuracy=_pct(accuracy) if accuracy is not None else None,
-        top5=_pct(m["top5"]) if _measured(m.get("top5")) else "not measured",
-        loss=_number(m["loss"]) if isinstance(m.get("loss"), (int, float)) else "not measured",
-        eval_text=eval_text,
-        base_accuracy=_pct(base_acc["accuracy"]) if base_acc else None,
-        base_top5=_pct(base_acc["top5"]) if base_acc and _measured(base_acc.get("top5")) else "not measured",
-        base_loss=_number(base_acc["loss"]) if base_acc and isinstance(base_acc.get("loss"), (int, float))
-        else "not measured",
-        base_accuracy_source=base_acc["source"] if base_acc else None,
-        weight_files_text=", ".join(f.name for f in weights) or "none found",
-        checkpoint_size=_bytes(ckpt_bytes), float_size=_bytes(float_bytes) if float_bytes else "unknown",
-        ratio=ratio, float_size_how=float_how,
-        model_ref=repo_id or str(checkpoint_dir),
-        command=command_text(m.get("command")), training_facts=_training_facts(m),
-        pege_hf_version=__version__,
-    )
+        title=title, has_metrics=metrics is not None, quantized=q["quantized"], bits_label=q["bits_label"],
+        w_bits=q["w_bits"], a_bits=q["a_bits"], estimator=q["estimator"],
+        estimator_long=ESTIMATORS.get(q["estimator"], q["estimator"]),
+        w_quantizer=q["qc"].get("w_quantizer"), a_quantizer=q["qc"].get("a_quantizer"),
+        arch_name=_arch_name(config), base_model_text=base_text, dataset_text=ds[1],
+        eval_text=f"test split of {ds[1]}" + (f" ({num_test:,} images)" if isinstance(num_test, int) else ""),
+        model_ref=repo_id or str(checkpoint_dir), command=command_text(m.get("command")),
+        training_facts=_training_facts(m), pege_hf_version=__version__,
+        **_model_texts(config, q, inspected), **_accuracy_texts(m, accuracy, base_acc),
+        **_sizes(ckpt, m, inspected, q["quantized"]))
+    if not can_render_cards():
+        raise ImportError("model cards need jinja2: pip install 'pege-hf[hub]'")
+    card_data = _card_data(q, task, accuracy, ds, base_id, num_test, title)
     return ModelCard.from_template(card_data, template_path=str(template_path()), **variables)
+
+
+def can_render_cards() -> bool:
+    """Whether jinja2 (the `hub` extra), which huggingface_hub renders card templates with, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("jinja2") is not None
 
 
 def render_model_card(checkpoint_dir: str | os.PathLike, *, base_model: str | None = None,
@@ -532,6 +540,31 @@ def _stage(src: Path, dst: Path, ignore: list[str]) -> list[str]:
     return staged
 
 
+def _check_push(model_or_dir, repo_id: str, token: str | None) -> tuple[Path | None, str]:
+    """Everything a push needs, checked before any network call: the local input, the repo id, the token
+    and offline mode. Returns (checkpoint folder or None for a model, token)."""
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    ckpt = None
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        ckpt = check_checkpoint_dir(model_or_dir)
+    elif not hasattr(model_or_dir, "save_pretrained"):
+        raise TypeError(f"push_to_hub takes a checkpoint folder or a transformers PreTrainedModel, got "
+                        f"{type(model_or_dir).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"invalid repo id {repo_id!r}: expected 'owner/name' ({_one_line(e)})") from None
+    token = token or get_token()
+    if not token:
+        raise PushError("not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN, or pass "
+                        "--token / token=) with a token that can write to " + repr(repo_id))
+    if _offline():
+        raise PushError("offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to push to the Hub")
+    return ckpt, token
+
+
 def push_to_hub(model_or_dir, repo_id: str, *, private: bool = False, token: str | None = None,
                 commit_message: str | None = None, endpoint: str | None = None, base_model: str | None = None,
                 dataset: str | None = None) -> str:
@@ -543,30 +576,10 @@ def push_to_hub(model_or_dir, repo_id: str, *, private: bool = False, token: str
     into a temporary staging folder (the checkpoint folder itself is never written), the repo is created
     (``exist_ok``) and the folder uploaded in one commit. Raises PushError for a missing token, offline mode
     or any Hub failure; pushing again after a failure is safe."""
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub import HfApi
 
-    from . import __version__
-
-    # ---- 1. local input
     is_dir = isinstance(model_or_dir, (str, os.PathLike))
-    if is_dir:
-        ckpt = check_checkpoint_dir(model_or_dir)
-    elif not hasattr(model_or_dir, "save_pretrained"):
-        raise TypeError(f"push_to_hub takes a checkpoint folder or a transformers PreTrainedModel, got "
-                        f"{type(model_or_dir).__name__}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"invalid repo id {repo_id!r}: expected 'owner/name' ({_one_line(e)})") from None
-    # ---- 2. token, 3. offline mode: before anything reaches the network
-    token = token or get_token()
-    if not token:
-        raise PushError("not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN, or pass "
-                        "--token / token=) with a token that can write to " + repr(repo_id))
-    if _offline():
-        raise PushError("offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to push to the Hub")
-
+    ckpt, token = _check_push(model_or_dir, repo_id, token)
     api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
     with tempfile.TemporaryDirectory(prefix="pege-push-") as tmp:
         stage = Path(tmp) / "stage"
@@ -638,6 +651,9 @@ def attach_model_card(model) -> None:
         model._upload_modified_files = _PEGECardOnPush(model)
 
 
+MODEL_HOOKS.append(attach_model_card)
+
+
 # ============================================================================ command line
 
 
@@ -672,7 +688,10 @@ def main(args: argparse.Namespace) -> int:
         url = push_to_hub(args.checkpoint_dir, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.commit_message, endpoint=args.endpoint, base_model=args.base_model,
                           dataset=args.dataset)
-    except (PushError, FileNotFoundError, ValueError, TypeError) as e:
+    except (FileNotFoundError, ValueError, TypeError) as e:  # bad input: exit 2, as argparse does
+        print(f"pege push: error: {_one_line(e, 1000)}", file=sys.stderr)
+        return 2
+    except PushError as e:  # the Hub or the login: exit 1
         print(f"pege push: error: {_one_line(e, 1000)}", file=sys.stderr)
         return 1
     print(f"pushed {args.checkpoint_dir} to {url}")

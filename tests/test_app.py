@@ -27,7 +27,8 @@ from PIL import Image  # noqa: E402
 
 import pege_hf  # noqa: E402
 from pege_hf import demo as demo_cli  # noqa: E402
-from pege_hf import inference as inf  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))  # the demo's backend lives beside the app
+import demo_backend as inf  # noqa: E402
 from pege_hf.data import CIFAR10_CLASSES, preprocess_pil  # noqa: E402
 from pege_hf.hf.cifar import cifar_resnet  # noqa: E402
 

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.pege_bench import matrix, tools
+from benchmarks.pege_bench.__main__ import main as research_main
+from conftest import ROOT
 from pege_hf import bench, cli
 from pege_hf.hf.cifar import cifar_resnet
 from pege_hf.quant import grid
@@ -59,7 +62,7 @@ def test_speed_cli_channels_last_writes_its_own_files(tmp_path, capsys):
 
 
 def test_speed_plot_writes_a_png(tmp_path):
-    result = json.loads((Path(bench.__file__).parents[1] / "benchmarks" / "speed.json").read_text())
+    result = json.loads((ROOT / "benchmarks" / "speed.json").read_text())
     bench.speed_plot(result, tmp_path / "speed.png")
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -77,8 +80,8 @@ def test_accuracy_plots_one_panel_per_bit_width(tmp_path):
     runs["fp"] = {"estimator": "fp", "bits": None, "seed": 0, "variant": "main", "epoch_accuracy": [0.5, 0.85]}
     result = {"runs": runs, "fp_accuracy": 0.85, "summary": [
         {"estimator": "pege", "variant": "main", "bits": 2, "mean": 0.82, "spread": 0.01}]}
-    plt = bench._pyplot()
-    fig = bench.accuracy_over_training_figure(plt, result)
+    plt = bench.pyplot()
+    fig = matrix.accuracy_over_training_figure(plt, result)
     assert [ax.get_title() for ax in fig.axes] == ["W2A2", "W4A4"]
     w2 = {line.get_label(): line for line in fig.axes[0].get_lines()}
     assert set(w2) == {"PEGE", "PEGE (lambda0)", "PEGE (linear)", "STE", "FP (final)"}  # no seed 1, no FP curve
@@ -90,10 +93,10 @@ def test_accuracy_plots_one_panel_per_bit_width(tmp_path):
     assert list(w2["PEGE"].get_ydata()) == pytest.approx([70.0, 82.0])
     assert list(w2["FP (final)"].get_ydata()) == [85.0, 85.0]
     plt.close(fig)
-    bench.accuracy_plots(result, tmp_path)
+    matrix.accuracy_plots(result, tmp_path)
     for name in ("accuracy_vs_bits.png", "accuracy_over_training.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert bench.accuracy_over_training_figure(plt, {**result, "runs": {"fp": runs["fp"]}}) is None
+    assert matrix.accuracy_over_training_figure(plt, {**result, "runs": {"fp": runs["fp"]}}) is None
 
 
 def test_accuracy_vs_bits_draws_estimators_and_ablations_run_at_several_widths():
@@ -107,8 +110,8 @@ def test_accuracy_vs_bits_draws_estimators_and_ablations_run_at_several_widths()
     runs = {f"{r['estimator']}-{r['variant']}-{r['bits']}": {**r, "seed": 0, "epoch_accuracy": [r["mean"]]}
             for r in summary}
     result = {"runs": runs, "fp_accuracy": 0.88, "summary": summary}
-    plt = bench._pyplot()
-    fig = bench.accuracy_vs_bits_figure(plt, result)
+    plt = bench.pyplot()
+    fig = matrix.accuracy_vs_bits_figure(plt, result)
     lines = {c.get_label(): c.lines[0] for c in fig.axes[0].containers}  # errorbar: label on the container
     assert set(lines) == {"STE", "PEGE", "PEGE (instant)"}
     assert [line.get_label() for line in fig.axes[0].get_lines() if line.get_label() == "FP"] == ["FP"]
@@ -116,7 +119,7 @@ def test_accuracy_vs_bits_draws_estimators_and_ablations_run_at_several_widths()
     assert list(lines["PEGE (instant)"].get_ydata()) == pytest.approx([84.5, 87.2])
     assert lines["PEGE (instant)"].get_color() == lines["PEGE"].get_color() != lines["STE"].get_color()
     assert lines["PEGE"].get_linestyle() == "-" and lines["PEGE (instant)"].get_linestyle() != "-"
-    over = bench.accuracy_over_training_figure(plt, result)
+    over = matrix.accuracy_over_training_figure(plt, result)
     w2 = {line.get_label(): line for line in over.axes[0].get_lines()}
     assert w2["PEGE (instant)"].get_linestyle() == lines["PEGE (instant)"].get_linestyle()
     caps = [c for c in fig.axes[0].collections]  # the STE error bar spans its half-range: 84 +- 0.2
@@ -143,7 +146,7 @@ def test_init_benchmark_times_and_scores_each_rule():
 
 
 def test_accuracy_plan_protocol():
-    plan = bench.accuracy_plan(data="D", fp_epochs=60, qat_epochs=15)
+    plan = matrix.accuracy_plan(data="D", fp_epochs=60, qat_epochs=15)
     names = [r.name for r in plan]
     assert names[0] == "resnet20-fp" and len(names) == len(set(names))
     qat = [r for r in plan if r.estimator != "fp"]
@@ -154,9 +157,9 @@ def test_accuracy_plan_protocol():
         args = list(r.args)
         i = args.index("--estimator")
         args = args[:i] + args[i + 2:]
-        if r.estimator == "pege" and bench.PEGE_TUNED:
-            j = len(args) - len(bench.PEGE_TUNED)
-            assert tuple(args[j:]) == bench.PEGE_TUNED
+        if r.estimator == "pege" and matrix.PEGE_TUNED:
+            j = len(args) - len(matrix.PEGE_TUNED)
+            assert tuple(args[j:]) == matrix.PEGE_TUNED
             args = args[:j]
         return args
     for b in (2, 3, 4):
@@ -164,8 +167,8 @@ def test_accuracy_plan_protocol():
         assert {r.estimator for r in main} == {"ste", "ewgs", "pege"}
         assert len({tuple(recipe(r)) for r in main}) == 1
     # the tuned shared recipe reaches every QAT run, not the FP one
-    recipe_flags = bench.QAT_RECIPE
-    assert recipe_flags in bench.TUNING_RECIPES.values()  # the chosen recipe is one `pege bench tune` tried
+    recipe_flags = matrix.QAT_RECIPE
+    assert recipe_flags in matrix.TUNING_RECIPES.values()  # the chosen recipe is one `pege bench tune` tried
     assert all(" ".join(recipe_flags) in " ".join(r.args) for r in qat)
     assert not recipe_flags or " ".join(recipe_flags) not in " ".join(plan[0].args)
     assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 9  # 3 seeds at W2A2
@@ -189,7 +192,7 @@ def test_accuracy_plan_protocol():
 
 
 def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
-    plan = bench.accuracy_plan(data="D", pege_args=("--lambda", "0.5", "--alpha", "3"))
+    plan = matrix.accuracy_plan(data="D", pege_args=("--lambda", "0.5", "--alpha", "3"))
     for r in plan[1:]:
         assert ("--alpha" in r.args) == (r.estimator == "pege")
     lambda0 = next(r for r in plan if r.variant == "lambda0")
@@ -197,77 +200,78 @@ def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
     assert args.discretization_lambda == 0.0 and args.alpha == 3.0  # the ablation's own flag wins
     # a recipe given replaces the tuned one, for every QAT run alike
     parse = lambda r: cli.build_parser("train").parse_args(["train", *r.args])  # noqa: E731
-    plan = bench.accuracy_plan(data="D", qat_args=("--scale-init", "lsq", "--quantizer-lr-scale", "0.5"))
+    plan = matrix.accuracy_plan(data="D", qat_args=("--scale-init", "lsq", "--quantizer-lr-scale", "0.5"))
     assert {(parse(r).scale_init, parse(r).quantizer_lr_scale) for r in plan[1:]} == {("lsq", 0.5)}
-    assert parse(plan[0]).quantizer_lr_scale == 0.1  # FP: untouched
+    assert parse(plan[0]).quantizer_lr_scale == 1.0  # FP: untouched (the default)
 
 
 def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
-    plan = bench.tuning_plan(model="fp", data="train.parquet", epochs=3)
+    plan = matrix.tuning_plan(model="fp", data="train.parquet", epochs=3)
     parse = lambda args: vars(cli.build_parser("train").parse_args(["train", *args]))  # noqa: E731
     parsed = {r.name: parse(r.args) for r in plan}
     assert plan[0].name == "w2a2-ste" and plan[1].name == "w2a2-pege-default"
-    assert len(parsed) == len(plan) == 2 * len(bench.TUNING_RECIPES) + len(bench.TUNING_VARIANTS) - 1
+    assert len(parsed) == len(plan) == 2 * len(matrix.TUNING_RECIPES) + len(matrix.TUNING_VARIANTS) - 1
     default = parsed["w2a2-pege-default"]
     for r in plan:
         args = parsed[r.name]
         # the carved validation split depends on the dataset and the seed: identical for every run
         assert args["seed"] == 0 and args["dataset"] == "train.parquet" and args["test_split"] is None
         changed = {k for k in args if args[k] != default[k]}
-        flags = bench._tuning_setting(r.variant).split() if bench._tuning_setting(r.variant) != "-" else []
-        # exactly the run's own settings differ (plus the estimator for STE), each one given
-        assert len(changed) == len(flags) // 2 + (r.estimator == "ste")
+        flags = matrix._tuning_setting(r.variant).split() if matrix._tuning_setting(r.variant) != "-" else []
+        # only the run's own settings differ (plus the estimator for STE), each one given; a setting equal to
+        # today's default (the tuned recipe became the default) differs in name only
+        assert len(changed) <= len(flags) // 2 + (r.estimator == "ste")
         assert all(f in r.args for f in flags)
     # every recipe is tried for STE and for PEGE alike
-    for recipe in bench.TUNING_RECIPES:
+    for recipe in matrix.TUNING_RECIPES:
         tail = f"-{recipe}" if recipe else ""
         assert parsed[f"w2a2-ste{tail}"] | {"estimator": "pege"} == parsed[f"w2a2-pege-default{tail}"]
 
 
 @pytest.mark.parametrize("recipe", ["", "mse", "mse-qlr1"])
 def test_tuning_plan_tries_pege_settings_under_the_chosen_recipe(recipe):
-    plan = bench.tuning_plan(model="fp", data="train.parquet", recipe=recipe)
+    plan = matrix.tuning_plan(model="fp", data="train.parquet", recipe=recipe)
     parse = lambda args: vars(cli.build_parser("train").parse_args(["train", *args]))  # noqa: E731
     tail = f"-{recipe}" if recipe else ""
     base = parse(next(r for r in plan if r.name == f"w2a2-pege-default{tail}").args)
     variants = [r for r in plan if r.variant.split("-")[0] not in ("ste", "default")]
-    assert len(variants) == len(bench.TUNING_VARIANTS) - 1
-    recipe_flags = dict(zip(*[iter(bench.TUNING_RECIPES[recipe])] * 2))
+    assert len(variants) == len(matrix.TUNING_VARIANTS) - 1
+    recipe_flags = dict(zip(*[iter(matrix.TUNING_RECIPES[recipe])] * 2))
     for r in variants:
-        assert r.name.endswith(f"-{r.variant}") and bench._tuning_parts(r.variant)[1] == recipe
+        assert r.name.endswith(f"-{r.variant}") and matrix._tuning_parts(r.variant)[1] == recipe
         args = parse(r.args)
         assert args["scale_init"] == recipe_flags.get("--scale-init")  # None: PEGEConfig's default
         assert args["quantizer_lr_scale"] == float(recipe_flags.get("--quantizer-lr-scale", 0.1))
         # only the variant's own setting differs from PEGE's defaults under that recipe
-        name = bench._tuning_parts(r.variant)[0]
-        assert len({k for k in args if args[k] != base[k]}) == len(bench.TUNING_VARIANTS[name]) // 2
+        name = matrix._tuning_parts(r.variant)[0]
+        assert len({k for k in args if args[k] != base[k]}) == len(matrix.TUNING_VARIANTS[name]) // 2
     # combinations: the flags of every part, named by the parts
-    plan = bench.tuning_plan(model="fp", data="train.parquet", recipe=recipe, combine=("lambda1+amask-progressive",))
+    plan = matrix.tuning_plan(model="fp", data="train.parquet", recipe=recipe, combine=("lambda1+amask-progressive",))
     combo = plan[-1]
     assert combo.name == f"w2a2-pege-lambda1+amask-progressive{tail}"
     args = parse(combo.args)
     assert args["discretization_lambda"] == 1.0 and args["a_mask"] == "progressive"
     assert len({k for k in args if args[k] != base[k]}) == 2
-    assert bench._tuning_setting(combo.variant).endswith("--lambda 1 --a-mask progressive")
+    assert matrix._tuning_setting(combo.variant).endswith("--lambda 1 --a-mask progressive")
     for bad in ("lambda1", "lambda1+fast", "default+lambda1"):
         with pytest.raises(ValueError, match=f"--combine '{re.escape(bad)}'"):
-            bench.tuning_plan(model="fp", data="train.parquet", combine=(bad,))
+            matrix.tuning_plan(model="fp", data="train.parquet", combine=(bad,))
     # a dash inside a setting's name is not read as a recipe
-    assert bench._tuning_parts("mask-error") == ("mask-error", "")
-    assert bench._tuning_parts("mask-error-qlr1") == ("mask-error", "qlr1")
+    assert matrix._tuning_parts("mask-error") == ("mask-error", "")
+    assert matrix._tuning_parts("mask-error-qlr1") == ("mask-error", "qlr1")
     with pytest.raises(ValueError, match="unknown tuning recipe 'fast'"):
-        bench.tuning_plan(model="fp", data="train.parquet", recipe="fast")
+        matrix.tuning_plan(model="fp", data="train.parquet", recipe="fast")
 
 
 def test_tuning_report_compares_each_pege_run_with_ste_under_the_same_recipe(tmp_path):
-    plan = bench.tuning_plan(model="fp", data="D", recipe="mse")
+    plan = matrix.tuning_plan(model="fp", data="D", recipe="mse")
     accuracy = {"w2a2-ste": 0.45, "w2a2-pege-default": 0.74, "w2a2-ste-mse": 0.83, "w2a2-pege-default-mse": 0.8234,
                 "w2a2-pege-lambda1-mse": 0.8401}
     for name, acc in accuracy.items():
         (tmp_path / "tuning" / name).mkdir(parents=True)
         history = [{"epoch": e, "accuracy": acc - 0.1 * (3 - e)} for e in (1, 2, 3)]
         (tmp_path / "tuning" / name / "metrics.json").write_text(json.dumps({"accuracy": acc, "history": history}))
-    result = bench.write_tuning_report(plan, tmp_path / "tuning", tmp_path)
+    result = matrix.write_tuning_report(plan, tmp_path / "tuning", tmp_path)
     assert result["ste_accuracy_by_recipe"] == {"": 0.45, "mse": 0.83}
     assert set(result["missing"]) == {r.name for r in plan} - set(accuracy)
     rows = [line.split(" | ") for line in (tmp_path / "tuning.md").read_text().splitlines() if line.startswith("| w2a2")]
@@ -305,7 +309,7 @@ def _fake_scheduler(monkeypatch, tmp_path, fail=(), diverge=()):
         outcome = "fail" if run.name in fail else "diverge" if run.name in diverge else "ok"
         return _FakeProcess(runs_dir / run.name, outcome, log)
 
-    monkeypatch.setattr(bench, "start_run", start)
+    monkeypatch.setattr(matrix, "start_run", start)
     monkeypatch.setattr("time.sleep", lambda s: None)
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     (tmp_path / "runs").mkdir(parents=True)
@@ -314,15 +318,15 @@ def _fake_scheduler(monkeypatch, tmp_path, fail=(), diverge=()):
 
 def test_run_plan_waits_for_fp_then_shares_the_cores(monkeypatch, tmp_path):
     log = _fake_scheduler(monkeypatch, tmp_path)
-    plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("ste", "pege"), seeds_low_bits=1, ablations=False)
-    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    plan = matrix.accuracy_plan(data="D", bits=(2,), estimators=("ste", "pege"), seeds_low_bits=1, ablations=False)
+    matrix.run_plan(plan, tmp_path / "runs", jobs=2)
     starts = [e for e in log if e[0] == "start"]
     # FP alone with every core; nothing starts before it ends; then two runs side by side, 2 cores each
     assert starts[0] == ("start", "resnet20-fp", 4) and log[1] == ("end", "resnet20-fp")
     assert starts[1:] == [("start", "resnet20-w2a2-pege-s0", 2), ("start", "resnet20-w2a2-ste-s0", 2)]
     assert log.index(starts[2]) < log.index(("end", "resnet20-w2a2-pege-s0"))  # overlapping
     log.clear()
-    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    matrix.run_plan(plan, tmp_path / "runs", jobs=2)
     assert log == []  # finished runs are never redone
 
 
@@ -330,44 +334,44 @@ def test_run_plan_leaves_a_run_another_process_is_training_alone(monkeypatch, tm
     from pege_hf.train import lock_output_dir
 
     log = _fake_scheduler(monkeypatch, tmp_path)
-    plan = bench.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": ()})
+    plan = matrix.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": ()})
     held = lock_output_dir(tmp_path / "runs" / "w2a2-pege-default")
-    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    matrix.run_plan(plan, tmp_path / "runs", jobs=2)
     assert [e[1] for e in log if e[0] == "start"] == ["w2a2-ste", "w2a2-pege-sum"]
     assert "skip w2a2-pege-default: another process is training it" in capsys.readouterr().out
     held.close()
-    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    matrix.run_plan(plan, tmp_path / "runs", jobs=2)
     assert [e[1] for e in log if e[0] == "start"][-1] == "w2a2-pege-default"
 
 
 def test_a_diverged_run_is_a_result_the_runner_goes_on_and_never_redoes(monkeypatch, tmp_path, capsys):
     log = _fake_scheduler(monkeypatch, tmp_path, diverge={"w2a2-pege-sum"})
-    plan = bench.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": (), "alpha3": ()})
-    bench.run_plan(plan, tmp_path / "runs", jobs=1)
+    plan = matrix.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": (), "alpha3": ()})
+    matrix.run_plan(plan, tmp_path / "runs", jobs=1)
     assert [e[1] for e in log if e[0] == "start"] == ["w2a2-ste", "w2a2-pege-default", "w2a2-pege-sum",
                                                        "w2a2-pege-alpha3"]
     assert "w2a2-pege-sum diverged at step 7" in capsys.readouterr().out
     log.clear()
-    bench.run_plan(plan, tmp_path / "runs", jobs=1)
+    matrix.run_plan(plan, tmp_path / "runs", jobs=1)
     assert log == []
-    result = bench.write_tuning_report(plan, tmp_path / "runs", tmp_path)
+    result = matrix.write_tuning_report(plan, tmp_path / "runs", tmp_path)
     assert result["diverged_at_step"] == {"w2a2-pege-sum": 7} and result["missing"] == []
     assert "| w2a2-pege-sum | --discretization-reduction sum | diverged (loss NaN at step 7) | - |" in (
         tmp_path / "tuning.md").read_text()
-    accuracy = bench.collect_accuracy(plan, tmp_path / "runs")
+    accuracy = matrix.collect_accuracy(plan, tmp_path / "runs")
     assert accuracy["diverged_at_step"] == {"w2a2-pege-sum": 7} and "w2a2-pege-sum (loss NaN at step 7)" in (
-        bench.accuracy_table(accuracy))
+        matrix.accuracy_table(accuracy))
 
 
 def test_run_plan_stops_starting_after_a_failure_and_respects_max_runs(monkeypatch, tmp_path, capsys):
     log = _fake_scheduler(monkeypatch, tmp_path, fail={"resnet20-fp"})
-    plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("ste",), seeds_low_bits=1, ablations=False)
-    bench.run_plan(plan, tmp_path / "runs", jobs=2)
+    plan = matrix.accuracy_plan(data="D", bits=(2,), estimators=("ste",), seeds_low_bits=1, ablations=False)
+    matrix.run_plan(plan, tmp_path / "runs", jobs=2)
     assert [e[1] for e in log if e[0] == "start"] == ["resnet20-fp"]
     out = capsys.readouterr().out
     assert "resnet20-fp exited with code 1" in out and "skip resnet20-w2a2-ste-s0: resnet20-fp has not finished" in out
     log = _fake_scheduler(monkeypatch, tmp_path / "again")
-    bench.run_plan(plan, tmp_path / "again" / "runs", jobs=1, max_runs=1)
+    matrix.run_plan(plan, tmp_path / "again" / "runs", jobs=1, max_runs=1)
     assert [e[1] for e in log if e[0] == "start"] == ["resnet20-fp"]
 
 
@@ -385,7 +389,7 @@ def test_target_checks_answer_the_issue_targets_from_the_finished_runs():
                {"estimator": "pege", "bits": 4, "variant": "main", "mean": 0.88},
                {"estimator": "pege", "bits": 3, "variant": "main", "mean": 0.874}]
     result = {"fp_accuracy": 0.88, "runs": runs, "summary": summary}
-    checks = {c["target"]: (c["measured"], c["met"]) for c in bench.target_checks(result)}
+    checks = {c["target"]: (c["measured"], c["met"]) for c in matrix.target_checks(result)}
     assert checks == {
         "FP >= 89.00": ("88.00", False),
         "PEGE W4A4 >= FP": ("88.00 (FP +0.00)", True),  # equal is met
@@ -393,11 +397,11 @@ def test_target_checks_answer_the_issue_targets_from_the_finished_runs():
         "PEGE W2A2 >= FP -1.50": ("83.00 (FP -5.00)", False),
         # 83.0 - 80.5 = +2.5 >= 1.0; per seed only where both ran, the instant ablation left out
         "PEGE W2A2 >= STE + 1.00": ("PEGE 83.00, STE 80.50: +2.50 (per seed: s0 +1.00, s1 +2.00)", True)}
-    table = bench.accuracy_table({**result, "summary": [], "diverged_at_step": {}, "missing": []})
+    table = matrix.accuracy_table({**result, "summary": [], "diverged_at_step": {}, "missing": []})
     assert "| target | measured | met |\n|---|---|---|\n| FP >= 89.00 | 88.00 | no |\n" in table
-    assert bench.target_checks({**result, "fp_accuracy": None}) == []  # nothing to compare against yet
+    assert matrix.target_checks({**result, "fp_accuracy": None}) == []  # nothing to compare against yet
     no_ste = [r for r in summary if r["estimator"] != "ste"]
-    assert [c["target"] for c in bench.target_checks({**result, "summary": no_ste})][-1] == "PEGE W2A2 >= FP -1.50"
+    assert [c["target"] for c in matrix.target_checks({**result, "summary": no_ste})][-1] == "PEGE W2A2 >= FP -1.50"
 
 
 def test_bn_reestimation_column_and_runner_step(monkeypatch, tmp_path):
@@ -405,7 +409,7 @@ def test_bn_reestimation_column_and_runner_step(monkeypatch, tmp_path):
     skipped); the table shows the re-estimated mean over seeds beside the plain one, "-" until every seed has it."""
     import pege_hf.evaluate
 
-    plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("ste",), seeds_low_bits=3, ablations=False)
+    plan = matrix.accuracy_plan(data="D", bits=(2,), estimators=("ste",), seeds_low_bits=3, ablations=False)
     runs = tmp_path / "runs"
     finals = {"resnet20-fp": 0.88, "resnet20-w2a2-ste-s0": 0.80, "resnet20-w2a2-ste-s1": 0.82}
     for name, acc in finals.items():
@@ -420,27 +424,27 @@ def test_bn_reestimation_column_and_runner_step(monkeypatch, tmp_path):
         return {"accuracy": finals[Path(model).name] + 0.01, "bn_reestimation": {"batches": reestimate_bn}}
 
     monkeypatch.setattr(pege_hf.evaluate, "evaluate_checkpoint", fake_eval)
-    (runs / "resnet20-w2a2-ste-s1" / bench.BN_FILE).write_text(json.dumps({"accuracy": 0.85}))  # done before
+    (runs / "resnet20-w2a2-ste-s1" / matrix.BN_FILE).write_text(json.dumps({"accuracy": 0.85}))  # done before
     before = {p: p.read_bytes() for p in runs.glob("*/metrics.json")}
-    assert bench.reestimate_finished_runs(plan, runs, 7) == ["resnet20-fp", "resnet20-w2a2-ste-s0"]
+    assert matrix.reestimate_finished_runs(plan, runs, 7) == ["resnet20-fp", "resnet20-w2a2-ste-s0"]
     assert calls == [("resnet20-fp", "D", 7), ("resnet20-w2a2-ste-s0", "D", 7)]  # s2 has not finished
     assert before == {p: p.read_bytes() for p in runs.glob("*/metrics.json")}
-    saved = json.loads((runs / "resnet20-w2a2-ste-s0" / bench.BN_FILE).read_text())
+    saved = json.loads((runs / "resnet20-w2a2-ste-s0" / matrix.BN_FILE).read_text())
     assert saved["accuracy"] == pytest.approx(0.81) and saved["accuracy_before"] == 0.80
     assert saved["command"].endswith("resnet20-w2a2-ste-s0 --dataset D --reestimate-bn 7 --json")
-    assert bench.reestimate_finished_runs(plan, runs, 7) == [] and len(calls) == 2
+    assert matrix.reestimate_finished_runs(plan, runs, 7) == [] and len(calls) == 2
 
-    row = bench.collect_accuracy(plan, runs)["summary"][0]
+    row = matrix.collect_accuracy(plan, runs)["summary"][0]
     assert row["seeds"] == 2 and row["mean"] == pytest.approx(0.81) and row["mean_bn"] == pytest.approx(0.83)
     assert row["spread_bn"] == pytest.approx(0.02) and row["delta_bn_vs_fp"] == pytest.approx(0.83 - 0.88)
-    table = bench.accuracy_table(bench.collect_accuracy(plan, runs))
+    table = matrix.accuracy_table(matrix.collect_accuracy(plan, runs))
     assert "| W2A2 | ste | main | 2 | 81.00 +- 1.00 | -7.00 | 83.00 +- 2.00 | -5.00 |" in table
     assert "QAT (15 epochs) from one FP model" in table and "Full precision (60 epochs): 88.00" in table
-    (runs / "resnet20-w2a2-ste-s0" / bench.BN_FILE).unlink()  # one seed without it: no re-estimated mean
-    row = bench.collect_accuracy(plan, runs)["summary"][0]
+    (runs / "resnet20-w2a2-ste-s0" / matrix.BN_FILE).unlink()  # one seed without it: no re-estimated mean
+    row = matrix.collect_accuracy(plan, runs)["summary"][0]
     assert row["mean_bn"] is None and row["delta_bn_vs_fp"] is None
-    assert "| W2A2 | ste | main | 2 | 81.00 +- 1.00 | -7.00 | - | - |" in bench.accuracy_table(
-        bench.collect_accuracy(plan, runs))
+    assert "| W2A2 | ste | main | 2 | 81.00 +- 1.00 | -7.00 | - | - |" in matrix.accuracy_table(
+        matrix.collect_accuracy(plan, runs))
 
 
 @pytest.mark.slow
@@ -449,24 +453,24 @@ def test_accuracy_runner_is_resumable(tmp_path):
     from pege_hf.data import DEFAULT_DATASET
 
     runs = tmp_path / "runs"
-    plan = bench.accuracy_plan(data=DEFAULT_DATASET, fp_epochs=1, qat_epochs=1, bits=(2,), estimators=("ste", "pege"),
+    plan = matrix.accuracy_plan(data=DEFAULT_DATASET, fp_epochs=1, qat_epochs=1, bits=(2,), estimators=("ste", "pege"),
                                seeds_low_bits=1, ablations=False, runs_dir=runs,
                                extra=("--max-train", "256", "--max-test", "128", "--batch-size", "64"))
-    result = bench.run_accuracy(plan, runs, tmp_path, jobs=2)  # FP alone, then the two QAT runs side by side
+    result = matrix.run_accuracy(plan, runs, tmp_path, jobs=2)  # FP alone, then the two QAT runs side by side
     assert not result["missing"] and set(result["runs"]) == {r.name for r in plan}
     fp = json.loads((runs / "resnet20-fp" / "metrics.json").read_text())
     assert result["fp_accuracy"] == fp["accuracy"]
     assert (tmp_path / "accuracy.md").is_file() and (tmp_path / "accuracy_vs_bits.png").is_file()
     assert all(0 <= r["accuracy_bn"] <= 1 for r in result["runs"].values())  # each run re-estimated once
-    stamps = {p: p.stat().st_mtime_ns for p in [*runs.glob("*/metrics.json"), *runs.glob(f"*/{bench.BN_FILE}")]}
-    bench.run_accuracy(plan, runs, tmp_path)
-    assert stamps == {p: p.stat().st_mtime_ns for p in [*runs.glob("*/metrics.json"), *runs.glob(f"*/{bench.BN_FILE}")]}
+    stamps = {p: p.stat().st_mtime_ns for p in [*runs.glob("*/metrics.json"), *runs.glob(f"*/{matrix.BN_FILE}")]}
+    matrix.run_accuracy(plan, runs, tmp_path)
+    assert stamps == {p: p.stat().st_mtime_ns for p in [*runs.glob("*/metrics.json"), *runs.glob(f"*/{matrix.BN_FILE}")]}
 
     # shipping: FP and PEGE W2A2 copied byte for byte with a card quoting the run's own accuracy; W3/W4 not run
     dest = tmp_path / "models"
-    assert bench.ship_models(runs, dest) == ["resnet20-fp", "resnet20-pege-w2a2"]
+    assert tools.ship_models(runs, dest) == ["resnet20-fp", "resnet20-pege-w2a2"]
     for name, run in (("resnet20-fp", "resnet20-fp"), ("resnet20-pege-w2a2", "resnet20-w2a2-pege-s0")):
-        for file in bench.SHIPPED_FILES:
+        for file in tools.SHIPPED_FILES:
             assert (dest / name / file).read_bytes() == (runs / run / file).read_bytes()
         accuracy = json.loads((runs / run / "metrics.json").read_text())["accuracy"]
         card = (dest / name / "README.md").read_text()
@@ -476,71 +480,78 @@ def test_accuracy_runner_is_resumable(tmp_path):
 
 
 def test_latency_benchmark_times_the_four_shipped_models():
-    result = bench.bench_latency(n=3)
+    result = tools.bench_latency(n=3)
     assert set(result["per_model_median_ms"]) == {"fp", "w4", "w3", "w2"}
     assert result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
-    assert "median" in bench.latency_table(result)
+    assert "median" in tools.latency_table(result)
 
 
-def test_readme_quotes_the_committed_benchmark_files_verbatim():
-    """Every number in the README's results comes from a file a benchmark run wrote: each
-    benchmarks/*.md table the README quotes is there unchanged (a re-run that changes the numbers
-    fails this until the README is updated)."""
-    from pathlib import Path
+def test_docs_link_only_files_that_exist():
+    """The README and docs quote results by linking the files benchmarks wrote (never copies of them):
+    every relative link resolves, and nothing points outside the repository."""
+    import re
 
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    quoted = ["size", "speed", "speed_compiled", "speed_compiled_channels_last", "latency", "grid"]
-    quoted += [name for name in ("accuracy", "fp200/accuracy", "tuning", "tune15/tuning") if f"benchmarks/{name}.md" in readme]
-    for name in quoted:
-        table = (root / "benchmarks" / f"{name}.md").read_text().strip()
-        assert table in readme, f"README does not quote benchmarks/{name}.md as written"
+    for doc in [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)", doc.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = (doc.parent / target).resolve()
+            assert path.is_relative_to(ROOT), f"{doc.name} links outside the repository: {target}"
+            assert path.exists(), f"{doc.relative_to(ROOT)} links a missing file: {target}"
+
+
+def test_readme_is_for_users():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    assert not re.search(r"20\d\d-\d\d-\d\d|\bsession \d|\bcommit [0-9a-f]{7}", text)  # no diary
+    assert "../" not in text  # no path outside the repository
 
 
 def test_run_settings_parse_flags_and_drop_the_runners_own():
     args = ["--model", "m", "--no-tensorboard", "--lambda=0.1", "--bits", "2", "3", "--output-dir", "o", "--resume"]
-    assert bench.run_settings(args) == {"--model": ("m",), "--lambda": ("0.1",), "--bits": ("2", "3")}
+    # a short spelling counts as its field's option: --lambda is --discretization-lambda
+    assert matrix.run_settings(args) == {"--model": ("m",), "--discretization-lambda": ("0.1",), "--bits": ("2", "3")}
 
 
 def test_runner_refuses_a_run_folder_trained_with_other_settings(tmp_path):
     """`--epochs 15` must not reuse (or continue) a 3-epoch run that sits in the same folder."""
-    short = bench.tuning_plan(model="m", data="d", epochs=3)[:1]
-    longer = bench.tuning_plan(model="m", data="d", epochs=15)[:1]
+    short = matrix.tuning_plan(model="m", data="d", epochs=3)[:1]
+    longer = matrix.tuning_plan(model="m", data="d", epochs=15)[:1]
     run_dir = tmp_path / short[0].name
     run_dir.mkdir()
     (run_dir / "train.log").write_text(f"\n$ /usr/bin/python -m pege_hf.train {' '.join(short[0].args)} "
                                        f"--output-dir {run_dir} --resume --checkpointing-steps 100\n")
-    bench.check_run_settings(short, tmp_path)  # the same settings: continued
+    matrix.check_run_settings(short, tmp_path)  # the same settings: continued
     with pytest.raises(ValueError, match=r"w2a2-ste was trained with other settings .*--epochs: 3 -> 15"):
-        bench.run_plan(longer, tmp_path)
+        matrix.run_plan(longer, tmp_path)
     # a finished run: its metrics.json's command counts, and runner flags (--compile-kernels) do not
     (run_dir / "metrics.json").write_text(json.dumps({"command": ["train.py", *longer[0].args, "--compile-kernels"]}))
-    bench.check_run_settings(longer, tmp_path)
+    matrix.check_run_settings(longer, tmp_path)
     with pytest.raises(ValueError, match=r"--epochs: 15 -> 3"):
-        bench.check_run_settings(short, tmp_path)
+        matrix.check_run_settings(short, tmp_path)
 
 
 def test_select_runs_keeps_plan_order_and_names_unknown_runs(capsys):
-    plan = bench.tuning_plan(model="fp", data="train.parquet", recipe="mse-qlr1")
-    chosen = bench.select_runs(plan, ["w2a2-pege-ramp0.25-mse-qlr1", "w2a2-ste-mse-qlr1"])
+    plan = matrix.tuning_plan(model="fp", data="train.parquet", recipe="mse-qlr1")
+    chosen = matrix.select_runs(plan, ["w2a2-pege-ramp0.25-mse-qlr1", "w2a2-ste-mse-qlr1"])
     assert [r.name for r in chosen] == ["w2a2-ste-mse-qlr1", "w2a2-pege-ramp0.25-mse-qlr1"]
-    assert bench.select_runs(plan, []) == plan
+    assert matrix.select_runs(plan, []) == plan
     with pytest.raises(ValueError, match="not runs of this plan: w2a2-pege-nope; its runs are: w2a2-ste, "):
-        bench.select_runs(plan, ["w2a2-ste", "w2a2-pege-nope"])
+        matrix.select_runs(plan, ["w2a2-ste", "w2a2-pege-nope"])
     # the CLI says so in one line before it looks for the FP model
-    assert cli.main(["bench", "tune", "--only", "w2a2-nope", "--model", "missing-fp", "--out", "unused"]) == 2
+    assert research_main(["tune", "--only", "w2a2-nope", "--model", "missing-fp", "--out", "unused"]) == 2
     assert "pege bench: error: not runs of this plan: w2a2-nope" in capsys.readouterr().err
 
 
 def test_tune_only_reports_the_selected_runs(tmp_path):
     """`--only` narrows the report too: a 15-epoch comparison of four runs is not listed as 21 unfinished."""
     chosen = ["w2a2-ste-mse-qlr1", "w2a2-pege-lambda0.1-mse-qlr1"]
-    assert cli.main(["bench", "tune", "--recipe", "mse-qlr1", "--report-only", "--only", *chosen,
+    assert research_main(["tune", "--recipe", "mse-qlr1", "--report-only", "--only", *chosen,
                      "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "tuning.json").read_text())
     assert report["missing"] == chosen
     assert f"Not finished yet (2): {', '.join(chosen)}" in (tmp_path / "tuning.md").read_text()
-    assert cli.main(["bench", "tune", "--recipe", "mse-qlr1", "--report-only", "--out", str(tmp_path)]) == 0
+    assert research_main(["tune", "--recipe", "mse-qlr1", "--report-only", "--out", str(tmp_path)]) == 0
     assert len(json.loads((tmp_path / "tuning.json").read_text())["missing"]) > len(chosen)
 
 
@@ -597,7 +608,7 @@ def test_grid_reports_distance_and_changed_codes(tmp_path):
     from pege_hf.quant.modules import QuantLayer
 
     run, model = _grid_run(tmp_path, changed_codes=7)
-    result = bench.bench_grid(run)
+    result = tools.bench_grid(run)
     layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
     n = sum(m.weight.numel() for m in layers)
     assert result["steps"] == [1, 2] and result["weights"] == n
@@ -613,20 +624,20 @@ def test_grid_reports_distance_and_changed_codes(tmp_path):
     assert result["mean_distance"] == pytest.approx(dist / inside, rel=1e-9)
     assert result["clipped_fraction"] == pytest.approx(1 - inside / n)
     assert sum(result["histogram"]) == inside
-    bench.grid_plot([result], tmp_path / "grid.png")
+    tools.grid_plot([result], tmp_path / "grid.png")
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| resnet20-w2a2-pege-s0 | 1 -> 2 |" in bench.grid_table([result])
+    assert "| resnet20-w2a2-pege-s0 | 1 -> 2 |" in tools.grid_table([result])
     # what `pege bench grid` picks with no RUN_DIR: finished QAT runs with checkpoints, not FP runs
     fp = tmp_path / "resnet20-fp"
     cifar_resnet(20).save_pretrained(fp)
     (fp / "metrics.json").write_text("{}")
     shutil.copytree(run / "checkpoints", fp / "checkpoints")
-    assert bench.finished_qat_runs_with_checkpoints(tmp_path) == [run]
+    assert tools.finished_qat_runs_with_checkpoints(tmp_path) == [run]
 
 
 def test_grid_needs_training_checkpoints(tmp_path):
     run, _ = _grid_run(tmp_path, changed_codes=0)
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(FileNotFoundError, match="resnet20-w2a2-pege-s0: needs a finished run .* training checkpoints"):
-        bench.bench_grid(run)
-    assert cli.main(["bench", "grid", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+        tools.bench_grid(run)
+    assert research_main(["grid", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2

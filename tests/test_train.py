@@ -22,52 +22,29 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT, free_port, hooked_train_command, subprocess_env, train_in_process
 from pege_hf import cli
-from pege_hf import train as T
 from pege_hf.config import PEGEConfig
-from pege_hf.data import DEFAULT_DATASET
+from pege_hf.data import DEFAULT_DATASET, normalize
 from pege_hf.evaluate import evaluate_checkpoint
+from pege_hf.training import args as train_args
+from pege_hf.training import evaluation, loop, optim
+from pege_hf.training import state as train_state
+from pege_hf.training.model import is_quantized
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--dataset", DEFAULT_DATASET, "--max-train", "300", "--max-test", "200", "--epochs", "1",
          "--batch-size", "64", "--no-tensorboard", "--log-every", "1"]
 METRICS_KEYS = {"accuracy", "top5", "loss", "history", "wall_time_s", "steps", "quantization_config", "base_model",
                 "command", "dataset", "seed", "world_size", "best_accuracy", "best_epoch"}
 
 
-def _train(argv: list[str]) -> dict:
-    """`pege train ARGV` in this process (exceptions propagate; the CLI's one-line errors are tested
-    separately); returns metrics.json."""
-    assert T.main(cli.build_parser("train").parse_args(["train", *argv])) == 0
-    out = Path(argv[argv.index("--output-dir") + 1])
-    return json.loads((out / "metrics.json").read_text())
-
-
-def _subprocess_env(**extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_train = train_in_process
 
 
 def _load(path):
     from transformers import AutoModelForImageClassification
 
     return AutoModelForImageClassification.from_pretrained(str(path))
-
-
-@pytest.fixture(scope="module")
-def fp_run(tmp_path_factory):
-    """A 1-epoch full-precision ResNet-20 on 300 images: (output dir, metrics)."""
-    out = tmp_path_factory.mktemp("fp") / "run"
-    metrics = _train(["--estimator", "none", *SMALL, "--output-dir", str(out)])
-    return out, metrics
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -85,7 +62,7 @@ def test_fp_run_writes_metrics_model_and_logs(fp_run, capsys):
     assert metrics["num_test"] == 200 and metrics["num_train"] == 300
 
     model = _load(out)
-    assert not T.is_quantized(model) and model.config.num_labels == 10
+    assert not is_quantized(model) and model.config.num_labels == 10
     assert (out / "best" / "config.json").is_file()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "config"
@@ -121,7 +98,7 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     assert all(0 < rec["quant/weight_codes_changed"] < 1 for rec in epochs[1:])
 
     model = _load(out)
-    assert T.is_quantized(model)
+    assert is_quantized(model)
 
     capsys.readouterr()
     assert cli.main(["eval", str(out), "--dataset", DEFAULT_DATASET, "--max-test", "200", "--json"]) == 0
@@ -140,7 +117,7 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     assert (out / "model.safetensors").read_bytes() == weights
     assert cli.main(["eval", str(out), "--dataset", DEFAULT_DATASET, "--max-test", "200", "--reestimate-bn", "2"]) == 0
     assert "re-estimated on 256 augmented training images, 2 batches of 128" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"--reestimate-bn, BatchNorm re-estimation batches\) must be >= 0; got -1"):
+    with pytest.raises(ValueError, match=r"--reestimate-bn \(BatchNorm re-estimation batches\) must be >= 0; got -1"):
         evaluate_checkpoint(str(out), DEFAULT_DATASET, reestimate_bn=-1)
 
 
@@ -173,13 +150,13 @@ def test_channels_last_flag_trains_channels_last_and_saves_ordinary_checkpoints(
                                                                 .splitlines()) if "train/loss" in r)
     assert first_loss(out) == pytest.approx(first_loss(fp_dir), rel=1e-5)
     assert metrics["steps"] == fp_metrics["steps"]
-    (checkpoint,) = T.complete_checkpoints(out)
+    (checkpoint,) = train_state.complete_checkpoints(out)
     state = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
     momenta = [v["momentum_buffer"] for v in state.values() if v["momentum_buffer"].dim() == 4]
     assert len(momenta) == 19  # every conv of ResNet-20
     assert all(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous() for m in momenta)
     model = _load(out)
-    assert not T.is_quantized(model) and all(p.is_contiguous() for p in model.parameters())
+    assert not is_quantized(model) and all(p.is_contiguous() for p in model.parameters())
 
 
 def test_param_groups_no_decay_on_bn_bias_and_quantizers(fp_run):
@@ -187,7 +164,7 @@ def test_param_groups_no_decay_on_bn_bias_and_quantizers(fp_run):
 
     model = _load(fp_run[0])
     pege_hf.quantize(model, pege_hf.PEGEConfig(w_bits=2, a_bits=2))
-    groups = {g["name"]: g for g in T.param_groups(model, lr=0.1, weight_decay=5e-4, quantizer_lr=0.01)}
+    groups = {g["name"]: g for g in optim.param_groups(model, lr=0.1, weight_decay=5e-4, quantizer_lr=0.01)}
     names = {id(p): n for n, p in model.named_parameters()}
     assert groups["weights"]["weight_decay"] == 5e-4
     assert all(p.ndim > 1 and "quantizer" not in names[id(p)] for p in groups["weights"]["params"])
@@ -198,7 +175,7 @@ def test_param_groups_no_decay_on_bn_bias_and_quantizers(fp_run):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    fn = T.lr_lambda("cosine", warmup=4, total=20)
+    fn = optim.lr_lambda("cosine", warmup=4, total=20)
     assert [fn(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert fn(4) == 1.0 and fn(12) == pytest.approx(0.5) and fn(20) == pytest.approx(0.0)
 
@@ -206,16 +183,16 @@ def test_lr_schedule_warmup_then_cosine():
 # --------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
+def test_resume_after_sigkill_reaches_the_same_end(tmp_path):
     # 2 epochs x 6 batches; a checkpoint every 2 optimizer steps
     args = ["--estimator", "none", "--dataset", DEFAULT_DATASET, "--max-train", "192", "--max-test", "100",
             "--epochs", "2", "--batch-size", "32", "--checkpointing-steps", "2", "--log-every", "1",
             "--no-tensorboard"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pege_hf.train", *args, "--output-dir", str(killed)], cwd=ROOT,
-                            env=_subprocess_env(PEGE_TRAIN_STEP_SLEEP=0.5), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(hooked_train_command(*args, "--output-dir", str(killed)), cwd=ROOT,
+                            env=subprocess_env(PEGE_TEST_STEP_SLEEP=0.5), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    first = killed / "checkpoints" / "step_2" / T.STATE_FILE
+    first = killed / "checkpoints" / "step_2" / train_state.STATE_FILE
     deadline = time.time() + 120
     jsonl = killed / "metrics.jsonl"
     logged_step_3 = lambda: jsonl.is_file() and '"step": 3,' in jsonl.read_text()  # noqa: E731
@@ -232,17 +209,17 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
     logged_before = (killed / "metrics.jsonl").read_text().splitlines()
     assert logged_before
 
-    hashes = tmp_path / "hashes"
-    monkeypatch.setenv(T._HASH_DIR_ENV, str(hashes / "resumed"))
     resumed = _train([*args, "--output-dir", str(killed), "--resume"])
-    monkeypatch.setenv(T._HASH_DIR_ENV, str(hashes / "straight"))
     straight = _train([*args, "--output-dir", str(tmp_path / "straight")])
 
     assert resumed["steps"] == straight["steps"] == 2 * 6
     assert resumed["resumed_from"].endswith("step_2")
     assert resumed["accuracy"] == straight["accuracy"] and len(resumed["history"]) == 2
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]])
-    assert (hashes / "resumed" / "rank0.txt").read_text() == (hashes / "straight" / "rank0.txt").read_text()
+    from safetensors.torch import load_file
+
+    saved = [load_file(str(d / "model.safetensors")) for d in (killed, tmp_path / "straight")]
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
     # the log keeps what the killed run logged up to its checkpoint and reads as one run: the same
     # steps as the uninterrupted run, none twice
@@ -252,7 +229,7 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
     loss_steps = lambda path: [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "train/loss" in r]  # noqa: E731
     assert loss_steps(killed / "metrics.jsonl") == loss_steps(tmp_path / "straight" / "metrics.jsonl")
     # the newest checkpoints are complete and load
-    kept = T.complete_checkpoints(killed)
+    kept = train_state.complete_checkpoints(killed)
     assert [p.name for p in kept] == ["step_10", "step_12"]  # every 2 steps, the last 2 kept
     assert not list((killed / "checkpoints").glob(".tmp_*"))
     from safetensors.torch import load_file
@@ -260,7 +237,7 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path, monkeypatch):
     from pege_hf.hf.cifar import cifar_resnet
 
     cifar_resnet(20).load_state_dict(load_file(str(kept[-1] / "model.safetensors")), strict=True)
-    assert json.loads((kept[-1] / T.STATE_FILE).read_text())["global_step"] == 12
+    assert json.loads((kept[-1] / train_state.STATE_FILE).read_text())["global_step"] == 12
 
     # a fresh run into a directory holding checkpoints must be asked for explicitly
     with pytest.raises(FileExistsError, match="--resume"):
@@ -291,11 +268,11 @@ def test_two_process_data_parallel_cpu(fp_run, tmp_path, layout):
     out, hashes = tmp_path / "ddp", tmp_path / "hashes"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "pege_hf.train",
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "train_with_hooks.py"),
            "--model", str(fp_dir), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2",
            "--dataset", DEFAULT_DATASET, "--max-train", "256", "--max-test", "150", "--epochs", "1",
            "--batch-size", "32", "--eval-batch-size", "64", "--no-tensorboard", "--output-dir", str(out), *layout]
-    env = _subprocess_env(ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, **{T._HASH_DIR_ENV: hashes})
+    env = subprocess_env(ACCELERATE_USE_CPU=1, OMP_NUM_THREADS=1, PEGE_TEST_PARAM_HASH_DIR=hashes)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Grad strides do not match bucket view strides" not in done.stderr  # DDP's buckets follow the layout
@@ -354,15 +331,15 @@ def test_a_folder_being_trained_into_refuses_a_second_training(tmp_path):
     out = tmp_path / "out"
     args = ["--estimator", "none", "--dataset", DEFAULT_DATASET, "--max-train", "64", "--max-test", "32",
             "--epochs", "1", "--batch-size", "32", "--no-tensorboard", "--output-dir", str(out)]
-    held = T.lock_output_dir(out)  # as a running training holds it
-    assert T.output_dir_is_locked(out)
+    held = train_state.lock_output_dir(out)  # as a running training holds it
+    assert train_state.output_dir_is_locked(out)
     with pytest.raises(RuntimeError, match=rf"being trained into by another process \(pid {os.getpid()}\)"):
         _train(args)
     _assert_nothing_trained(out)
     held.close()  # the first training ends
-    assert not T.output_dir_is_locked(out)
+    assert not train_state.output_dir_is_locked(out)
     assert _train(args)["steps"] == 2
-    assert not T.output_dir_is_locked(out)  # released when training returns
+    assert not train_state.output_dir_is_locked(out)  # released when training returns
 
 
 def test_a_diverging_training_stops_and_says_where(tmp_path):
@@ -370,9 +347,9 @@ def test_a_diverging_training_stops_and_says_where(tmp_path):
     args = ["--estimator", "none", "--dataset", DEFAULT_DATASET, "--max-train", "256", "--max-test", "32",
             "--epochs", "2", "--batch-size", "32", "--lr", "1e12", "--log-every", "1", "--no-tensorboard",
             "--output-dir", str(out)]
-    with pytest.raises(T.TrainingDiverged, match=r"training diverged: the mean loss up to step (\d+) is (nan|inf)"):
+    with pytest.raises(loop.TrainingDiverged, match=r"training diverged: the mean loss up to step (\d+) is (nan|inf)"):
         _train(args)
-    record = json.loads((out / T.DIVERGED_FILE).read_text())
+    record = json.loads((out / train_state.DIVERGED_FILE).read_text())
     losses = [r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
     # it stopped at the first non-finite logged loss (one log per step here), long before the 16 steps planned
     assert record["step"] == len(losses) < 16 and not math.isfinite(losses[-1])
@@ -380,7 +357,7 @@ def test_a_diverging_training_stops_and_says_where(tmp_path):
     assert not (out / "metrics.json").exists()
     # starting over clears the record
     _train([*args[:args.index("--lr")], "--lr", "0.01", *args[args.index("--lr") + 2:], "--overwrite"])
-    assert not (out / T.DIVERGED_FILE).exists() and (out / "metrics.json").is_file()
+    assert not (out / train_state.DIVERGED_FILE).exists() and (out / "metrics.json").is_file()
 
 
 def test_bad_inputs_fail_before_training(fp_run, tmp_path):
@@ -402,8 +379,9 @@ def test_bad_inputs_fail_before_training(fp_run, tmp_path):
         _train(["--model", str(fp_dir), "--w-bits", "1", "--dataset", DEFAULT_DATASET, *base])
     with pytest.raises(ValueError, match="a_bits"):
         _train(["--model", str(fp_dir), "--a-bits", "9", "--dataset", DEFAULT_DATASET, *base])
-    with pytest.raises(ValueError, match="estimator"):
+    with pytest.raises(SystemExit) as exit_info:  # choices come from the code's own tuples: argparse refuses it
         _train(["--model", str(fp_dir), "--estimator", "magic", "--dataset", DEFAULT_DATASET, *base])
+    assert exit_info.value.code == 2
     with pytest.raises(ValueError, match="--model"):
         _train(["--estimator", "pege", "--dataset", DEFAULT_DATASET, *base])
 
@@ -441,7 +419,7 @@ def test_help_lists_the_options(capsys):
 
 def test_cli_quantization_options_map_onto_pege_config():
     parser = cli.build_parser("train")
-    parse = lambda *argv: T.build_quant_config(parser.parse_args(["train", "--model", "m", *argv]))  # noqa: E731
+    parse = lambda *argv: train_args.build_quant_config(parser.parse_args(["train", "--model", "m", *argv]))  # noqa: E731
     # left out: PEGEConfig's own defaults, so the CLI and the Python API never disagree
     assert parse().to_dict() == PEGEConfig().to_dict()
     given = parse("--estimator", "ste", "--w-bits", "3", "--a-bits", "none", "--alpha", "3", "--mask", "error",
@@ -449,8 +427,46 @@ def test_cli_quantization_options_map_onto_pege_config():
     expected = PEGEConfig(estimator="ste", w_bits=3, a_bits=None, alpha=3.0, w_mask="error", discretization_lambda=0.5,
                           discretization_reduction="sum", ramp_fraction=0.5)
     assert given.to_dict() == expected.to_dict()
-    with pytest.raises(ValueError, match="discretization_reduction"):
+    # the long names are the fields' own; booleans both ways; the old --quantize-stem still works
+    assert parse("--discretization-lambda", "0.5", "--w-mask", "error").to_dict() == PEGEConfig(
+        discretization_lambda=0.5, w_mask="error").to_dict()
+    assert parse("--no-skip-stem").skip_stem is False and parse("--quantize-stem").skip_stem is False
+    assert parse("--lambda-schedule", "exp", "--lambda-start", "0.01").lambda_start == 0.01
+    with pytest.raises(SystemExit):  # choices are the code's own tuples
         parse("--discretization-reduction", "max")
+    with pytest.raises(ValueError, match="ramp_fraction"):  # ranges are PEGEConfig's
+        parse("--ramp-fraction", "2")
+
+
+def test_every_config_field_has_its_option():
+    from pege_hf.config import config_fields
+
+    text = cli.build_parser("train")._subparsers._group_actions[0].choices["train"].format_help()
+    for name, *_ in config_fields():
+        if name != "seed":  # PEGEConfig.seed follows --seed
+            assert f"--{name.replace('_', '-')}" in text, name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1; got 0"),
+    (["--lr", "-1"], "--lr must be a number > 0; got -1.0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1)"),
+    (["--estimator", "none", "--w-bits", "2"], "--w-bits: quantization option(s) given with --estimator none"),
+    (["--resume", "--overwrite"], "pass one of them"),
+])
+def test_a_value_the_run_cannot_honour_is_an_error(tmp_path, argv, message):
+    """No option is rewritten silently: every argument is checked before any model or data is loaded."""
+    import time
+
+    started = time.monotonic()
+    parser = cli.build_parser("train")
+    args = parser.parse_args(["train", "--dataset", str(tmp_path / "never-read"), *argv,
+                              "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError) as err:
+        train_args.resolve(args)
+    assert message in str(err.value)
+    assert time.monotonic() - started < 5 and not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------------- quickstart
@@ -458,19 +474,22 @@ def test_cli_quantization_options_map_onto_pege_config():
 
 @pytest.mark.slow
 def test_quickstart_default(tmp_path, capsys):
-    """`pege train` with no --model/--dataset (data subset to keep it short)."""
+    """`pege train` with no --model/--dataset/--estimator (data subset to keep it short): the shipped models'
+    accuracy, then W2A2 QAT from the shipped FP model with PEGE and STE side by side, with the defaults
+    (which are the tuned recipe)."""
     out = tmp_path / "qs"
     assert cli.main(["train", "--max-train", "512", "--max-test", "200", "--epochs", "1", "--no-tensorboard",
                      "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["quantization"] == "W2A2-pege"
-    assert "full precision ResNet-20" in text and "W2A2-pege" in text
-    assert T.is_quantized(_load(summary["quantized_model"]))
-    # the QAT step runs with the benchmark's tuned recipe and PEGE setting, not the CLI defaults
-    run = json.loads((Path(summary["quantized_model"]) / "metrics.json").read_text())
-    qc = run["quantization_config"]
-    assert (qc["scale_init"], qc["discretization_lambda"], run["quantizer_lr_scale"]) == ("mse", 0.1, 1.0)
+    assert list(summary["shipped"]) == ["full precision", "PEGE W4A4", "PEGE W3A3", "PEGE W2A2"]
+    assert list(summary["qat"]) == ["W2A2-pege", "W2A2-ste"]
+    assert "full precision" in text and "W2A2-pege" in text and "W2A2-ste" in text
+    for run in summary["qat"].values():
+        assert is_quantized(_load(run["model"]))
+        metrics = json.loads((Path(run["model"]) / "metrics.json").read_text())
+        qc = metrics["quantization_config"]
+        assert (qc["scale_init"], qc["discretization_lambda"], metrics["quantizer_lr_scale"]) == ("mse", 0.1, 1.0)
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
@@ -516,9 +535,9 @@ def test_reestimate_batchnorm_averages_batch_statistics_of_the_quantized_forward
     torch.manual_seed(0)
     model = pege_hf.quantize(cifar_resnet(8), PEGEConfig(w_bits=2, a_bits=2, discretization_lambda=0.0))
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
-    T.calibrate(model, T.normalize(images[:32]))
+    evaluation.calibrate(model, normalize(images[:32]))
     pege_hf.set_progress(model, 0.0)  # a training forward would now leave activations in full precision
-    batches = list(T.augmented_batches(images, 3, 32, seed=1))
+    batches = list(evaluation.augmented_batches(images, 3, 32, seed=1))
     assert len(batches) == 3 and batches[0].dtype == torch.float32
 
     def reference(eval_forward: bool):
@@ -537,7 +556,7 @@ def test_reestimate_batchnorm_averages_batch_statistics_of_the_quantized_forward
 
     expected, training_forward = reference(True), reference(False)
     model.train()
-    assert T.reestimate_batchnorm(model, iter(batches)) == 3
+    assert evaluation.reestimate_batchnorm(model, iter(batches)) == 3
     assert model.training
     bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert set(bns) == set(expected) and len(bns) >= 7
@@ -550,5 +569,5 @@ def test_reestimate_batchnorm_averages_batch_statistics_of_the_quantized_forward
     assert (training_forward[last][0] - expected[last][0]).abs().max() > 1e-2
 
     with pytest.raises(ValueError, match="no batches"):
-        T.reestimate_batchnorm(model, [])
+        evaluation.reestimate_batchnorm(model, [])
     assert model.training

@@ -236,11 +236,12 @@ def quantize(model: nn.Module, config: PEGEConfig) -> nn.Module:
     return model
 
 
-def attach_model_card(model) -> None:
-    """Make transformers' model.push_to_hub upload the PEGE model card (lazy import: hub sits above hf)."""
-    from ..hub import attach_model_card as attach
+MODEL_HOOKS: list = []  # called on every model the quantizer sets up; pege_hf.hub adds its model card's
 
-    attach(model)
+
+def attach_model_card(model) -> None:
+    for hook in MODEL_HOOKS:
+        hook(model)
 
 
 def register() -> None:

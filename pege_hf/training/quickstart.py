@@ -1,0 +1,79 @@
+"""`pege train` with no --model, --dataset or --estimator: what the library is for, in a few minutes.
+
+1. The shipped full-precision CIFAR-10 ResNet-20 and its shipped PEGE W4A4 / W3A3 / W2A2 checkpoints,
+   evaluated on the shipped CIFAR-10 sample.
+2. A short W2A2 QAT from the shipped FP model with the tuned recipe, PEGE and STE side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..data import DEFAULT_DATASET
+from ..sources import SHIPPED_FP_MODEL, SHIPPED_MODELS_DIR
+from .args import parse_args
+from .evaluation import evaluate_checkpoint
+from .loop import train
+from .recipes import QUICKSTART, recipe_argv
+
+QUICKSTART_DIR = Path("runs") / "quickstart"
+SHIPPED = {"full precision": "resnet20-fp", "PEGE W4A4": "resnet20-pege-w4a4", "PEGE W3A3": "resnet20-pege-w3a3",
+           "PEGE W2A2": "resnet20-pege-w2a2"}
+ESTIMATORS = ("pege", "ste")
+
+
+def shipped_accuracies(args) -> dict[str, float]:
+    """Top-1 of each shipped model on the sample's test split (the same --max-test subset QAT evaluates on)."""
+    found = {}
+    for title, name in SHIPPED.items():
+        path = SHIPPED_MODELS_DIR / name
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the shipped model {path} is missing: reinstall pege-hf")
+        found[title] = evaluate_checkpoint(str(path), DEFAULT_DATASET, max_test=args.max_test, seed=args.seed,
+                                           batch_size=args.eval_batch_size)["accuracy"]
+        print(f"quickstart: shipped {title:15s} {100 * found[title]:6.2f}%", flush=True)
+    return found
+
+
+def qat_argv(args, estimator: str, output_dir: Path) -> list[str]:
+    """`pege train` options of one quickstart QAT run: the recipe, overridden by what the user gave."""
+    config = {**QUICKSTART["config"], **{k: v for k, v in (("w_bits", args.w_bits), ("a_bits", args.a_bits))
+                                           if v is not None}}
+    training = {**QUICKSTART["training"], **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr))
+                                             if v is not None}}
+    argv = [*recipe_argv({"config": config, "training": training}), "--model", str(SHIPPED_FP_MODEL),
+            "--estimator", estimator, "--dataset", DEFAULT_DATASET, "--seed", str(args.seed),
+            "--batch-size", str(args.batch_size), "--output-dir", str(output_dir), "--overwrite"]
+    for flag, value in (("--max-train", args.max_train), ("--max-test", args.max_test)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + (["--no-tensorboard"] if args.no_tensorboard else [])
+
+
+def quickstart(args) -> int:
+    root = Path(args.output_dir) if args.output_dir else QUICKSTART_DIR
+    started = time.time()
+    shipped = shipped_accuracies(args)
+    trained = {}
+    for estimator in ESTIMATORS:
+        qat_args = parse_args(qat_argv(args, estimator, root / f"qat-{estimator}"))
+        tag = f"W{qat_args.w_bits}A{'32' if qat_args.a_bits == 'none' else qat_args.a_bits}-{estimator}"
+        print(f"quickstart: {tag} QAT from the shipped FP model ({qat_args.epochs} epochs) -> {qat_args.output_dir}",
+              flush=True)
+        trained[tag] = {"model": qat_args.output_dir, "accuracy": train(qat_args)["accuracy"]}
+    summary = {"shipped": shipped, "qat": trained, "wall_time_s": time.time() - started}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(summary_text(summary, root), flush=True)
+    return 0
+
+
+def summary_text(summary: dict, root: Path) -> str:
+    lines = ["", "quickstart (CIFAR-10 ResNet-20, shipped sample):", "  shipped models"]
+    lines += [f"    {title:22s} {100 * acc:6.2f}%" for title, acc in summary["shipped"].items()]
+    lines.append("  short QAT from the shipped FP model")
+    lines += [f"    {tag:22s} {100 * run['accuracy']:6.2f}%" for tag, run in summary["qat"].items()]
+    lines.append(f"  total {summary['wall_time_s']:.0f} s; models in {root}")
+    return "\n".join(lines)

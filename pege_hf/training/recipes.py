@@ -1,0 +1,32 @@
+"""Recipes: plain dicts of PEGEConfig fields ("config") and training options ("training").
+
+The config's defaults are the tuned recipe (benchmarks/tuning.md): MSE step-size init, discretization
+lambda 0.1, and ``--quantizer-lr-scale`` 1. The recipes below name them explicitly so a benchmark plan
+keeps its meaning if a default ever changes.
+"""
+
+from __future__ import annotations
+
+# what the tuning chose for every estimator (the one under which STE trains soundly)
+QAT = {"config": {"scale_init": "mse"}, "training": {"quantizer_lr_scale": 1.0}}
+# PEGE's own tuned setting (reaches PEGE runs only)
+PEGE = {"config": {"discretization_lambda": 0.1}, "training": {}}
+# the quickstart's short QAT from the shipped full-precision ResNet-20
+QUICKSTART = {"config": {"w_bits": 2, "a_bits": 2}, "training": {"epochs": 3, "lr": 0.01}}
+
+
+def option_value(value) -> str:
+    """A value as the command line writes it (1.0 -> '1', 0.1 -> '0.1', None -> 'none')."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def recipe_argv(recipe: dict) -> tuple[str, ...]:
+    """A recipe as `pege train` options (config fields first, then training options)."""
+    argv: list[str] = []
+    for name, value in [*recipe.get("config", {}).items(), *recipe.get("training", {}).items()]:
+        argv += [f"--{name.replace('_', '-')}", option_value(value)]
+    return tuple(argv)
