@@ -7,17 +7,19 @@ and the command-line options of `pege train` (same names as the fields, see ``co
 from __future__ import annotations
 
 import functools
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quant.curriculum import LAMBDA_SCHEDULES, MASK_POLICIES, SCHEDULES
+from .quant.modules import matches_any
 from .quant.estimators import DISCRETIZATION_FORMS, DISCRETIZATION_SCOPES, DISCRETIZATION_TARGETS, ESTIMATORS
 from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS, WEIGHT_QUANTIZERS
 
 QUANT_METHOD = "pege"
 REDUCTIONS = ("mean", "sum")
+OVERRIDABLE = ("w_bits", "a_bits", "group_size", "estimator", "w_quantizer", "a_quantizer")
 
 
 def _option(default, help: str, *, choices: tuple | None = None, low: float | None = None, high: float | None = None,
@@ -52,7 +54,7 @@ def _check(name: str, value, meta: dict, kind: type) -> None:
             bound += "" if high is None else f"{' and' if bound else ''} <= {high}"
             if kind is int and low is not None and high is not None:
                 bound = f" from {low} to {high}"
-            extra = " (or None to keep activations in full precision)" if meta["optional"] else ""
+            extra = f" (or None: {meta['optional']})" if isinstance(meta["optional"], str) else ""
             raise ValueError(f"PEGEConfig.{name} must be {what}{bound}{extra}; got {value!r}")
         return
     if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -70,7 +72,7 @@ class PEGEConfig(QuantizationConfigMixin):
     quant_method: str = _option(QUANT_METHOD, "always 'pege'", choices=(QUANT_METHOD,), cli=False)
     w_bits: int = _option(4, "weight bit width", low=MIN_BITS, high=MAX_BITS)
     a_bits: int | None = _option(4, "input-activation bit width (none: float activations)", low=MIN_BITS,
-                                 high=MAX_BITS, optional=True)
+                                 high=MAX_BITS, optional="keep activations in full precision")
     estimator: str = _option("pege", "backward rule", choices=ESTIMATORS)
     w_quantizer: str = _option("lsq", "weight forward quantizer", choices=WEIGHT_QUANTIZERS)
     a_quantizer: str = _option("lsq", "activation forward quantizer", choices=QUANTIZERS)
@@ -98,8 +100,13 @@ class PEGEConfig(QuantizationConfigMixin):
     ewgs_delta: float = _option(1e-3, "EWGS' fixed delta", low=0.0)
     skip_stem: bool = _option(True, "keep the first layer in full precision")
     skip_head: bool = _option(True, "keep the last layer in full precision")
-    modules_to_not_convert: list[str] | None = _option(None, "more module names to keep in full precision",
-                                                      optional=True)
+    modules_to_not_convert: list[str] | None = _option(None, "more module names (or patterns) to keep in full "
+                                                      "precision", optional=True)
+    group_size: int | None = _option(None, "Linear weights: one step size per group of this many input features "
+                                     "(none: per output channel)", low=1, optional="one step size per output channel")
+    layer_overrides: dict | None = _option(None, "module-name pattern -> {w_bits, a_bits, group_size, estimator, "
+                                           "w_quantizer, a_quantizer} for the matching layers (mixed precision); "
+                                           "the first matching pattern wins", optional=True, cli=False)
     seed: int = _option(0, "seed of the progressive masks")
 
     def __post_init__(self) -> None:
@@ -111,12 +118,35 @@ class PEGEConfig(QuantizationConfigMixin):
         """Validate every field; raise ValueError naming the field and what it allows."""
         for f in fields(self):
             _check(f.name, getattr(self, f.name), f.metadata, _kind(f))
+        self._check_overrides()
         if self.lambda_schedule == "exp" and self.lambda_start <= 0:
             raise ValueError("PEGEConfig.lambda_start must be > 0 for lambda_schedule='exp'; got "
                              f"{self.lambda_start!r}")
 
     def __repr__(self) -> str:
         return QuantizationConfigMixin.__repr__(self)
+
+    def _check_overrides(self) -> None:
+        for pattern, override in (self.layer_overrides or {}).items():
+            if not isinstance(pattern, str) or not isinstance(override, dict):
+                raise ValueError("PEGEConfig.layer_overrides must map module-name patterns to dicts of settings; got "
+                                 f"{pattern!r}: {override!r}")
+            unknown = sorted(set(override) - set(OVERRIDABLE))
+            if unknown:
+                raise ValueError(f"PEGEConfig.layer_overrides[{pattern!r}] sets {', '.join(map(repr, unknown))}; "
+                                 f"a layer can override {', '.join(OVERRIDABLE)}")
+            try:
+                replace(self, layer_overrides=None, **override)
+            except ValueError as e:
+                raise ValueError(f"PEGEConfig.layer_overrides[{pattern!r}]: {e}") from None
+
+    def for_layer(self, name: str) -> "PEGEConfig":
+        """The config of the layer called ``name``: this one with the first matching layer_overrides entry
+        applied (patterns follow modules_to_not_convert's rule)."""
+        for pattern, override in (self.layer_overrides or {}).items():
+            if matches_any(name, [pattern]):
+                return replace(self, layer_overrides=None, **override)
+        return self
 
     @property
     def name(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .modules import QuantLayer
-from .quantizers import broadcast_to, quantize_codes
+from .quantizers import quantize_codes
 
 GRID_BINS = 50
 
@@ -34,7 +34,7 @@ def weight_codes_and_positions(model: torch.nn.Module) -> tuple[dict, dict]:
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLayer) and "weight" in layer._parameters:
             q, w = layer.weight_quantizer.quantizer, layer.weight.detach()
-            s = broadcast_to(q.scale_tensor(), w, q.axis)
+            s = q.broadcast_scale(q.scale_tensor(), w)
             codes[name] = quantize_codes(w, s, q.qmin, q.qmax)
             positions[name] = grid_position(w, s, float(q.qmin), float(q.qmax))
     return codes, positions

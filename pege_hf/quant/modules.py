@@ -20,7 +20,7 @@ from . import kernels
 from .curriculum import discretization_weight, replacement_mask, replacement_ratio
 from .packing import pack_codes, packed_size, unpack_codes
 from .estimators import FakeQuantEWGS, FakeQuantPEGE, FakeQuantSTE, pege_mix, round_ewgs, round_ste
-from .quantizers import UniformQuantizer, broadcast_to, make_quantizer
+from .quantizers import UniformQuantizer, make_quantizer
 
 FLOAT_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -184,12 +184,14 @@ def saved_as_rebuild(xq: torch.Tensor, rebuild: Rebuild | None):
         yield
 
 
-def make_fake_quantizer(config, *, weight: bool, channels: int | None = None, seed: int = 0, axis: int = 0) -> FakeQuantizer:
-    """The factory from a config to the fake quantizer of a layer's weight (per channel along ``axis``)
-    or input activation."""
+def make_fake_quantizer(config, *, weight: bool, channels: int | None = None, seed: int = 0, axis: int = 0,
+                        group_size: int | None = None) -> FakeQuantizer:
+    """The factory from a config to the fake quantizer of a layer's weight (per channel along ``axis``, or
+    per group of ``group_size`` inputs with ``channels`` groups) or input activation."""
     bits = config.w_bits if weight else config.a_bits
     name = config.w_quantizer if weight else config.a_quantizer
-    quantizer = make_quantizer(name, bits, weight=weight, channels=channels, axis=axis, scale_init=config.scale_init)
+    quantizer = make_quantizer(name, bits, weight=weight, channels=channels, axis=axis, scale_init=config.scale_init,
+                               group_size=group_size)
     return FakeQuantizer(quantizer, config, mask=config.w_mask if weight else config.a_mask, seed=seed)
 
 
@@ -200,12 +202,22 @@ class QuantLayer:
     input_quantizer: FakeQuantizer | None
     float_class: type[nn.Module]  # the float layer this one replaces
     weight_axis = 0  # the output-channel dimension of `weight` (per-channel step sizes run along it)
+    supports_groups = False  # group-wise step sizes (PEGEConfig.group_size): Linear layers
+
+    def _groups(self, group_size: int) -> int:
+        rows, cols = self.weight.shape
+        if cols % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the {cols} input features of a "
+                             f"{type(self).__name__} of shape {tuple(self.weight.shape)}")
+        return rows * cols // group_size
 
     def _attach_quantizers(self, config, seed: int) -> None:
         self.register_load_state_dict_post_hook(QuantLayer._finish_packed_load)
         device = self.weight.device
-        self.weight_quantizer = make_fake_quantizer(config, weight=True, channels=self.weight.shape[self.weight_axis],
-                                                    seed=seed, axis=self.weight_axis).to(device)
+        group = getattr(config, "group_size", None) if self.supports_groups else None
+        channels = self.weight.shape[self.weight_axis] if group is None else self._groups(group)
+        self.weight_quantizer = make_fake_quantizer(config, weight=True, channels=channels, seed=seed,
+                                                    axis=self.weight_axis, group_size=group).to(device)
         self.input_quantizer = None
         if config.a_bits is not None:
             self.input_quantizer = make_fake_quantizer(config, weight=False, seed=seed ^ 0x5BD1E995).to(device)
@@ -259,7 +271,7 @@ class QuantLayer:
     def _unpacked_weight(self, packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         q = self.weight_quantizer.quantizer
         codes = unpack_codes(packed.to(q.scale_tensor().device), q.bits, shape.numel()).view(shape)
-        return (codes.to(q.scale_tensor().dtype) + q.qmin) * broadcast_to(q.scale_tensor(), codes, self.weight_axis)
+        return (codes.to(q.scale_tensor().dtype) + q.qmin) * q.broadcast_scale(q.scale_tensor(), codes)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """A packed state dict (what save_pretrained writes; what Trainer reloads with load_state_dict) also
@@ -306,6 +318,7 @@ class QuantLayer:
 
 class QuantLinear(QuantLayer, nn.Linear):
     float_class = nn.Linear
+    supports_groups = True
 
     @classmethod
     def _empty_like(cls, layer: nn.Linear):
@@ -341,7 +354,7 @@ def register_quant_layer(quant_cls: type[QuantLayer]) -> None:
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 
 
-def _matches(name: str, patterns) -> bool:
+def matches_any(name: str, patterns) -> bool:
     """transformers' rule for modules_to_not_convert: a pattern matches from the start up to a module
     boundary ("layer.1" matches "layer.1.attn", not "layer.11.attn"), as a regex with the same boundary
     ("layer.*" matches "layer.11.attn"), or as a suffix ("fc1" matches "model.layers.3.fc1")."""
@@ -364,11 +377,11 @@ def unquantized_weights(model: nn.Module, skip=()) -> list[str]:
 def layers_to_skip(model: nn.Module, config, keep_float=()) -> set[str]:
     """Names of the float layers that stay full precision: the stem (the first layer, when it reads
     the model input rather than an embedding table), the head (the last layer) and the layers matching
-    ``config.modules_to_not_convert`` or ``keep_float`` (patterns, see ``_matches``)."""
+    ``config.modules_to_not_convert`` or ``keep_float`` (patterns, see ``matches_any``)."""
     order = [(name, m) for name, m in model.named_modules()]
     layers = [name for name, m in order if type(m) in QUANT_LAYERS]
     patterns = [*(config.modules_to_not_convert or ()), *keep_float]
-    skip = {name for name in layers if _matches(name, patterns)}
+    skip = {name for name in layers if matches_any(name, patterns)}
     if layers and config.skip_head:
         skip.add(layers[-1])
     if layers and config.skip_stem:
@@ -387,7 +400,11 @@ def quantize(model: nn.Module, config, skip: set[str] | None = None) -> nn.Modul
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         seed = zlib.crc32(name.encode()) ^ int(config.seed)
-        setattr(parent, child, QUANT_LAYERS[type(layer)].from_float(layer, config, seed))
+        layer_config = config.for_layer(name) if hasattr(config, "for_layer") else config
+        try:
+            setattr(parent, child, QUANT_LAYERS[type(layer)].from_float(layer, layer_config, seed))
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
     return model
 
 

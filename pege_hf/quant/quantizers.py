@@ -15,7 +15,9 @@ from torch import nn
 from .estimators import round_ste
 
 WEIGHT_QUANTIZERS = ("lsq", "minmax")
-QUANTIZERS = ("lsq", "minmax", "pact")
+# dynamic_token / dynamic_tensor: activation step sizes from the current tensor (per token: the last
+# dimension's rows), recomputed every call, symmetric codes: the LLM recipe (torchao's int8 dynamic activations)
+QUANTIZERS = ("lsq", "minmax", "pact", "dynamic_token", "dynamic_tensor")
 SCALE_INITS = ("lsq", "mse")
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -125,7 +127,7 @@ class UniformQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, *, signed: bool | None = None, channels: int | None = None,
-                 axis: int | None = None, scale_init: str = "lsq"):
+                 axis: int | None = None, scale_init: str = "lsq", group_size: int | None = None):
         super().__init__()
         if not MIN_BITS <= int(bits) <= MAX_BITS:
             raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
@@ -137,14 +139,17 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("qstate", torch.tensor([float(qmin), float(qmax), 0.0], dtype=torch.float32))
         self._ready = False  # python mirror of qstate[2], so the hot path never syncs a device
         self.n_scales = channels if axis is not None else 1
+        # group-wise: a step size per group of `group_size` consecutive input elements of each output row
+        # (2-D weights, axis 0); `channels` is then the number of groups, out_features * in_features / G
+        self.group_size = group_size
 
     def _apply(self, fn, recurse=True):
-        """Moves follow the model (.to(device)); dtype casts do not: step sizes and the code range stay
-        float32 in a bf16/fp16 model (a 2-bit step size in bf16 would misplace codes)."""
+        """Moves follow the model (.to(device)); casts to half precision do not: step sizes and the code
+        range stay float32 in a bf16/fp16 model (a 2-bit step size in bf16 would misplace codes)."""
         super()._apply(fn, recurse)
         for tensors in (self._parameters, self._buffers):
             for t in tensors.values():
-                if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                if t is not None and t.dtype in (torch.float16, torch.bfloat16):
                     t.data = t.data.float()
         return self
 
@@ -194,9 +199,22 @@ class UniformQuantizer(nn.Module):
 
     def _initial_scale(self, x):
         qmin, qmax = self.qmin.item(), self.qmax.item()
+        x, axis = self.rows(x)
         if self.scale_init == "mse":
-            return init_scale_mse(x, qmin, qmax, self.axis)
-        return init_scale_lsq(x, qmax, self.axis)
+            return init_scale_mse(x, qmin, qmax, axis)
+        return init_scale_lsq(x, qmax, axis)
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """(x', axis') with one step size per slice along axis' of x': x itself, or its groups as rows."""
+        if self.group_size is None:
+            return x, self.axis
+        return x.reshape(-1, self.group_size), 0
+
+    def broadcast_scale(self, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The (n_scales,) step sizes laid out to broadcast against x (expanded per group when group-wise)."""
+        if self.group_size is None:
+            return broadcast_to(scale, x, self.axis)
+        return scale.view(-1, 1).expand(-1, self.group_size).reshape(x.shape)
 
     # -- subclass interface ----------------------------------------------------------------------
     def _set_scale(self, scale: torch.Tensor) -> None:
@@ -241,7 +259,7 @@ class LSQQuantizer(UniformQuantizer):
     def step_size(self, x):
         n = x.numel() // self.n_scales
         s = scale_grad(self.scale, 1.0 / math.sqrt(n * self._qp))
-        return broadcast_to(s, x, self.axis)
+        return self.broadcast_scale(s, x)
 
     def scale_tensor(self):
         return self.scale.detach()
@@ -259,7 +277,7 @@ class PACTQuantizer(UniformQuantizer):
         self.clip.data.copy_((scale * self.qmax).reshape(self.clip.shape))
 
     def step_size(self, x):
-        return broadcast_to(self.clip / self.qmax, x, self.axis)
+        return self.broadcast_scale(self.clip / self.qmax, x)
 
     def scale_tensor(self):
         return (self.clip / self.qmax).detach()
@@ -278,7 +296,8 @@ class MinMaxQuantizer(UniformQuantizer):
         return self._observe(x)
 
     def _observe(self, x):
-        return x.abs().amax(dim=_reduce_dims(x, self.axis)).clamp_min(1e-8) / self.qmax
+        x, axis = self.rows(x)
+        return x.abs().amax(dim=_reduce_dims(x, axis)).clamp_min(1e-8) / self.qmax
 
     def _set_scale(self, scale):
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -288,19 +307,56 @@ class MinMaxQuantizer(UniformQuantizer):
             with torch.no_grad():
                 seen = self._observe(x.detach().float())
                 self.scale.copy_(seen if self.dynamic else torch.lerp(self.scale, seen, self.momentum))
-        return broadcast_to(self.scale.clone(), x, self.axis)  # a copy: later updates must not touch saved tensors
+        return self.broadcast_scale(self.scale.clone(), x)  # a copy: later updates must not touch saved tensors
 
     def scale_tensor(self):
         return self.scale.detach()
 
 
+class DynamicQuantizer(UniformQuantizer):
+    """Step sizes from the tensor itself on every call, nothing learned or stored: s = max|x| / qmax per
+    token (each row of the last dimension) or per tensor, symmetric signed codes. Gradients pass the
+    rounding by the estimator's rule; s carries none (as torchao's dynamic activation fake quantizer)."""
+
+    def __init__(self, bits, *, per_token: bool, **kw):
+        super().__init__(bits, signed=True, **kw)
+        self.per_token = per_token
+        self.initialize(None)
+
+    @torch.no_grad()
+    def initialize(self, x) -> None:
+        self._set_state(*qrange(self.bits, True), initialized=True)
+        self._mark_ready()
+
+    def reset(self, signed: bool = True) -> None:
+        self.initialize(None)
+
+    def _set_scale(self, scale):
+        pass
+
+    def step_size(self, x):
+        with torch.no_grad():
+            xmax = x.abs().amax(dim=-1, keepdim=True) if self.per_token else x.abs().amax()
+            return (xmax / self.qmax).clamp_min(1e-8)
+
+    def scale_tensor(self):
+        raise ValueError("a dynamic activation quantizer has no stored step size (it is computed from each input)")
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, dynamic per-{'token' if self.per_token else 'tensor'}"
+
+
 def make_quantizer(name: str, bits: int, *, weight: bool, channels: int | None = None,
-                   axis: int = 0, scale_init: str = "lsq") -> UniformQuantizer:
-    """The factory from a quantizer name to a module: weights per output channel and signed,
-    activations per tensor with automatic signedness."""
+                   axis: int = 0, scale_init: str = "lsq", group_size: int | None = None) -> UniformQuantizer:
+    """The factory from a quantizer name to a module: weights per output channel (or per group of
+    ``group_size`` inputs) and signed, activations per tensor with automatic signedness (or dynamic)."""
     if name not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)}")
-    kw = dict(signed=True, channels=channels, axis=axis) if weight else dict(signed=None)
+    if name.startswith("dynamic"):
+        if weight:
+            raise ValueError(f"quantizer {name!r} is for activations; weights take one of {', '.join(WEIGHT_QUANTIZERS)}")
+        return DynamicQuantizer(bits, per_token=name == "dynamic_token")
+    kw = dict(signed=True, channels=channels, axis=axis, group_size=group_size) if weight else dict(signed=None)
     if name == "lsq":
         return LSQQuantizer(bits, scale_init=scale_init, **kw)
     if name == "pact":

@@ -1,0 +1,129 @@
+"""The LLM recipe's pieces against float64 formulas: group-wise weight step sizes, per-layer settings
+(mixed precision) and dynamic per-token / per-tensor activation quantizers, PEGE's mixing included."""
+
+import math
+
+import pytest
+import torch
+
+import pege_hf
+from pege_hf import PEGEConfig
+from pege_hf.hf.quantizer import quant_layers
+from pege_hf.quant.curriculum import replacement_mask, replacement_ratio
+from pege_hf.quant.modules import QuantLinear, make_fake_quantizer
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=4, vocab_size=96, max_position_embeddings=32))
+
+
+@pytest.mark.parametrize("quantizer", ["lsq", "minmax"])
+def test_group_wise_weights_match_float64_per_group(quantizer):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(64, 8), PEGEConfig(w_bits=3, a_bits=None, group_size=16,
+                                                                        w_quantizer=quantizer, scale_init="lsq"))
+    q = layer.weight_quantizer.quantizer
+    w = layer.weight.detach().double()
+    groups = w.reshape(8, 4, 16)
+    qp = 3.0
+    if quantizer == "lsq":  # LSQ's init 2 mean|w| / sqrt(qmax), per group
+        ref_s = 2 * groups.abs().mean(-1) / math.sqrt(qp)
+    else:
+        ref_s = groups.abs().amax(-1) / qp
+    assert q.scale.shape == (32,) and torch.allclose(q.scale.detach().double().view(8, 4), ref_s, rtol=1e-6)
+    s = q.scale.detach().double().view(8, 4, 1)
+    ref_wq = (torch.clamp(torch.round(groups / s), -4, 3) * s).reshape(8, 64)
+    layer.eval()
+    assert torch.allclose(layer.quantized_weight().double(), ref_wq, atol=1e-6)
+    if quantizer == "lsq":  # the step-size gradient sums over each group, times LSQ's 1 / sqrt(G qmax)
+        layer.train()
+        layer.weight_quantizer.estimator = "ste"
+        g = torch.randn(8, 64, dtype=torch.float64)
+        (layer.quantized_weight().double() * g).sum().backward()
+        v = groups / s
+        inside = (v >= -4) & (v <= 3)
+        el = torch.where(inside, torch.round(v) - v, torch.clamp(torch.round(v), -4, 3)) * g.view(8, 4, 16)
+        assert torch.allclose(q.scale.grad.double().view(8, 4), el.sum(-1) / math.sqrt(16 * qp), rtol=1e-5, atol=1e-8)
+
+
+def test_group_size_that_does_not_divide_is_refused_naming_the_layer():
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj': group_size 48 does not divide the 64"):
+        pege_hf.quantize(model, PEGEConfig(group_size=48))
+
+
+def test_layer_overrides_set_bits_per_layer_and_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _tiny_llama().save_pretrained(tmp_path / "fp")
+    cfg = PEGEConfig(w_bits=4, a_bits=None, group_size=32,
+                     layer_overrides={"mlp.down_proj": {"w_bits": 2}, "model.layers.0.self_attn.q_proj": {"w_bits": 8, "group_size": None}})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    layers = dict(quant_layers(model))
+    bits = {n: l.weight_quantizer.quantizer.bits for n, l in layers.items()}
+    assert bits["model.layers.0.mlp.down_proj"] == bits["model.layers.1.mlp.down_proj"] == 2
+    assert bits["model.layers.0.self_attn.q_proj"] == 8 and bits["model.layers.1.self_attn.q_proj"] == 4
+    assert layers["model.layers.0.self_attn.q_proj"].weight_quantizer.quantizer.scale.shape == (64,)  # per channel
+    assert layers["model.layers.1.self_attn.q_proj"].weight_quantizer.quantizer.scale.shape == (64 * 64 // 32,)
+    ids = torch.randint(0, 96, (2, 10))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for step in range(2):
+        pege_hf.set_progress(model, 0.5 * step)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "q")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight_packed").get_shape() == [64 * 128 * 2 // 8]
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight_packed").get_shape() == [64 * 64]
+    again = pege_hf.from_pretrained(tmp_path / "q", auto_class=AutoModelForCausalLM).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, before)
+    assert again.config.quantization_config.layer_overrides == cfg.layer_overrides
+
+
+@pytest.mark.parametrize("name,per_token", [("dynamic_token", True), ("dynamic_tensor", False)])
+@pytest.mark.parametrize("progress", [0.4, 1.0])
+def test_dynamic_activation_quantizers_with_pege_mixing_match_float64(name, per_token, progress):
+    torch.manual_seed(1)
+    lam = 0.2
+    cfg = PEGEConfig(w_bits=4, a_bits=8, a_quantizer=name, a_mask="progressive", discretization_lambda=lam)
+    fq = make_fake_quantizer(cfg, weight=False, seed=5).double()
+    fq.train()
+    fq.set_progress(progress)
+    x = (torch.randn(3, 5, 16, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(3, 5, 16, dtype=torch.float64)
+    out = fq(x)
+    out.backward(g)
+    xd = x.detach()
+    s = (xd.abs().amax(-1, keepdim=True) if per_token else xd.abs().amax()) / 127
+    ref_q = torch.clamp(torch.round(xd / s), -128, 127) * s
+    m = replacement_mask(xd, replacement_ratio(progress), "progressive", seed=fq.seed).double()
+    assert torch.allclose(out, m * ref_q + (1 - m) * xd, atol=1e-12)
+    pull = 2 * lam / xd.numel() * (xd - ref_q) / s**2  # lam * mean(((x - sg Q) / sg s)^2), s per token
+    v = xd / s  # clipped STE: max|x| / s lands on qmax up to rounding, either side of it
+    inside = ((v >= -128) & (v <= 127)).double()
+    assert torch.allclose(x.grad, g * (m * inside + 1 - m) + pull, atol=1e-10)
+    assert not list(fq.parameters())  # nothing learned
+
+
+def test_dynamic_quantizers_are_for_activations_only():
+    with pytest.raises(ValueError, match="PEGEConfig.w_quantizer must be one of 'lsq', 'minmax'; got 'dynamic_token'"):
+        PEGEConfig(w_quantizer="dynamic_token")
+
+
+def test_layer_overrides_are_validated_when_built():
+    with pytest.raises(ValueError, match=r"layer_overrides\['mlp'\]: PEGEConfig.w_bits must be an integer from 2 to 8; got 1"):
+        PEGEConfig(layer_overrides={"mlp": {"w_bits": 1}})
+    with pytest.raises(ValueError, match=r"layer_overrides\['mlp'\] sets 'lr'; a layer can override w_bits"):
+        PEGEConfig(layer_overrides={"mlp": {"lr": 1}})
