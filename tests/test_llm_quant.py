@@ -127,3 +127,20 @@ def test_layer_overrides_are_validated_when_built():
         PEGEConfig(layer_overrides={"mlp": {"w_bits": 1}})
     with pytest.raises(ValueError, match=r"layer_overrides\['mlp'\] sets 'lr'; a layer can override w_bits"):
         PEGEConfig(layer_overrides={"mlp": {"lr": 1}})
+
+
+def test_from_pretrained_picks_the_model_class_the_checkpoint_names(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from pege_hf.sources import SHIPPED_MODELS_DIR
+
+    model = _tiny_llama()
+    pege_hf.quantize(model, PEGEConfig(w_bits=4, a_bits=None, group_size=16))
+    model.save_pretrained(tmp_path / "llm")
+    again = pege_hf.from_pretrained(tmp_path / "llm")
+    assert type(again) is LlamaForCausalLM and quant_layers(again)
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    cnn = pege_hf.from_pretrained(SHIPPED_MODELS_DIR / "resnet20-pege-w2a2")
+    assert type(cnn).__name__.endswith("ForImageClassification") and quant_layers(cnn)

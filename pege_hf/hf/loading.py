@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoModelForImageClassification
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from ..config import QUANT_METHOD
+from . import cifar
 from .quantizer import quant_layers
 
 
@@ -25,14 +27,27 @@ def checkpoint_quant_method(source) -> str | None:
     return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
 
 
-def from_pretrained(source, quantization_config=None, auto_class=AutoModelForImageClassification, **kwargs):
-    """`auto_class.from_pretrained` for float and PEGE checkpoints alike (default: image classification)."""
+def model_class_for(source, **kwargs):
+    """The model class a checkpoint was saved from (its config's ``architectures``: a transformers class or
+    one of this package's CIFAR models), or the auto class for its task; AutoModel when nothing is named."""
+    config = AutoConfig.from_pretrained(source, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) or getattr(cifar, arch, None) if arch else None
+    if cls is not None:
+        return cls
+    return AutoModelForImageClassification if arch and arch.endswith("ForImageClassification") else AutoModel
+
+
+def from_pretrained(source, quantization_config=None, auto_class=None, **kwargs):
+    """`from_pretrained` for float and PEGE checkpoints alike, with the model class the checkpoint names
+    (causal LM, sequence or image classification, ...); ``auto_class`` picks one explicitly."""
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a model checkpoint: it has no config.json")
     if quantization_config is not None:  # an explicit None would erase the checkpoint's own config
         kwargs["quantization_config"] = quantization_config
-    model = auto_class.from_pretrained(source, **kwargs)
+    model_class = auto_class or model_class_for(source, **kwargs)
+    model = model_class.from_pretrained(source, **kwargs)
     wanted = quantization_config is not None or checkpoint_quant_method(source) == QUANT_METHOD
     if wanted and not quant_layers(model):
         raise RuntimeError(f"{source} was loaded without its PEGE layers; is quant_method {QUANT_METHOD!r} registered?")
