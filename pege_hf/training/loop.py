@@ -216,7 +216,11 @@ def train_epoch(run: Run, epoch: int) -> None:
         run.sums.zero_()
     generator = torch.Generator(device=run.accelerator.device)
     for batch_index, (images, labels) in enumerate(loader, start=skip + 1):
-        generator.manual_seed(batch_seed(run.args.seed, epoch, batch_index, run.accelerator.process_index))
+        seed = batch_seed(run.args.seed, epoch, batch_index, run.accelerator.process_index)
+        generator.manual_seed(seed)
+        # PEGE's random masks (and any other draw from torch's generator) follow the batch too, so a run
+        # resumed mid-ramp draws what the uninterrupted run drew
+        torch.manual_seed(seed ^ 0x5DEECE66D)
         train_step(run, images, labels, generator)
         if run.accelerator.sync_gradients:
             after_optimizer_step(run, epoch, batch_index)
