@@ -1,4 +1,5 @@
-"""`pege export MODEL --format onnx --output FILE`: a trained PEGE checkpoint as a deployable file."""
+"""`pege export MODEL --format onnx|compressed-tensors --output PATH`: a trained PEGE checkpoint as a
+deployable file (ONNX) or checkpoint folder (compressed-tensors)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,29 @@ import argparse
 import json
 from pathlib import Path
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "compressed-tensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="PEGE checkpoint folder (save_pretrained output)")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="onnx: an ONNX graph that ONNX Runtime runs on integer kernels")
-    parser.add_argument("--output", required=True, metavar="FILE", help="where to write the export")
+                        help="onnx: an ONNX graph that ONNX Runtime runs on integer kernels; compressed-tensors: "
+                             "a checkpoint folder that plain transformers loads (nn.Linear layers only)")
+    parser.add_argument("--output", required=True, metavar="PATH",
+                        help="where to write the export (a file for onnx, a folder for compressed-tensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--json", action="store_true", help="print the export report as JSON")
+
+
+def model_class(source: str):
+    """The transformers class named by the checkpoint's config.json `architectures` (a text model loads as
+    itself); the image-classification Auto class otherwise (the project's CIFAR models register there)."""
+    import transformers
+
+    config = Path(source) / "config.json"
+    names = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
+    found = getattr(transformers, names[0], None) if names else None
+    return found or transformers.AutoModelForImageClassification
 
 
 def load_checkpoint(source: str):
@@ -26,21 +40,33 @@ def load_checkpoint(source: str):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {source} does not exist")
     try:
-        return from_pretrained(source).eval()
+        return from_pretrained(source, auto_class=model_class(source)).eval()
     except (OSError, RuntimeError, KeyError) as e:
         raise ValueError(f"cannot load checkpoint {source}: {str(e).splitlines()[0]}") from e
 
 
-def main(args: argparse.Namespace) -> int:
+def exporter(fmt: str):
+    """The export function of a format: fn(model, output, overwrite=...) -> report."""
+    if fmt == "compressed-tensors":
+        from .ct import export_compressed_tensors
+
+        return export_compressed_tensors
     from .onnx import export_onnx
 
+    return export_onnx
+
+
+def report_json(report) -> str:
+    if hasattr(report, "float_layers"):  # ONNX
+        return json.dumps({"path": report.path, "bytes": report.bytes, "float_layers": report.float_layers,
+                           "layers": [vars(r) for r in report.layers]})
+    return json.dumps(vars(report))
+
+
+def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    report = export_onnx(load_checkpoint(args.model), output, overwrite=args.overwrite)
-    if args.json:
-        print(json.dumps({"path": report.path, "bytes": report.bytes, "float_layers": report.float_layers,
-                          "layers": [vars(r) for r in report.layers]}))
-    else:
-        print(report)
+    report = exporter(args.format)(load_checkpoint(args.model), output, overwrite=args.overwrite)
+    print(report_json(report) if args.json else report)
     return 0

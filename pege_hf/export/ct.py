@@ -60,6 +60,15 @@ def check_expressible(model: nn.Module) -> None:
         if type(layer) is not QuantLinear:
             raise ValueError(f"layer {name} ({layer.float_class.__name__}) cannot be expressed in compressed-tensors, "
                              f"which packs nn.Linear weights only; {ONNX_HINT}")
+        check_initialized(name, layer)
+
+
+def check_initialized(name: str, layer: QuantLayer) -> None:
+    """Every quantizer holds trained (or at least initialised) step sizes; an untouched one has none to export."""
+    for kind, fq in (("weight", layer.weight_quantizer), ("input", layer.input_quantizer)):
+        if fq is not None and not fq.quantizer.is_initialized():
+            raise ValueError(f"layer {name}: its {kind} quantizer was never initialised (no step size to export); "
+                             "run the model on data (training or calibration) first")
 
 
 # ---------------------------------------------------------------------------------- schemes
@@ -155,6 +164,7 @@ def plain_config(model: nn.Module, quant: dict):
     """A copy of the model's config with the compressed-tensors quantization_config in place of PEGE's."""
     config = copy.deepcopy(model.config)
     config.quantization_config = quant
+    config.architectures = [type(model).__name__]
     return config
 
 
