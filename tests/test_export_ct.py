@@ -140,6 +140,23 @@ def test_exported_codes_are_pege_codes(llama):
         assert not any(".weight_quantizer." in k or ".input_quantizer." in k for k in state)
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_round_trip_at_every_bit_width(bits, tmp_path):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                   vocab_size=64)
+    model = pege_hf.quantize(transformers.LlamaForCausalLM(cfg), pege_hf.PEGEConfig(w_bits=bits, a_bits=None)).eval()
+    export_compressed_tensors(model, tmp_path / "out")
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    for name, layer in quant_layers(model):
+        codes = unpack_from_int32(state[f"{name}.weight_packed"], bits, state[f"{name}.weight_shape"])
+        assert torch.equal(codes, weight_codes(layer)), name
+        assert int(codes.min()) >= -(1 << (bits - 1)) and int(codes.max()) <= (1 << (bits - 1)) - 1
+
+
+@pytest.mark.slow  # ~35 s CPU under load (two model loads, a fresh interpreter); about 15-20 s on an idle 2-core box
 def test_minilm_w4a8_runs_in_plain_transformers_with_pege_logits(tmp_path):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(_minilm_dir(), num_labels=2)
     model = pege_hf.quantize(model, pege_hf.PEGEConfig(w_bits=4, a_bits=8))

@@ -40,7 +40,8 @@ class CTReport:
     layers: dict[str, str]  # layer name -> its scheme, e.g. "W4 channel, A8 static tensor asymmetric"
 
     def __str__(self) -> str:
-        lines = [f"wrote {self.path} ({self.bytes:,} bytes, compressed-tensors {FORMAT})"]
+        lines = [f"wrote {self.path} ({self.bytes:,} bytes, compressed-tensors {FORMAT}); load it with plain "
+                 "from_pretrained (dequantize=True would drop the static input quantization)"]
         return "\n".join(lines + [f"  {name}: {scheme}" for name, scheme in self.layers.items()])
 
 
