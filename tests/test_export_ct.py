@@ -44,10 +44,10 @@ def _qat(model, batch: dict, steps: int = 3):
     return model.eval()
 
 
-def _tiny_llama(a_bits=8, unsigned_layer: str | None = "model.layers.0.mlp.down_proj"):
+def _tiny_llama(a_bits=8, unsigned_layer: str | None = "model.layers.0.mlp.down_proj", tied: bool = False):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                   vocab_size=128)
+                                   vocab_size=128, tie_word_embeddings=tied)
     model = pege_hf.quantize(transformers.LlamaForCausalLM(cfg), pege_hf.PEGEConfig(w_bits=4, a_bits=a_bits))
     if unsigned_layer and a_bits:  # one unsigned (asymmetric) input quantizer, as after a ReLU
         q = model.get_submodule(unsigned_layer).input_quantizer.quantizer
@@ -169,7 +169,7 @@ def test_minilm_w4a8_runs_in_plain_transformers_with_pege_logits(tmp_path):
 
 
 def test_weight_only_model_exports_without_input_quantization(tmp_path):
-    model, inputs = _tiny_llama(a_bits=None)
+    model, inputs = _tiny_llama(a_bits=None, tied=True)  # tied embeddings / float head: stored twice, tied again
     report = export_compressed_tensors(model, tmp_path / "w4")
     assert all(s.endswith("A32 (float input)") for s in report.layers.values())
     groups = json.loads((tmp_path / "w4" / "config.json").read_text())["quantization_config"]["config_groups"]
@@ -194,6 +194,15 @@ def test_gpt2_conv1d_is_refused(tmp_path):
     model = pege_hf.quantize(transformers.GPT2LMHeadModel(cfg), pege_hf.PEGEConfig(w_bits=4, a_bits=8))
     with pytest.raises(ValueError, match=r"layer transformer\.h\.0\.\w+\.c_\w+ \(Conv1D\).*--format onnx"):
         export_compressed_tensors(model, tmp_path / "out")
+
+
+def test_half_precision_model_is_refused(llama, tmp_path):
+    import copy
+
+    model = copy.deepcopy(llama[0]).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj is torch\.bfloat16.*float32"):
+        export_compressed_tensors(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_float_model_is_refused(tmp_path):

@@ -121,40 +121,41 @@ def layer_tensors(layer: QuantLayer) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     q = layer.weight_quantizer.quantizer
-    dtype = layer.weight.dtype
     out = {"weight_packed": pack_to_int32(weight_codes(layer), q.bits),
-           "weight_scale": q.scale_tensor().float().reshape(-1, 1).to(dtype),
+           "weight_scale": q.scale_tensor().float().reshape(-1, 1),
            "weight_shape": torch.tensor(layer.weight.shape)}
     if layer.input_quantizer is not None:
         a = layer.input_quantizer.quantizer
-        out["input_scale"] = a.scale_tensor().float().reshape(1).to(dtype)
+        out["input_scale"] = a.scale_tensor().float().reshape(1)
         if not activation_signed(layer):  # codes 0..2^b-1 = int codes + 2^(b-1)
             out["input_zero_point"] = torch.tensor([-(1 << (a.bits - 1))], dtype=torch.int8)
     return out
 
 
 def check_dtype_keeps_scales(model: nn.Module) -> None:
-    """compressed-tensors keeps step sizes in the model's dtype; a bf16/fp16 model would round PEGE's float32
-    step sizes (moving codes), so only float32 models are exported."""
-    dtype = next(model.parameters()).dtype
-    if dtype != torch.float32:
-        raise ValueError(f"the model is {dtype}; compressed-tensors would hold its float32 step sizes in {dtype} "
-                         "and move codes: export a float32 model (model.float())")
+    """compressed-tensors holds step sizes in the layer's dtype; in a bf16/fp16 layer it would round PEGE's
+    float32 step sizes (and dequantize in half precision), so only float32 layers are exported."""
+    for name, layer in quant_layers(model):
+        if layer.weight.dtype != torch.float32:
+            raise ValueError(f"layer {name} is {layer.weight.dtype}; compressed-tensors would hold its float32 step "
+                             "sizes in that dtype and change the weights: export the model in float32 (model.float())")
 
 
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full state dict: dense tensors for everything else, compressed-tensors tensors for the quantized
-    layers (no PEGE quantizer buffers); tied tensors are stored once (transformers re-ties them)."""
+    """The full state dict (on the CPU): dense tensors for everything else, compressed-tensors tensors for the
+    quantized layers, no PEGE quantizer state. Tensors sharing memory (tied weights) are stored as copies,
+    which safetensors requires and transformers ties again when it loads."""
     layers = dict(quant_layers(model))
     replaced = {f"{name}.weight" for name in layers}
     state, seen = {}, set()
     for key, value in model.state_dict().items():
-        if key in replaced or "_quantizer.quantizer." in key or (value.numel() and value.data_ptr() in seen):
+        if key in replaced or "_quantizer.quantizer." in key:
             continue
+        shared = value.numel() and value.data_ptr() in seen
         seen.add(value.data_ptr())
-        state[key] = value.detach().contiguous()
+        state[key] = value.detach().cpu().clone() if shared else value.detach().cpu().contiguous()
     for name, layer in layers.items():
-        state.update({f"{name}.{k}": v.contiguous() for k, v in layer_tensors(layer).items()})
+        state.update({f"{name}.{k}": v.cpu().contiguous() for k, v in layer_tensors(layer).items()})
     return state
 
 
