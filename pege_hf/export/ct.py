@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..quant.modules import QuantLayer, QuantLinear
-from .onnx import quant_layers, weight_codes
+from .onnx import quant_layers, require_quant_layers, weight_codes
 
 FORMAT = "pack-quantized"
 ONNX_HINT = "export it with --format onnx (pege_hf.export.export_onnx) instead"
@@ -53,11 +53,9 @@ def check_expressible(model: nn.Module) -> None:
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"the compressed-tensors export needs a transformers PreTrainedModel, got {type(model).__name__}")
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("the model has no PEGE quantized layers (a float model?): there are no integer codes to export")
-    for name, layer in layers:
+        raise ValueError(f"the compressed-tensors export needs a transformers PreTrainedModel, "
+                         f"got {type(model).__name__}")
+    for name, layer in require_quant_layers(model):
         if type(layer) is not QuantLinear:
             raise ValueError(f"layer {name} ({layer.float_class.__name__}) cannot be expressed in compressed-tensors, "
                              f"which packs nn.Linear weights only; {ONNX_HINT}")
