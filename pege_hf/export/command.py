@@ -4,6 +4,7 @@ deployable file (ONNX) or checkpoint folder (compressed-tensors)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,17 +57,10 @@ def exporter(fmt: str):
     return export_onnx
 
 
-def report_json(report) -> str:
-    if hasattr(report, "float_layers"):  # ONNX
-        return json.dumps({"path": report.path, "bytes": report.bytes, "float_layers": report.float_layers,
-                           "layers": [vars(r) for r in report.layers]})
-    return json.dumps(vars(report))
-
-
 def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     report = exporter(args.format)(load_checkpoint(args.model), output, overwrite=args.overwrite)
-    print(report_json(report) if args.json else report)
+    print(json.dumps(dataclasses.asdict(report)) if args.json else report)
     return 0
