@@ -166,6 +166,11 @@ def test_minilm_w4a8_runs_in_plain_transformers_with_pege_logits(tmp_path):
     export_compressed_tensors(model, tmp_path / "minilm")
     got = _plain_logits(tmp_path / "minilm", "AutoModelForSequenceClassification", inputs, tmp_path)
     torch.testing.assert_close(got, _pege_logits(model, inputs), rtol=0, atol=ATOL)
+    # the targets also match without the "bert." prefix: the export loads as the bare encoder too
+    bare = transformers.AutoModel.from_pretrained(tmp_path / "minilm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bare(**inputs).last_hidden_state, model.bert(**inputs).last_hidden_state,
+                                   rtol=0, atol=ATOL)
 
 
 def test_weight_only_model_exports_without_input_quantization(tmp_path):

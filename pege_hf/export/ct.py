@@ -97,6 +97,14 @@ def describe(layer: QuantLayer) -> str:
     return f"W{layer.weight_quantizer.quantizer.bits} channel, {act}"
 
 
+def target(name: str, prefix: str) -> str:
+    """A compressed-tensors target matching exactly this module, with or without the base-model prefix (so the
+    export also loads as the bare base model, e.g. BertModel from a BertForSequenceClassification export)."""
+    if prefix and name.startswith(f"{prefix}."):
+        return f"re:^({re.escape(prefix)}\\.)?{re.escape(name[len(prefix) + 1:])}$"
+    return f"re:^{re.escape(name)}$"
+
+
 def quantization_config(model: nn.Module) -> dict:
     """The compressed-tensors quantization_config: one config group per distinct scheme, each targeting its
     layers by exact name (the float stem/head and other unquantized layers stay dense)."""
@@ -105,7 +113,7 @@ def quantization_config(model: nn.Module) -> dict:
         scheme = {"weights": weight_args(layer), "input_activations": input_args(layer), "output_activations": None,
                   "format": FORMAT}
         key = repr(sorted((k, repr(v)) for k, v in scheme.items()))
-        groups.setdefault(key, {**scheme, "targets": []})["targets"].append(f"re:^{re.escape(name)}$")
+        groups.setdefault(key, {**scheme, "targets": []})["targets"].append(target(name, model.base_model_prefix))
     return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
             "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())}, "ignore": []}
 
