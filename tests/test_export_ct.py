@@ -44,11 +44,11 @@ def _qat(model, batch: dict, steps: int = 3):
     return model.eval()
 
 
-def _tiny_llama(a_bits=8, unsigned_layer: str | None = "model.layers.0.mlp.down_proj", tied: bool = False):
+def _tiny_llama(a_bits=8, unsigned_layer: str | None = "model.layers.0.mlp.down_proj", tied: bool = False, w_bits=4):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                    vocab_size=128, tie_word_embeddings=tied)
-    model = pege_hf.quantize(transformers.LlamaForCausalLM(cfg), pege_hf.PEGEConfig(w_bits=4, a_bits=a_bits))
+    model = pege_hf.quantize(transformers.LlamaForCausalLM(cfg), pege_hf.PEGEConfig(w_bits=w_bits, a_bits=a_bits))
     if unsigned_layer and a_bits:  # one unsigned (asymmetric) input quantizer, as after a ReLU
         q = model.get_submodule(unsigned_layer).input_quantizer.quantizer
         q.auto_sign = False
@@ -110,6 +110,15 @@ def _float_input_logits(model, inputs: dict) -> torch.Tensor:
     finally:
         for name, layer in quant_layers(model):
             layer.input_quantizer = saved[name]
+
+
+@pytest.mark.slow  # a fresh interpreter per bit width
+@pytest.mark.parametrize("w_bits, a_bits", [(2, 2), (3, 4), (8, 8)])
+def test_other_bit_widths_run_in_plain_transformers(w_bits, a_bits, tmp_path):
+    model, inputs = _tiny_llama(a_bits=a_bits, w_bits=w_bits)
+    export_compressed_tensors(model, tmp_path / "out")
+    got = _plain_logits(tmp_path / "out", "AutoModelForCausalLM", inputs, tmp_path)
+    torch.testing.assert_close(got, _pege_logits(model, inputs), rtol=0, atol=ATOL)
 
 
 def test_quantization_config_expresses_the_pege_quantizers(llama):
