@@ -219,6 +219,14 @@ def test_half_precision_model_is_refused(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_untrained_input_quantizers_are_refused(tmp_path):
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                   vocab_size=64)
+    model = pege_hf.quantize(transformers.LlamaForCausalLM(cfg), pege_hf.PEGEConfig(w_bits=4, a_bits=8))
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.q_proj: its input quantizer was never"):
+        export_compressed_tensors(model, tmp_path / "out")
+
+
 def test_float_model_is_refused(tmp_path):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1,
                                                                    num_attention_heads=2, intermediate_size=64,
