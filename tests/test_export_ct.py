@@ -227,6 +227,17 @@ def test_untrained_input_quantizers_are_refused(tmp_path):
         export_compressed_tensors(model, tmp_path / "out")
 
 
+def test_step_sizes_other_than_per_channel_are_refused(llama, tmp_path):
+    import copy
+
+    model = copy.deepcopy(llama[0])
+    q = model.get_submodule("model.layers.1.mlp.up_proj").weight_quantizer.quantizer
+    q.scale = torch.nn.Parameter(q.scale.detach().repeat_interleave(2))  # as group-wise step sizes would be
+    with pytest.raises(ValueError, match=r"layer model\.layers\.1\.mlp\.up_proj: 256 weight step sizes for 128"):
+        export_compressed_tensors(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_float_model_is_refused(tmp_path):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1,
                                                                    num_attention_heads=2, intermediate_size=64,

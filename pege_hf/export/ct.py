@@ -60,6 +60,7 @@ def check_expressible(model: nn.Module) -> None:
             raise ValueError(f"layer {name} ({layer.float_class.__name__}) cannot be expressed in compressed-tensors, "
                              f"which packs nn.Linear weights only; {ONNX_HINT}")
         check_initialized(name, layer)
+        check_step_sizes(name, layer)
 
 
 def check_initialized(name: str, layer: QuantLayer) -> None:
@@ -68,6 +69,25 @@ def check_initialized(name: str, layer: QuantLayer) -> None:
         if fq is not None and not fq.quantizer.is_initialized():
             raise ValueError(f"layer {name}: its {kind} quantizer was never initialised (no step size to export); "
                              "run the model on data (training or calibration) first")
+
+
+def check_step_sizes(name: str, layer: QuantLayer) -> None:
+    """One stored weight step size per output channel and one stored input step size: what this export writes
+    (group-wise weight step sizes or an input quantizer that computes its step size per call are refused)."""
+    channels = layer.weight.shape[layer.weight_axis]
+    n = layer.weight_quantizer.quantizer.scale_tensor().numel()
+    if n != channels:
+        raise ValueError(f"layer {name}: {n} weight step sizes for {channels} output channels; the compressed-tensors "
+                         "export writes one per output channel only (group-wise step sizes are not supported yet)")
+    if layer.input_quantizer is None:
+        return
+    try:
+        n = layer.input_quantizer.quantizer.scale_tensor().numel()
+    except ValueError as e:  # a dynamic quantizer has no stored step size
+        raise ValueError(f"layer {name}: {e}; the compressed-tensors export writes static input step sizes only") from e
+    if n != 1:
+        raise ValueError(f"layer {name}: {n} input step sizes; the compressed-tensors export writes one per tensor "
+                         "only")
 
 
 # ---------------------------------------------------------------------------------- schemes
