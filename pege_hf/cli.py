@@ -12,7 +12,7 @@ COMMANDS = {
     "eval": ("pege_hf.evaluate", "accuracy (top-1, top-5) of a float or PEGE checkpoint on a data set"),
     "push": ("pege_hf.hub", "upload a checkpoint folder to the Hugging Face Hub with a model card"),
     "demo": ("pege_hf.demo", "open the Gradio demo: full precision vs 2/3/4-bit predictions"),
-    "export": ("pege_hf.export.command", "export a trained PEGE model for deployment (ONNX Runtime integer kernels)"),
+    "export": ("pege_hf.export.command", "export a trained PEGE model for deployment (ONNX Runtime integer kernels, or compressed-tensors for plain transformers)"),
     "bench": ("pege_hf.bench", "micro-benchmarks: training-step speed and memory, packed checkpoint size, step-size init"),
 }
 

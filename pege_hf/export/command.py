@@ -1,19 +1,23 @@
-"""`pege export MODEL --format onnx --output FILE`: a trained PEGE checkpoint as a deployable file."""
+"""`pege export MODEL --format onnx|compressed-tensors --output PATH`: a trained PEGE checkpoint as a
+deployable file (ONNX) or checkpoint folder (compressed-tensors)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "compressed-tensors")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="PEGE checkpoint folder (save_pretrained output)")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="onnx: an ONNX graph that ONNX Runtime runs on integer kernels")
-    parser.add_argument("--output", required=True, metavar="FILE", help="where to write the export")
+                        help="onnx: an ONNX graph that ONNX Runtime runs on integer kernels; compressed-tensors: "
+                             "a checkpoint folder that plain transformers loads (nn.Linear layers only)")
+    parser.add_argument("--output", required=True, metavar="PATH",
+                        help="where to write the export (a file for onnx, a folder for compressed-tensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--json", action="store_true", help="print the export report as JSON")
 
@@ -26,21 +30,26 @@ def load_checkpoint(source: str):
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {source} does not exist")
     try:
-        return from_pretrained(source).eval()
+        return from_pretrained(source).eval()  # the class its config.json names
     except (OSError, RuntimeError, KeyError) as e:
         raise ValueError(f"cannot load checkpoint {source}: {str(e).splitlines()[0]}") from e
 
 
-def main(args: argparse.Namespace) -> int:
+def exporter(fmt: str):
+    """The export function of a format: fn(model, output, overwrite=...) -> report."""
+    if fmt == "compressed-tensors":
+        from .ct import export_compressed_tensors
+
+        return export_compressed_tensors
     from .onnx import export_onnx
 
+    return export_onnx
+
+
+def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    report = export_onnx(load_checkpoint(args.model), output, overwrite=args.overwrite)
-    if args.json:
-        print(json.dumps({"path": report.path, "bytes": report.bytes, "float_layers": report.float_layers,
-                          "layers": [vars(r) for r in report.layers]}))
-    else:
-        print(report)
+    report = exporter(args.format)(load_checkpoint(args.model), output, overwrite=args.overwrite)
+    print(json.dumps(dataclasses.asdict(report)) if args.json else report)
     return 0

@@ -352,6 +352,14 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLayer)]
 
 
+def require_quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """The model's quant layers; ValueError for a model without any (a float model has no codes to export)."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no PEGE quantized layers (a float model?): there are no integer codes to export")
+    return layers
+
+
 @torch.no_grad()
 def trace_readers(model: nn.Module, example: torch.Tensor, forward) -> dict[str, list[str]]:
     """{module name: names of the modules that read its output} over one forward of ``example``, for the
@@ -590,8 +598,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    if not quant_layers(model):
-        raise ValueError("the model has no PEGE quantized layers (a float model?): there are no integer codes to export")
+    require_quant_layers(model)
     example = example_input(model) if example is None else example
     model = model.eval()
     exported, reports = integer_model(model, example, lambda m, x: m(x))
