@@ -6,9 +6,10 @@
 #                                  200-epoch matrix at 15 epochs: benchmarks/fp200/accuracy.md)
 # Same recipe as the 200-epoch matrix otherwise (SGD lr 0.01 cosine, MSE step-size init, quantizer lr x1).
 # Resumable: run it again and each run continues from its newest checkpoint; a fresh clone continues from
-# benchmarks/in-progress/<run>/ (one committed resume checkpoint per live run, see save_in_progress.sh).
+# benchmarks/in-progress/long_budget/<run>/ (benchmarks/in_progress.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source benchmarks/in_progress.sh
 EPOCHS=${EPOCHS:-100}
 out=benchmarks/long_budget/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10 --w-bits 2 --a-bits 2
@@ -16,13 +17,10 @@ common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar
         --quantizer-lr-scale 1 --checkpointing-steps 200 --checkpoints-total-limit 1 --no-tensorboard)
 launch() {  # name, extra args...
   local name=$1; shift
-  local dir=$out/$name resume=(--resume)
+  local dir=$out/$name
   if [ -f "$dir/metrics.json" ]; then echo "$name: finished"; return; fi
-  if [ ! -d "$dir/checkpoints" ] && [ -d "benchmarks/in-progress/$name" ]; then
-    resume=(--resume-from "$(ls -d benchmarks/in-progress/$name/step_* | sort -t_ -k2 -n | tail -1)")
-  fi
   mkdir -p "$dir"
-  OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" --output-dir "$dir" "${resume[@]}" >>"$dir/train.log" 2>&1 &
+  OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" --output-dir "$dir" $(resume_args "$dir") >>"$dir/train.log" 2>&1 &
 }
 launch resnet20-w2a2-ste-s0 --estimator ste
 launch resnet20-w2a2-pege-lambda0-s0 --estimator pege --lambda 0

@@ -2,10 +2,12 @@
 # Screening of the PEGE error-term options (the author's plain u (x - Q) form, the term on the step size)
 # against STE and the current PEGE: W2A2 ResNet-20 from the shipped 200-epoch FP model, 3 QAT epochs, seed 0,
 # on a validation split (10% of CIFAR-10's training file, seed 0; the test set is never used).
-# Sequential and resumable: a finished run (metrics.json) is skipped, an interrupted one continues.
+# Sequential and resumable: a finished run (metrics.json) is skipped, an interrupted one continues (from
+# benchmarks/in-progress/screen30/<run>/ in a fresh clone: benchmarks/in_progress.sh).
 # Then: python benchmarks/screen30/report.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source benchmarks/in_progress.sh
 EPOCHS=${EPOCHS:-3}
 out=benchmarks/screen30/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10/train.parquet --w-bits 2 --a-bits 2
@@ -17,7 +19,7 @@ run() {  # name, extra args...
   if [ -f "$dir/metrics.json" ]; then echo "$name: finished"; return; fi
   mkdir -p "$dir"
   echo "$(date -u +%H:%M) $name: $*"
-  OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" --output-dir "$dir" --resume >>"$dir/train.log" 2>&1 \
+  OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" --output-dir "$dir" $(resume_args "$dir") >>"$dir/train.log" 2>&1 \
     || echo "$name: failed (see $dir/train.log)"
 }
 run ste --estimator ste
