@@ -15,6 +15,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from ..config import QUANT_METHOD
+from ..sources import check_checkpoint_dir
 from . import cifar
 from .quantizer import quant_layers
 
@@ -41,9 +42,8 @@ def model_class_for(source, **kwargs):
 def from_pretrained(source, quantization_config=None, auto_class=None, **kwargs):
     """`from_pretrained` for float and PEGE checkpoints alike, with the model class the checkpoint names
     (causal LM, sequence or image classification, ...); ``auto_class`` picks one explicitly."""
-    path = Path(source)
-    if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{source} is not a model checkpoint: it has no config.json")
+    if Path(source).exists():
+        check_checkpoint_dir(source, "model")
     if quantization_config is not None:  # an explicit None would erase the checkpoint's own config
         kwargs["quantization_config"] = quantization_config
     model_class = auto_class or model_class_for(source, **kwargs)

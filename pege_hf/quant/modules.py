@@ -22,9 +22,6 @@ from .packing import pack_codes, packed_size, unpack_codes
 from .estimators import FakeQuantEWGS, FakeQuantPEGE, FakeQuantSTE, pege_mix, round_ewgs, round_ste
 from .quantizers import UniformQuantizer, make_quantizer
 
-FLOAT_LAYERS = (nn.Linear, nn.Conv2d)
-
-
 class FakeQuantizer(nn.Module):
     """Applies ``quantizer`` to a tensor with the gradient rule of ``estimator``.
 
