@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         selected = select_runs(plan, args.only)
         if not args.report_only:
             if not run_is_finished(Path(args.model)):
-                raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `pege bench accuracy` first "
+                raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `python -m benchmarks.pege_bench accuracy` first "
                                         "(its first run) or pass --model")
             run_plan(selected, runs_dir, jobs=args.jobs, max_runs=args.max_runs,
                      on_finish=lambda: write_tuning_report(selected, runs_dir, args.out))

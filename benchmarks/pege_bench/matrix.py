@@ -136,7 +136,7 @@ TUNING_RECIPES = {
     "mse-qlr1": ("--scale-init", "mse", "--quantizer-lr-scale", "1"),
 }
 
-# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the recipe `pege bench tune --recipe`)
+# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the recipe `python -m benchmarks.pege_bench tune --recipe`)
 TUNING_VARIANTS = {
     "default": (),
     "sum": ("--discretization-reduction", "sum"),
