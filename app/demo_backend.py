@@ -540,7 +540,7 @@ def agreement_markdown(prediction: Prediction) -> str:
 
 
 def parse_benchmark_accuracy(data: Any) -> dict[str, dict[int | None, float]]:
-    """{estimator: {bits: mean accuracy}} from `pege bench accuracy`'s accuracy.json (its "main" summary
+    """{estimator: {bits: mean accuracy}} from `python -m benchmarks.pege_bench accuracy`'s accuracy.json (its "main" summary
     rows; ablations left out), with the full-precision model under "fp" / None."""
     if not isinstance(data, Mapping):
         return {}

@@ -1,4 +1,4 @@
-"""The demo: pege_hf.inference (known answers), the `pege demo` CLI, app/app.py served on 127.0.0.1
+"""The demo: app/demo_backend.py (known answers), the `pege demo` CLI, app/app.py served on 127.0.0.1
 through gradio_client (every endpoint, bad inputs, 20 concurrent requests) and in chromium.
 
 Checkpoints are built here (a float CIFAR ResNet-20 and its PEGE W4A4/W3A3/W2A2 packed copies),
@@ -202,7 +202,7 @@ def test_accuracy_by_bits_prefers_the_benchmark_file(models, tmp_path):
     assert series == {"fp": {None: pytest.approx(0.91)}, "pege": {4: pytest.approx(0.885)}}
     assert "metrics.json" in source
     bench = tmp_path / "accuracy.json"
-    bench.write_text(json.dumps({  # the layout `pege bench accuracy` writes (pege_hf.bench.collect_accuracy)
+    bench.write_text(json.dumps({  # the layout `pege bench accuracy` writes (benchmarks.pege_bench.matrix.collect_accuracy)
         "fp_accuracy": 0.92,
         "summary": [
             {"estimator": "pege", "bits": 2, "variant": "main", "seeds": 2, "mean": 0.81},
@@ -217,7 +217,7 @@ def test_accuracy_by_bits_prefers_the_benchmark_file(models, tmp_path):
 
 
 def test_benchmark_reader_matches_the_benchmark_writer(tmp_path):
-    from pege_hf import bench
+    from benchmarks.pege_bench import matrix as bench
 
     plan = bench.accuracy_plan(data="D", bits=(2,), estimators=("pege",), seeds_low_bits=1, ablations=False)
     for run, acc in zip(plan, (0.9, 0.8)):
@@ -347,7 +347,19 @@ def test_demo_cli_options_and_clear_errors(app_module, tmp_path, capsys, monkeyp
     # no app/app.py (e.g. a wheel install)
     monkeypatch.setattr(demo_cli, "APP_PATH", tmp_path / "app" / "app.py")
     assert cli.main(["demo"]) == 2
-    assert "the Gradio app is missing" in capsys.readouterr().err
+    assert "the Gradio app is not installed" in capsys.readouterr().err
+
+
+def test_demo_host_follows_gradio_server_name(monkeypatch):
+    """Spaces sets GRADIO_SERVER_NAME=0.0.0.0; elsewhere the demo listens on 127.0.0.1 unless asked."""
+    from pege_hf import cli
+
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    assert cli.build_parser("demo").parse_args(["demo"]).host == "0.0.0.0"
+    monkeypatch.delenv("GRADIO_SERVER_NAME")
+    assert cli.build_parser("demo").parse_args(["demo"]).host == "127.0.0.1"
+    assert (ROOT / "app" / "requirements.txt").is_file()
+    assert (ROOT / "app" / "README.md").read_text().startswith("---\ntitle:")  # the Spaces YAML header
 
 
 def test_app_script_runs_standalone():

@@ -241,7 +241,7 @@ def test_tuning_plan_tries_pege_settings_under_the_chosen_recipe(recipe):
         assert r.name.endswith(f"-{r.variant}") and matrix._tuning_parts(r.variant)[1] == recipe
         args = parse(r.args)
         assert args["scale_init"] == recipe_flags.get("--scale-init")  # None: PEGEConfig's default
-        assert args["quantizer_lr_scale"] == float(recipe_flags.get("--quantizer-lr-scale", 0.1))
+        assert args["quantizer_lr_scale"] == float(recipe_flags.get("--quantizer-lr-scale", 1.0))  # 1: the default
         # only the variant's own setting differs from PEGE's defaults under that recipe
         name = matrix._tuning_parts(r.variant)[0]
         assert len({k for k in args if args[k] != base[k]}) == len(matrix.TUNING_VARIANTS[name]) // 2
@@ -331,7 +331,7 @@ def test_run_plan_waits_for_fp_then_shares_the_cores(monkeypatch, tmp_path):
 
 
 def test_run_plan_leaves_a_run_another_process_is_training_alone(monkeypatch, tmp_path, capsys):
-    from pege_hf.train import lock_output_dir
+    from pege_hf.training.state import lock_output_dir
 
     log = _fake_scheduler(monkeypatch, tmp_path)
     plan = matrix.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": ()})

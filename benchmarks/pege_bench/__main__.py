@@ -17,18 +17,21 @@ from .tools import bench_grid, bench_latency, finished_qat_runs_with_checkpoints
 from .tools import latency_table, ship_models
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{accuracy,tune,ship,grid,latency}")
+def _add_latency(sub) -> None:
     la = sub.add_parser("latency", help="server-side time of one demo request (the four shipped models)",
                         description="Median time of the demo's predict call: FP, W4A4, W3A3, W2A2 on one image.")
     la.add_argument("--calls", type=int, default=50, metavar="N", help="timed requests; median and p90 reported (default 50)")
-    la.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    la.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
+
+
+def _add_accuracy(sub) -> None:
     ac = sub.add_parser(
         "accuracy", help="the resumable accuracy matrix: FP vs STE vs EWGS vs PEGE at W2A2/W3A3/W4A4",
         description="Train an FP CIFAR ResNet-20, then QAT from it with every estimator and bit width (same recipe "
                     "and seeds), one child process per run. Resumable: finished runs are never redone and a "
                     "cut-off run continues from its last checkpoint. Writes accuracy.json/.md and PNG plots.")
-    ac.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 folder, parquet or Hub id")
+    ac.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 folder, parquet or Hub id "
+                    "(default: the development machines' local copy)")
     ac.add_argument("--fp-epochs", type=int, default=60, metavar="N", help="epochs of the FP model (default 60)")
     ac.add_argument("--qat-epochs", type=int, default=15, metavar="N", help="epochs of each QAT run (default 15)")
     ac.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], metavar="B",
@@ -54,13 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          f"{' '.join(PEGE_TUNED) or '(none)'})")
     ac.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, sharing the CPU cores (default 1; 2 trains faster overall on 2 cores)")
-    ac.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    ac.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
+
+
+def _add_ship(sub) -> None:
     sh = sub.add_parser("ship", help="copy the accuracy benchmark's FP and PEGE W2/W3/W4 models into the package",
                         description="Copy the finished FP and PEGE W2A2/W3A3/W4A4 (seed 0) runs of `pege bench "
                                     "accuracy` into pege_hf/assets/models (the quickstart's and the demo's default "
                                     "models), each with its model card.")
     sh.add_argument("--runs", type=Path, default=DEFAULT_OUT / "runs", help="the benchmark's runs folder")
     sh.add_argument("--dest", type=Path, default=None, help="default: pege_hf/assets/models")
+
+
+def _add_tune(sub) -> None:
     tu = sub.add_parser(
         "tune", help="PEGE settings compared on a validation split carved from the training set",
         description="Short QAT runs from the FP model (default: the accuracy benchmark's) on 90%% of the training "
@@ -86,7 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tu.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                     help="extra argument passed to every run (repeat)")
     tu.add_argument("--jobs", type=int, default=1, help="runs at a time, sharing the CPU cores (default 1)")
-    tu.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    tu.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
+
+
+def _add_grid(sub) -> None:
     gr = sub.add_parser(
         "grid", help="where the latent weights of finished QAT runs sit on their quantization grid",
         description="For each finished QAT run that still has its training checkpoints: the mean distance of the "
@@ -95,8 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "Writes grid.json/.md/.png.")
     gr.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
                     help="run folders (default: every finished QAT run under benchmarks/runs with checkpoints)")
-    gr.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/)")
+    gr.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
 
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{accuracy,tune,ship,grid,latency}")
+    for add in (_add_accuracy, _add_tune, _add_ship, _add_grid, _add_latency):
+        add(sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         selected = select_runs(plan, args.only)
         if not args.report_only:
             if not run_is_finished(Path(args.model)):
-                raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `pege bench accuracy` first "
+                raise FileNotFoundError(f"no finished FP model at {args.model!r}: run `python -m benchmarks.pege_bench accuracy` first "
                                         "(its first run) or pass --model")
             run_plan(selected, runs_dir, jobs=args.jobs, max_runs=args.max_runs,
                      on_finish=lambda: write_tuning_report(selected, runs_dir, args.out))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -135,7 +136,7 @@ TUNING_RECIPES = {
     "mse-qlr1": ("--scale-init", "mse", "--quantizer-lr-scale", "1"),
 }
 
-# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the recipe `pege bench tune --recipe`)
+# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the recipe `python -m benchmarks.pege_bench tune --recipe`)
 TUNING_VARIANTS = {
     "default": (),
     "sum": ("--discretization-reduction", "sum"),
@@ -425,7 +426,7 @@ def reestimate_finished_runs(plan: list[Run], runs_dir: Path, batches: int = BN_
         print(f"BatchNorm re-estimation: {run.name}", flush=True)
         result = evaluate_checkpoint(str(run_dir), data, reestimate_bn=batches)
         result["accuracy_before"] = json.loads((run_dir / "metrics.json").read_text())["accuracy"]
-        result["command"] = f"pege eval {_shown_path(run_dir)} --dataset {data} --reestimate-bn {batches} --json"
+        result["command"] = f"pege eval {shown_path(run_dir)} --dataset {data} --reestimate-bn {batches} --json"
         tmp = run_dir / f".{BN_FILE}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(run_dir / BN_FILE)
@@ -624,3 +625,7 @@ def write_tuning_report(plan: list[Run], runs_dir: Path, out_dir: Path) -> dict:
     return result
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (as a user in the repo types it)."""
+    path = Path(path).resolve()
+    return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else str(path)

@@ -13,7 +13,7 @@ from pege_hf.bench import pyplot
 from pege_hf.hub import render_model_card
 from pege_hf.training.state import complete_checkpoints
 
-from .matrix import ESTIMATOR_COLORS, run_is_finished
+from .matrix import ESTIMATOR_COLORS, run_is_finished, shown_path
 
 # the package's default models (quickstart, demo) <- the accuracy benchmark's runs
 SHIPPED_FROM_RUNS = {"resnet20-fp": "resnet20-fp", "resnet20-pege-w2a2": "resnet20-w2a2-pege-s0",
@@ -37,18 +37,12 @@ def ship_models(runs_dir: Path, dest: Path) -> list[str]:
         staging.mkdir(parents=True)
         for file in SHIPPED_FILES:
             shutil.copy2(src / file, staging / file)
-        render_model_card(staging, repo_id=_shown_path(target))  # the card names the final folder, not staging
+        render_model_card(staging, repo_id=shown_path(target))  # the card names the final folder, not staging
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         shipped.append(name)
         print(f"shipped {src} -> {target}", flush=True)
     return shipped
-
-
-def _shown_path(path: Path) -> str:
-    """`path` relative to the working directory when it lies below it (as a user in the repo types it)."""
-    path = Path(path).resolve()
-    return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else str(path)
 
 
 # ---------------------------------------------------------------------------------------------

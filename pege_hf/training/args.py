@@ -13,7 +13,6 @@ import argparse
 import math
 
 from ..config import PEGEConfig, config_fields
-from ..quant.estimators import ESTIMATORS
 from ..sources import check_model_source
 from .model import ARCHS
 from .optim import OPTIMIZERS, SCHEDULERS

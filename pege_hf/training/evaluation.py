@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET, normalize, random_crop_flip
 from ..quant.modules import FakeQuantizer
+from ..sources import check_model_source
 from .loaders import eval_loader, load_data, split_tensors
 from .model import is_quantized, load_model, model_input_spec, normalization
 
@@ -143,6 +144,7 @@ def evaluate_checkpoint(model: str | os.PathLike, dataset: str = DEFAULT_DATASET
     from accelerate import Accelerator
 
     check_evaluation_options(split, batch_size, reestimate_bn, max_test)
+    check_model_source(model, "MODEL")
     accelerator = Accelerator(mixed_precision=mixed_precision)
     options = Namespace(dataset=dataset, image_column=image_column, label_column=label_column, seed=seed,
                         train_split=train_split, test_split=test_split, max_test=max_test, max_train=None)

@@ -185,7 +185,9 @@ def resume(run: Run, checkpoint: Path | None) -> None:
 
 
 def start_logging(run: Run) -> None:
+    """Trackers, this rank's running sums, the progress bar; the wall clock starts here."""
     accelerator, device = run.accelerator, run.accelerator.device
+    run.started = time.time()
     accelerator.init_trackers("pege", config=flat_hparams(run.info))
     dtype = acc_dtype(device)
     run.sums = torch.zeros(3, dtype=dtype, device=device)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..data import DEFAULT_DATASET
 from ..sources import SHIPPED_FP_MODEL, SHIPPED_MODELS_DIR
-from .args import parse_args
+from .args import parse_args, resolve
 from .evaluation import evaluate_checkpoint
 from .loop import train
 from .recipes import QUICKSTART, recipe_argv
@@ -54,12 +54,15 @@ def qat_argv(args, estimator: str, output_dir: Path) -> list[str]:
 
 def quickstart(args) -> int:
     root = Path(args.output_dir) if args.output_dir else QUICKSTART_DIR
+    runs = {}
+    for estimator in ESTIMATORS:  # every option checked before any model or data is loaded
+        qat_args = parse_args(qat_argv(args, estimator, root / f"qat-{estimator}"))
+        qat_config = resolve(qat_args)
+        runs[qat_config.name] = qat_args
     started = time.time()
     shipped = shipped_accuracies(args)
     trained = {}
-    for estimator in ESTIMATORS:
-        qat_args = parse_args(qat_argv(args, estimator, root / f"qat-{estimator}"))
-        tag = f"W{qat_args.w_bits}A{'32' if qat_args.a_bits == 'none' else qat_args.a_bits}-{estimator}"
+    for tag, qat_args in runs.items():
         print(f"quickstart: {tag} QAT from the shipped FP model ({qat_args.epochs} epochs) -> {qat_args.output_dir}",
               flush=True)
         trained[tag] = {"model": qat_args.output_dir, "accuracy": train(qat_args)["accuracy"]}
