@@ -22,9 +22,12 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 
 def sharded_bytes(world: int) -> list[dict]:
+    from conftest import free_port, subprocess_env
+
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                        str(TESTS / "fsdp_worker.py"), out, "train"], check=True, capture_output=True)
+                        f"--master_port={free_port()}", str(TESTS / "fsdp_worker.py"), out, "train"],
+                       check=True, capture_output=True, env=subprocess_env(OMP_NUM_THREADS=1))
         return json.loads((Path(out) / "memory.json").read_text())
 
 
