@@ -1,7 +1,7 @@
 """PEGE quantization-aware training with parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-``fully_shard_model(model)`` shards every block (the members of the model's ``nn.ModuleList``s: decoder
-layers, ResNet blocks) and then the root, so latent weights, step sizes and their optimizer state live as
+``fully_shard_model(model)`` shards every block (the model's ``_no_split_modules`` classes or the members
+of its ``nn.ModuleList``s: decoder layers, ResNet blocks) and then the root, so latent weights, step sizes and their optimizer state live as
 1/N shards on each of N processes and a block's parameters are whole only while it runs.
 
 Inside a block's forward and backward FSDP2 hands the layers whole, ordinary tensors, so the fake
@@ -37,8 +37,12 @@ def uninitialized_quantizers(model: nn.Module) -> list[str]:
 
 
 def shard_blocks(model: nn.Module) -> list[nn.Module]:
-    """The default FSDP units: every member of every nn.ModuleList that holds parameters (the decoder
-    layers of a transformer, the residual blocks of a ResNet), outermost lists only."""
+    """The default FSDP units: the modules whose class the model names in ``_no_split_modules`` (transformers'
+    list, which Accelerate's TRANSFORMER_BASED_WRAP also shards by: decoder layers, ResNet blocks); without
+    one, every member of the outermost nn.ModuleLists that holds parameters."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if names:
+        return [m for m in model.modules() if type(m).__name__ in names]
     blocks, seen_lists = [], []
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and not any(name.startswith(p + ".") for p in seen_lists):

@@ -1,4 +1,4 @@
-"""PEGE QAT of a tiny Llama under FSDP2 on gloo CPU processes (run with torchrun), and the pieces the
+"""PEGE QAT of a tiny Llama (or, with FSDP_MODEL=resnet, a CIFAR ResNet-20) under FSDP2 on gloo CPU processes (run with torchrun), and the pieces the
 single-process reference in test_fsdp.py shares with it: the model, the data, the training step.
 
     torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT train      # 3 steps, then the consolidated results
@@ -6,7 +6,7 @@ single-process reference in test_fsdp.py shares with it: the model, the data, th
     torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT resume     # resume that checkpoint, 1 more step
 
 OUT receives params.pt (the consolidated state dict), logits.pt (the sharded model's eval logits on
-EVAL_IDS), memory.json (local bytes per rank and of the optimizer) and packed/ (save_pretrained).
+eval_inputs()), memory.json (local bytes per rank and of the optimizer) and packed/ (save_pretrained).
 """
 
 from __future__ import annotations
@@ -23,17 +23,29 @@ STEPS, LR, MOMENTUM = 3, 0.01, 0.9
 GLOBAL_BATCH, SEQ, VOCAB = 8, 12, 64
 
 
-def build_model(seed: int = 0, calibrated: bool = True):
-    """A PEGE W4A8 LlamaForCausalLM (hidden 32, 2 layers), identical on every process; calibrated (which
-    all-reduces under a process group: every rank must build it) or to be loaded from a state dict."""
-    import pege_hf
+MODEL = os.environ.get("FSDP_MODEL", "llama")  # "llama" or "resnet" (a CIFAR ResNet-20)
+CONFIG = dict(w_bits=4, a_bits=8, a_mask="progressive")
+
+
+def _float_model():
+    if MODEL == "resnet":
+        from pege_hf.hf.cifar import cifar_resnet
+
+        return cifar_resnet(20)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32))
+
+
+def build_model(seed: int = 0, calibrated: bool = True):
+    """A PEGE W4A8 model (MODEL: a LlamaForCausalLM with hidden 32 and 2 layers, or a CIFAR ResNet-20), identical
+    on every process; calibrated (which all-reduces under a process group: every rank must build it) or to be
+    loaded from a state dict."""
+    import pege_hf
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB,
-                                         max_position_embeddings=32))
-    pege_hf.quantize(model, pege_hf.PEGEConfig(w_bits=4, a_bits=8, a_mask="progressive"))
+    model = pege_hf.quantize(_float_model(), pege_hf.PEGEConfig(**CONFIG))
     if calibrated:
         calibrate(model)
     return model
@@ -43,23 +55,43 @@ def calibrate(model) -> None:
     """Initialise every quantizer from one eval forward on the whole global batch (the same on every rank)."""
     model.eval()
     with torch.no_grad():
-        model(input_ids=batch(0))
+        model(**model_inputs(batch(0)))
     model.train()
 
 
-def batch(step: int) -> torch.Tensor:
-    """The global batch of token ids for a step (fixed data)."""
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
+def batch(step: int, size: int = GLOBAL_BATCH, seed: int = 100) -> dict[str, torch.Tensor]:
+    """The global batch of a step (fixed data): token ids, or CIFAR-shaped images and labels."""
+    g = torch.Generator().manual_seed(seed + step)
+    if MODEL == "resnet":
+        return {"pixel_values": torch.randn(size, 3, 32, 32, generator=g), "labels": torch.randint(0, 10, (size,), generator=g)}
+    ids = torch.randint(0, VOCAB, (size, SEQ), generator=g)
+    return {"input_ids": ids, "labels": ids}
 
 
-EVAL_IDS = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(7))
+def model_inputs(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k != "labels"}
+
+
+def eval_inputs() -> dict:
+    return model_inputs(batch(0, size=4, seed=7))
+
+
+def auto_class():
+    """The transformers Auto class that reloads the saved model."""
+    import transformers
+
+    return transformers.AutoModelForImageClassification if MODEL == "resnet" else transformers.AutoModelForCausalLM
+
+
+# per-process buffers (BatchNorm statistics of each process's own batches, as under DDP without SyncBatchNorm)
+RANK_LOCAL_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def make_optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
 
-def train_step(model, optimizer, step: int, micro_batches: list[torch.Tensor]) -> None:
+def train_step(model, optimizer, step: int, micro_batches: list[dict]) -> None:
     """One optimizer step at progress step / STEPS (set on every quantizer) on the mean of the micro-batches'
     gradients: what data parallelism computes with one micro-batch per process. (Not the gradient of the mean
     loss: PEGE's discretization pull enters the backward unscaled by the loss, and activation step sizes and
@@ -67,8 +99,8 @@ def train_step(model, optimizer, step: int, micro_batches: list[torch.Tensor]) -
     import pege_hf
 
     pege_hf.set_progress(model, step / STEPS)
-    for ids in micro_batches:
-        model(input_ids=ids, labels=ids).loss.backward()
+    for inputs in micro_batches:
+        model(**inputs).loss.backward()
     for p in model.parameters():
         if p.grad is not None:
             p.grad /= len(micro_batches)
@@ -76,15 +108,15 @@ def train_step(model, optimizer, step: int, micro_batches: list[torch.Tensor]) -
     optimizer.zero_grad()
 
 
-def local_slice(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    per = ids.shape[0] // world
-    return ids[rank * per:(rank + 1) * per]
+def local_slice(inputs: dict, rank: int, world: int) -> dict:
+    per = GLOBAL_BATCH // world
+    return {k: v[rank * per:(rank + 1) * per] for k, v in inputs.items()}
 
 
 def eval_logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=EVAL_IDS).logits
+        out = model(**eval_inputs()).logits
     model.train()
     return out
 
