@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from .quant.modules import FakeQuantizer, QuantLayer
 
-__all__ = ["consolidated_state_dict", "fully_shard_model", "local_bytes", "shard_blocks", "uninitialized_quantizers"]
+__all__ = ["broadcast_buffers", "consolidated_state_dict", "fully_shard_model", "local_bytes", "shard_blocks", "uninitialized_quantizers"]
 
 
 def _initialized(fq: FakeQuantizer) -> bool:
@@ -79,6 +79,15 @@ def fully_shard_model(model: nn.Module, *, blocks: list[nn.Module] | None = None
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
+
+
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm statistics, which each process gathers from its own
+    batches). Call it before torch.distributed.checkpoint saves a resume checkpoint: DCP stores one copy of
+    an unsharded tensor, so without it the ranks resume from whichever copy DCP kept."""
+    for b in model.buffers():
+        torch.distributed.broadcast(b, src=src)
 
 
 def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ single-process reference in test_fsdp.py shares with it: the model, the data, th
     torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT train      # 3 steps, then the consolidated results
     torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT kill       # 2 steps, a sharded checkpoint, SIGKILL
     torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT resume     # resume that checkpoint, 1 more step
+    FSDP_WRAP=ddp torchrun ... OUT time                              # median step time (FSDP2, or DDP)
 
 OUT receives params.pt (the consolidated state dict), logits.pt (the sharded model's eval logits on
 eval_inputs()), memory.json (local bytes per rank and of the optimizer) and packed/ (save_pretrained).
@@ -14,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -138,6 +141,9 @@ def _checkpoint_state(model, optimizer) -> dict:
 def _save_sharded(model, optimizer, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
+    from pege_hf.distributed import broadcast_buffers
+
+    broadcast_buffers(model)
     dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=str(path))
 
 
@@ -167,13 +173,35 @@ def _write_results(model, optimizer, out: Path, rank: int, world: int) -> None:
         single.save_pretrained(out / "packed")
 
 
-def main(out: Path, mode: str) -> None:
+def _wrap(model, how: str):
+    """FSDP2 (pege_hf.fully_shard_model) or, for the step-time comparison, DDP."""
     from pege_hf.distributed import fully_shard_model
 
+    if how == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    return fully_shard_model(model)
+
+
+def _median_step_seconds(model, optimizer, rank, world, steps: int = 12) -> float:
+    """The median wall time of a training step (the first, warm-up, step left out)."""
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        train_step(model, optimizer, i % STEPS, [local_slice(batch(i % STEPS), rank, world)])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main(out: Path, mode: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    model = fully_shard_model(build_model())
+    model = _wrap(build_model(), os.environ.get("FSDP_WRAP", "fsdp"))
     optimizer = make_optimizer(model)
+    if mode == "time":
+        seconds = _median_step_seconds(model, optimizer, rank, world)
+        if rank == 0:
+            (out / "step_time.json").write_text(json.dumps({"median_step_s": seconds}))
+        return
     if mode == "kill":
         _train(model, optimizer, range(STEPS - 1), rank, world)
         _save_sharded(model, optimizer, out / "ckpt")
