@@ -1,8 +1,9 @@
 """PEGE quantization-aware training with parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 ``fully_shard_model(model)`` shards every block (the model's ``_no_split_modules`` classes or the members
-of its ``nn.ModuleList``s: decoder layers, ResNet blocks) and then the root, so latent weights, step sizes and their optimizer state live as
-1/N shards on each of N processes and a block's parameters are whole only while it runs.
+of its ``nn.ModuleList``s: decoder layers, ResNet blocks) and then the root, so latent weights, step sizes
+and their optimizer state live as 1/N shards on each of N processes and a block's parameters are whole
+only while it runs.
 
 Inside a block's forward and backward FSDP2 hands the layers whole, ordinary tensors, so the fake
 quantizers see the global weight shape (progressive masks equal the single-process ones) and the rebuild
@@ -23,7 +24,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from .quant.modules import FakeQuantizer, QuantLayer
 
-__all__ = ["broadcast_buffers", "consolidated_state_dict", "fully_shard_model", "local_bytes", "shard_blocks", "uninitialized_quantizers"]
+__all__ = ["broadcast_buffers", "consolidated_state_dict", "fully_shard_model", "local_bytes", "shard_blocks",
+           "uninitialized_quantizers"]
 
 
 def _initialized(fq: FakeQuantizer) -> bool:

@@ -1,5 +1,6 @@
-"""PEGE QAT of a tiny Llama (or, with FSDP_MODEL=resnet, a CIFAR ResNet-20) under FSDP2 on gloo CPU processes (run with torchrun), and the pieces the
-single-process reference in test_fsdp.py shares with it: the model, the data, the training step.
+"""PEGE QAT of a tiny Llama (or, with FSDP_MODEL=resnet, a CIFAR ResNet-20) under FSDP2 on gloo CPU
+processes (run with torchrun), and the pieces the single-process reference in test_fsdp.py shares with
+it: the model, the data, the training step.
 
     torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT train      # 3 steps, then the consolidated results
     torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT kill       # 2 steps, a sharded checkpoint, SIGKILL
@@ -37,8 +38,9 @@ def _float_model():
         return cifar_resnet(20)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=32))
 
 
 def build_model(seed: int = 0, calibrated: bool = True):
@@ -66,7 +68,8 @@ def batch(step: int, size: int = GLOBAL_BATCH, seed: int = 100) -> dict[str, tor
     """The global batch of a step (fixed data): token ids, or CIFAR-shaped images and labels."""
     g = torch.Generator().manual_seed(seed + step)
     if MODEL == "resnet":
-        return {"pixel_values": torch.randn(size, 3, 32, 32, generator=g), "labels": torch.randint(0, 10, (size,), generator=g)}
+        images = torch.randn(size, 3, 32, 32, generator=g)
+        return {"pixel_values": images, "labels": torch.randint(0, 10, (size,), generator=g)}
     ids = torch.randint(0, VOCAB, (size, SEQ), generator=g)
     return {"input_ids": ids, "labels": ids}
 

@@ -133,3 +133,13 @@ def test_fully_shard_model_needs_a_process_group():
 
     with pytest.raises(RuntimeError, match="initialised process group"):
         fully_shard_model(torch.nn.Linear(2, 2))
+
+
+def test_shard_blocks_follow_no_split_modules_else_module_lists():
+    from pege_hf.distributed import shard_blocks
+    from pege_hf.hf.cifar import cifar_resnet
+
+    assert [type(b).__name__ for b in shard_blocks(W._float_model())] == ["LlamaDecoderLayer"] * 2
+    assert len(shard_blocks(cifar_resnet(20))) == 9  # 3 stages x 3 basic blocks
+    plain = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()]), torch.nn.Linear(2, 2))
+    assert shard_blocks(plain) == [plain[0][0]]  # members holding parameters

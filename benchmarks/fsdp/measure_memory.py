@@ -56,8 +56,8 @@ def per_param(counts: dict, n: int) -> dict:
 
 def markdown(result: dict) -> str:
     keys = list(result["single"]["bytes_per_param"])
-    rows = [f"| {name} | " + " | ".join(str(r["bytes_per_param"][k]) for k in keys) + " |"
-            for name, r in [("1 process", result["single"])] + [(f"FSDP2 rank {i}", r) for i, r in enumerate(result["fsdp"])]]
+    processes = [("1 process", result["single"]), *((f"FSDP2 rank {i}", r) for i, r in enumerate(result["fsdp"]))]
+    rows = [f"| {name} | " + " | ".join(str(r["bytes_per_param"][k]) for k in keys) + " |" for name, r in processes]
     return "\n".join([f"# PEGE QAT state per process ({result['params']} parameters, {result['model']})", "",
                       "Bytes per model parameter (`python benchmarks/fsdp/measure_memory.py`).", "",
                       "| process | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|", *rows, "",
