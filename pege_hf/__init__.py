@@ -16,4 +16,13 @@ from . import hub  # noqa: E402,F401 - makes model.push_to_hub upload the PEGE m
 register()
 register_cifar_models()
 
-__all__ = ["PEGECallback", "PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "from_pretrained", "quantize", "set_progress"]
+__all__ = ["PEGECallback", "PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "from_pretrained",
+           "fully_shard_model", "quantize", "set_progress"]
+
+
+def __getattr__(name: str):
+    """pege_hf.fully_shard_model, imported on first use (torch.distributed's FSDP and checkpoint modules are slow to import)."""
+    if name == "fully_shard_model":
+        from .distributed import fully_shard_model
+        return fully_shard_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
