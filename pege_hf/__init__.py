@@ -10,14 +10,15 @@ from .hf.cifar import register_cifar_models
 from .hf.callback import PEGECallback
 from .hf.loading import from_pretrained
 from .hf.quantizer import PEGEHfQuantizer, dequantize, quantize, register
+from .export import export_compressed_tensors, export_onnx
 from .quant.modules import QuantConv2d, QuantLinear, set_progress
 from . import hub  # noqa: E402,F401 - makes model.push_to_hub upload the PEGE model card
 
 register()
 register_cifar_models()
 
-__all__ = ["PEGECallback", "PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize", "from_pretrained",
-           "fully_shard_model", "quantize", "set_progress"]
+__all__ = ["PEGECallback", "PEGEConfig", "PEGEHfQuantizer", "QuantConv2d", "QuantLinear", "dequantize",
+           "export_compressed_tensors", "export_onnx", "from_pretrained", "fully_shard_model", "quantize", "set_progress"]
 
 
 def __getattr__(name: str):
