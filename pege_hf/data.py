@@ -33,6 +33,7 @@ from .sources import looks_like_path
 
 __all__ = [
     "CIFAR10_MEAN",
+    "image_processor",
     "CIFAR10_STD",
     "CIFAR10_CLASSES",
     "DEFAULT_DATASET",
@@ -463,6 +464,17 @@ def random_crop_flip(images_uint8: torch.Tensor, padding: int = 4,
     else:
         flips = torch.zeros(n, dtype=torch.bool, device=rng_device)
     return crop_flip(images_uint8, offsets[0], offsets[1], flips, padding)
+
+
+def image_processor(mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, size: int = 32):
+    """The transformers image processor doing what this package's evaluation does (resize to size x size,
+    scale to [0, 1], normalise with mean/std): saved beside every checkpoint, it lets
+    ``pipeline("image-classification", model=DIR)`` run the model on images as trained."""
+    import transformers
+
+    cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor  # PIL: no torchvision
+    return cls(do_resize=True, size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
+               do_normalize=True, image_mean=list(mean), image_std=list(std))
 
 
 def normalize(images_uint8: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN,

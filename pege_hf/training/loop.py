@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import PEGEConfig
 from ..hub import can_render_cards, render_model_card
-from ..data import TensorImageDataset, normalize, random_crop_flip
+from ..data import TensorImageDataset, image_processor, normalize, random_crop_flip
 from ..quant.grid import codes_changed, summarize, weight_codes_and_positions
 from ..quant.modules import FakeQuantizer, set_progress
 from .args import resolve
@@ -346,7 +346,10 @@ def end_epoch(run: Run, epoch: int) -> None:
 
 
 def save_model(run: Run, path: Path) -> None:
+    """The model (packed for QAT) and the image processor that feeds it, so pipeline() loads the folder."""
     run.raw_model.save_pretrained(path, is_main_process=run.main, save_function=run.accelerator.save)
+    if run.main:
+        image_processor(run.mean, run.std, model_input_spec(run.raw_model)[1]).save_pretrained(path)
 
 
 # --------------------------------------------------------------------------------------------- finalise
