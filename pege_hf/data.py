@@ -17,6 +17,7 @@ on whole batches, on whatever device the batch lives on.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from PIL import UnidentifiedImageError
 
 from .hf.cifar import CIFAR10_LABELS
 from .sources import looks_like_path
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -60,7 +63,6 @@ DEFAULT_DATASET = str(Path(__file__).resolve().parent / "assets" / "cifar10_samp
 IMAGE_COLUMN_NAMES = ("img", "image", "pixel_values")
 LABEL_COLUMN_NAMES = ("label", "labels", "target", "digit", "class", "fine_label")
 
-_SPLIT_PREFIXES = {"train": "train", "test": "test", "valid": "validation", "val": "validation"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -152,12 +154,8 @@ def _load_dir(path: Path) -> dict[str, datasets.Dataset]:
         loaded = datasets.load_from_disk(str(path))
         return {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
 
-    parquet_files = sorted(path.rglob("*.parquet"))
-    if parquet_files:
-        data_files: dict[str, list[str]] = {}
-        for file in parquet_files:
-            data_files.setdefault(_split_of(file.name), []).append(str(file))
-        return dict(datasets.load_dataset("parquet", data_files=data_files))
+    if any(path.rglob("*.parquet")):  # splits from the file names, by datasets' own rules (pets-test.parquet: test)
+        return dict(datasets.load_dataset("parquet", data_dir=str(path)))
 
     try:
         return dict(datasets.load_dataset("imagefolder", data_dir=str(path)))
@@ -166,14 +164,6 @@ def _load_dir(path: Path) -> dict[str, datasets.Dataset]:
             f"{str(path)!r} holds no parquet files and no save_to_disk data set, and "
             f"reading it as an imagefolder (one subfolder of images per class) failed: "
             f"{type(err).__name__}: {err}") from err
-
-
-def _split_of(filename: str) -> str:
-    lowered = filename.lower()
-    for prefix, split in _SPLIT_PREFIXES.items():
-        if lowered.startswith(prefix):
-            return split
-    return "train"
 
 
 def _pick_splits(splits, train_split, test_split, test_size, seed, source):
@@ -202,6 +192,8 @@ def _pick_splits(splits, train_split, test_split, test_size, seed, source):
         raise ValueError(f"split {train_split!r} has {len(train)} row(s): too few to carve "
                          "a test split from")
     carved = train.train_test_split(test_size=test_size, seed=seed)
+    logger.warning("%s has no test split: %d of its %d %r rows (test_size=%s, seed %d) are held out as the test "
+                   "split", os.fspath(source), len(carved["test"]), len(train), train_split, test_size, seed)
     return carved["train"], carved["test"]
 
 
@@ -254,7 +246,15 @@ def _choose(ds, by_feature, conventional, what, flag, feature_desc) -> str:
 def _encode_labels(train, test, column):
     """Class names, and both splits' label column as indices into them."""
     feature = train.features[column]
+    if len(train.unique(column)) < 2:
+        raise ValueError(f"label column {column!r} holds a single value in the train split: nothing to classify "
+                         "(is it the right column? set label_column=)")
     if isinstance(feature, datasets.ClassLabel):
+        outside = sorted(v for v in set(train.unique(column)) | set(test.unique(column))
+                         if not 0 <= v < feature.num_classes)
+        if outside:
+            raise ValueError(f"label column {column!r} holds values outside its {feature.num_classes} declared "
+                             f"classes: {outside[:5]}")
         return train, test, list(feature.names)
 
     values = set(train.unique(column)) | set(test.unique(column))

@@ -392,3 +392,41 @@ def test_make_cifar_sample_keeps_schema_and_first_rows(tmp_path):
     assert x[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4] and y.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="asked for 99 test rows"):
         make_cifar_sample(src, tmp_path / "too_many", n_train=5, n_test=99)
+
+
+# --------------------------------------------------------------------------- splits the way datasets names them
+
+
+def _labelled_parquet(path, n, labels, names=("a", "b")):
+    from PIL import Image as PILImage
+
+    datasets.Dataset.from_dict(
+        {"image": [PILImage.new("RGB", (8, 8), (i, 0, 0)) for i in range(n)], "label": [labels(i) for i in range(n)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))}),
+    ).to_parquet(str(path))
+
+
+def test_split_files_named_as_datasets_names_them_load_as_those_splits(tmp_path, caplog):
+    _labelled_parquet(tmp_path / "pets-train.parquet", 20, lambda i: i % 2)
+    _labelled_parquet(tmp_path / "pets-test.parquet", 6, lambda i: i % 2)
+    with caplog.at_level("WARNING"):
+        data = load_image_dataset(tmp_path)
+    assert (len(data.train), len(data.test)) == (20, 6)  # the held-out file is the test split, never trained on
+    assert not [r for r in caplog.records if "held out" in r.getMessage()]
+
+
+def test_carving_a_test_split_is_said(tmp_path, caplog):
+    _labelled_parquet(tmp_path / "only.parquet", 20, lambda i: i % 2)
+    with caplog.at_level("WARNING"):
+        data = load_image_dataset(tmp_path / "only.parquet")
+    assert (len(data.train), len(data.test)) == (18, 2)
+    assert any("no test split: 2 of its 20 'train' rows" in r.getMessage() for r in caplog.records)
+
+
+def test_a_label_column_with_one_value_or_undeclared_labels_is_refused(tmp_path):
+    _labelled_parquet(tmp_path / "one-train.parquet", 10, lambda i: 1)
+    with pytest.raises(ValueError, match="label column 'label' holds a single value in the train split"):
+        load_image_dataset(tmp_path / "one-train.parquet")
+    _labelled_parquet(tmp_path / "neg-train.parquet", 10, lambda i: -1 if i == 3 else i % 2)
+    with pytest.raises(ValueError, match=r"label column 'label' holds values outside its 2 declared classes: \[-1\]"):
+        load_image_dataset(tmp_path / "neg-train.parquet")
