@@ -26,6 +26,7 @@ save() {
     rm -rf "$dst"; mkdir -p "$dst"; cp -r "$ckpt" "$dst/"
     echo "$dir: $(basename "$ckpt") -> $dst"
   done
+  return 0
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

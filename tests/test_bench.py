@@ -505,6 +505,8 @@ def test_readme_is_for_users():
     assert len(text.splitlines()) <= 200
     assert not re.search(r"20\d\d-\d\d-\d\d|\bsession \d|\bcommit [0-9a-f]{7}", text)  # no diary
     assert "../" not in text  # no path outside the repository
+    first_block = text.split("```")[1]  # the README starts with the two commands that set everything up
+    assert "pege train" in first_block and "pytest" in first_block and text.startswith("# pege-hf\n\n```")
 
 
 def test_run_settings_parse_flags_and_drop_the_runners_own():
