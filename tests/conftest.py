@@ -41,6 +41,40 @@ def train_in_process(argv: list[str]) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def lm_qat_steps(model, ids, steps: int = 2):
+    """A few SGD steps of a quantized language model across PEGE's ramp; its eval logits afterwards."""
+    import torch
+
+    import pege_hf
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        pege_hf.set_progress(model, step / steps)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def kill_when(proc, ready, timeout: float = 300) -> None:
+    """SIGKILL the child ``proc`` as soon as ``ready()`` holds (failing if it dies or takes too long first)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the child never got there"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
 def hooked_train_command(*argv: str) -> list[str]:
     """A child `pege_hf.train` with the test hooks of tests/train_with_hooks.py (step sleep, parameter hash)."""
     return [sys.executable, str(HOOKS), *argv]

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import pege_hf
+from conftest import lm_qat_steps
 from pege_hf import PEGEConfig
 from pege_hf.hf.quantizer import quant_layers
 from pege_hf.quant.modules import fake_quantizers
@@ -82,17 +83,7 @@ def test_gpt2_conv1d_layers_are_quantized_per_output_feature_and_round_trip(tmp_
     xq = layer.input_quantizer(x)
     assert torch.allclose(layer(x), xq @ layer.quantized_weight() + layer.bias, atol=1e-5)
     ids = torch.randint(0, 64, (2, 8))
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    for step in range(2):
-        pege_hf.set_progress(model, 0.5 * step)
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
+    before = lm_qat_steps(model, ids)
     model.save_pretrained(tmp_path / "q")
     again = pege_hf.from_pretrained(tmp_path / "q", auto_class=AutoModelForCausalLM).eval()
     with torch.no_grad():

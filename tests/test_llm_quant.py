@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pege_hf
+from conftest import lm_qat_steps
 from pege_hf import PEGEConfig
 from pege_hf.hf.quantizer import quant_layers
 from pege_hf.quant.curriculum import replacement_mask, replacement_ratio
@@ -70,17 +71,7 @@ def test_layer_overrides_set_bits_per_layer_and_round_trip(tmp_path):
     assert layers["model.layers.0.self_attn.q_proj"].weight_quantizer.quantizer.scale.shape == (64,)  # per channel
     assert layers["model.layers.1.self_attn.q_proj"].weight_quantizer.quantizer.scale.shape == (64 * 64 // 32,)
     ids = torch.randint(0, 96, (2, 10))
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    for step in range(2):
-        pege_hf.set_progress(model, 0.5 * step)
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
+    before = lm_qat_steps(model, ids)
     model.save_pretrained(tmp_path / "q")
     from safetensors import safe_open
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:

@@ -3,15 +3,13 @@ mid-ramp and resumed ends with the uninterrupted run's parameters, bit for bit."
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, hooked_train_command, subprocess_env, train_in_process
+from conftest import ROOT, hooked_train_command, kill_when, subprocess_env, train_in_process
 from pege_hf.data import DEFAULT_DATASET
 
 
@@ -27,15 +25,7 @@ def test_qat_killed_mid_ramp_and_resumed_ends_with_the_uninterrupted_parameters(
     proc = subprocess.Popen(hooked_train_command(*args, "--output-dir", str(killed)), cwd=ROOT,
                             env=subprocess_env(PEGE_TEST_STEP_SLEEP=1.0), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    first = killed / "checkpoints" / "step_2" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not first.is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_when(proc, (killed / "checkpoints" / "step_2" / "trainer_state.json").is_file)
     assert not (killed / "metrics.json").exists()
     resumed = train_in_process([*args, "--output-dir", str(killed), "--resume"])
     straight = train_in_process([*args, "--output-dir", str(tmp_path / "straight")])

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -21,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, free_port, hooked_train_command, subprocess_env, train_in_process
+from conftest import ROOT, free_port, hooked_train_command, kill_when, subprocess_env, train_in_process
 from pege_hf import cli
 from pege_hf.config import PEGEConfig
 from pege_hf.data import DEFAULT_DATASET, normalize
@@ -192,16 +190,9 @@ def test_resume_after_sigkill_reaches_the_same_end(tmp_path):
                             env=subprocess_env(PEGE_TEST_STEP_SLEEP=0.5), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     first = killed / "checkpoints" / "step_2" / train_state.STATE_FILE
-    deadline = time.time() + 120
     jsonl = killed / "metrics.jsonl"
     logged_step_3 = lambda: jsonl.is_file() and '"step": 3,' in jsonl.read_text()  # noqa: E731
-    while not (first.is_file() and logged_step_3()):  # killed after logging a step its checkpoint lacks
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_when(proc, lambda: first.is_file() and logged_step_3(), timeout=120)  # after logging a step its checkpoint lacks
     state = json.loads(first.read_text())
     assert state["global_step"] == 2 and state["epoch"] == 0 and state["batch_in_epoch"] == 2  # mid-epoch
     assert not (killed / "metrics.json").exists()
