@@ -9,7 +9,7 @@ keep_dir() {  # DIR -> benchmarks/in-progress/<group>/<run>
   echo "benchmarks/in-progress/$(basename "$(dirname "$(dirname "$dir")")")/$(basename "$dir")"
 }
 
-newest() { ls -d "$1"/step_* 2>/dev/null | sort -t_ -k2 -n | tail -1; }
+newest() { ls -d "$1"/step_* 2>/dev/null | sort -t_ -k2 -n | tail -1 || true; }
 
 resume_args() {  # its own newest checkpoint first; else the committed copy; else a fresh start
   local dir=${1%/} kept
