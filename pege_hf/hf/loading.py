@@ -33,9 +33,10 @@ def model_class_for(source, **kwargs):
     one of this package's CIFAR models), or the auto class for its task; AutoModel when nothing is named."""
     config = AutoConfig.from_pretrained(source, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
     arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) or getattr(cifar, arch, None) if arch else None
-    if cls is not None:
-        return cls
+    if arch:
+        cls = getattr(transformers, arch, None) or getattr(cifar, arch, None)
+        if cls is not None:
+            return cls
     return AutoModelForImageClassification if arch and arch.endswith("ForImageClassification") else AutoModel
 
 
