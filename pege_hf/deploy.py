@@ -72,19 +72,29 @@ def checkpoint_key(folder: str | os.PathLike, kind: str = "integer") -> str:
     return digest.hexdigest()[:20]
 
 
+def is_quantized_checkpoint(folder: str | os.PathLike) -> bool:
+    """True when the checkpoint's config.json carries a quantization_config (a PEGE checkpoint)."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") is not None
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{folder}: no readable config.json ({err}); not a checkpoint folder") from err
+
+
 def cached_onnx_export(folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                        model: nn.Module | None = None) -> Path:
     """The ONNX file of the checkpoint in ``folder``: integer kernels (`export_onnx`) for a PEGE checkpoint,
     a plain fp32 graph for a float one. Exported on the first call, then read from ``cache_dir`` (keyed by
-    `checkpoint_key`). ``model``: the checkpoint already loaded (saves loading it again)."""
-    model = model if model is not None else from_pretrained(os.fspath(folder))
-    kind = "integer" if getattr(model.config, "quantization_config", None) is not None else "fp32"
+    `checkpoint_key`; nothing is loaded then). ``model``: the checkpoint already loaded, to save loading it
+    for an export."""
+    kind = "integer" if is_quantized_checkpoint(folder) else "fp32"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"{Path(folder).name}-{kind}-{checkpoint_key(folder, kind)}.onnx"
     if path.is_file():
         return path
     cache.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    model = (model if model is not None else from_pretrained(os.fspath(folder))).eval()
     if kind == "fp32":
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch_to_onnx(model, example_input(model), tmp)
@@ -98,11 +108,11 @@ def cached_onnx_export(folder: str | os.PathLike, cache_dir: str | os.PathLike |
 
 
 def onnx_session(path: str | os.PathLike, threads: int = 1):
-    """An ONNX Runtime session on the CPU execution provider with ``threads`` intra-op threads."""
+    """An ONNX Runtime session on the CPU execution provider with ``threads`` intra-op threads (0: its default)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, threads), 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = max(0, threads), 1
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
