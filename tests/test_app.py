@@ -518,7 +518,7 @@ def test_api_every_endpoint(server, examples, models):
     assert names["/probability_plot"] == ["Probabilities per class"]
     assert [p["label"] for p in endpoints["/predict"]["parameters"]] == ["Image"]
     assert [p["label"] for p in endpoints["/probability_plot"]["parameters"]] == ["Raw output"]
-    text = client.view_api(print_info=False)  # what a user reads: sanitized names, none made up
+    text = client.view_api(print_info=False, return_format="str")  # what a user reads: sanitized names, none made up
     assert "(full_precision, pege_w4a4, pege_w3a3, pege_w2a2, agreement, model_comparison, raw_output)" in text
     assert "value_" not in text and "parameter_" not in text
     labels, table, probabilities = _check_prediction(client.predict(handle_file(examples[5][0]), api_name="/predict"))
