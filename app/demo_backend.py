@@ -441,9 +441,12 @@ class ModelSet:
         if runtime == "onnxruntime" and missing:
             raise RuntimeError(missing)
         self.runtime_notes = []
-        if runtime == "pytorch" or not quantized:
+        for entry in self.models.values():
+            use_torch(entry)
+        if runtime == "pytorch":
             self.runtime_notes.append("Every model runs on PyTorch (runtime: pytorch); the quantized ones with "
                                       "fake-quantized float weights.")
+        if runtime == "pytorch" or not quantized:
             return
         if missing:
             self.runtime_notes.append(f"Fallback: {missing}. The quantized models run on PyTorch instead "
