@@ -285,7 +285,7 @@ def bench_deploy(*, data: str | os.PathLike = DEFAULT_DATASET, images: int | Non
     missing = onnxruntime_missing()
     if missing:
         raise ValueError(f"`pege bench deploy` needs ONNX Runtime: {missing}")
-    before = torch.get_num_threads()
+    before, load = torch.get_num_threads(), [_load_average()]
     torch.set_num_threads(threads)
     try:
         x, y = load_test_images(data, images)
@@ -294,11 +294,21 @@ def bench_deploy(*, data: str | os.PathLike = DEFAULT_DATASET, images: int | Non
         latency = {str(b): interleaved_latency({n: m.run for n, m in models.items()}, b, repeats) for b in batches}
     finally:
         torch.set_num_threads(before)
+    load.append(_load_average())
     return {"benchmark": "deploy", "model": "cifar_resnet20", "data": Path(data).name, "images": int(len(y)),
             "repeats": repeats, "threads": threads, "batches": [int(b) for b in batches], "bits": [int(b) for b in bits],
             "machine": platform.machine(), "torch": torch.__version__, "onnxruntime": _ort_version(),
+            "load_average_1min": {"start": load[0], "end": load[1]},
             "bytes": {n: {"disk": m.disk_bytes, "memory": m.memory_bytes} for n, m in models.items()},
             "quality": quality, "latency_ms": latency}
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none): other work sharing the cores."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _ort_version() -> str:
@@ -313,7 +323,8 @@ def deploy_table(result: dict) -> str:
     widest = batches[-1]
     lines = [f"Deployment of the shipped CIFAR-10 ResNet-20 checkpoints, cpu ({result['threads']} threads, "
              f"{result['machine']}), onnxruntime {result['onnxruntime']}, torch {result['torch']}; latency: median of "
-             f"{result['repeats']} interleaved runs; quality on {result['images']:,} test images of {result['data']}.",
+             f"{result['repeats']} interleaved runs; quality on {result['images']:,} test images of {result['data']}."
+             + _load_note(result),
              "", "| runtime | " + " | ".join(f"batch {b} ms" for b in batches)
              + f" | batch {widest} vs ORT fp32 | weights on disk (bytes) | weights in memory (bytes) |",
              "|---|" + "---:|" * (len(batches) + 3)]
@@ -333,8 +344,16 @@ def deploy_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_note(result: dict) -> str:
+    load = result.get("load_average_1min") or {}
+    if load.get("start") is None:
+        return ""
+    return f" Machine load (1-min average) {load['start']:.1f} at the start, {load['end']:.1f} at the end."
+
+
 def deploy_plot(result: dict, path: str | os.PathLike) -> None:
-    """Latency per runtime, one panel per batch size (lower is better), ONNX Runtime fp32 as a dashed line."""
+    """Latency per runtime on a log scale, one panel per batch size (lower is better), ONNX Runtime fp32 as a
+    dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,13 +365,16 @@ def deploy_plot(result: dict, path: str | os.PathLike) -> None:
         names = list(result["latency_ms"][batch])
         colors = ["#2a7" if n.startswith("ort-int") else "#888" if "fp" in n.split("-")[-1] else "#57c"
                   for n in names]
-        ax.barh(names[::-1], [result["latency_ms"][batch][n] for n in names][::-1], color=colors[::-1])
-        ax.axvline(result["latency_ms"][batch]["ort-fp32"], color="#c33", linestyle="--", linewidth=1,
-                   label="ONNX Runtime fp32")
-        ax.set_xlabel("ms per call (median)")
+        values = [result["latency_ms"][batch][n] for n in names]
+        bars = ax.barh(names[::-1], values[::-1], color=colors[::-1])
+        ax.bar_label(bars, [f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values[::-1]], padding=2, fontsize=7)
+        ax.axvline(result["latency_ms"][batch]["ort-fp32"], color="#c33", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlim(right=max(values) * 4)  # room for the labels
+        ax.set_xlabel("ms per call (median, log scale)")
         ax.set_title(f"batch {batch}")
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"CIFAR-10 ResNet-20 inference, cpu, {result['threads']} threads", fontsize=10)
+    fig.suptitle(f"CIFAR-10 ResNet-20 inference, cpu, {result['threads']} threads (dashed: ONNX Runtime fp32; "
+                 "green: integer ONNX, blue: pege_hf fake-quantized)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

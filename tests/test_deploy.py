@@ -48,7 +48,7 @@ def test_bench_deploy_cli_numbers_match_an_independent_run(tmp_path, capsys):
     assert (result["benchmark"], result["images"], result["batches"], result["bits"]) == ("deploy", N_IMAGES, [1, 4], [2])
     assert list(result["bytes"]) == names and set(result["latency_ms"]) == {"1", "4"}
     assert all(list(result["latency_ms"][b]) == names and min(result["latency_ms"][b].values()) > 0 for b in ("1", "4"))
-    assert set(result["quality"]) == {"w2a2", "fp"}
+    assert set(result["quality"]) == {"w2a2", "fp"} and set(result["load_average_1min"]) == {"start", "end"}
     table = (out / "deploy.md").read_text()
     assert "| ort-int-w2a2 |" in table and "| W2A2 |" in table and table in capsys.readouterr().out
     assert (out / "deploy.png").read_bytes()[:4] == b"\x89PNG"
