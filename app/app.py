@@ -30,11 +30,6 @@ import pege_hf  # noqa: E402,F401  (registers quant_method "pege")
 from pege_hf.demo import add_arguments, check_arguments  # noqa: E402
 
 TITLE = "PEGE: full precision vs 4-, 3- and 2-bit, side by side"
-TABLE_NOTE = ("Latency: this image, each model as it runs. Agreement on the test sample: top-1 agreement "
-              "with the full-precision model on the first {n:,} images of the shipped CIFAR-10 test sample, "
-              "measured at start-up. Test accuracy: the checkpoint's metrics.json (10,000 CIFAR-10 test images, "
-              "the PyTorch model). Weights on disk: the file the runtime loads (ONNX file or model.safetensors); "
-              "in memory: the weights the runtime holds (ONNX Runtime's optimised graph, or the PyTorch tensors).")
 CSS = """
 .pred-panel {min-height: 250px}
 #agreement {font-size: 1.05em}
@@ -110,7 +105,7 @@ def build_demo(models: inference.ModelSet, examples: list[tuple[str, str]] | Non
                 table = gr.Dataframe(value=pd.DataFrame(inference.summary_rows(models),
                                                         columns=inference.SUMMARY_HEADERS),
                                      label="Model comparison", interactive=False, wrap=True, elem_id="summary")
-                gr.Markdown(TABLE_NOTE.format(n=models.sample_size), elem_id="table-note")
+                gr.Markdown(inference.table_note(models), elem_id="table-note")
         gallery = gr.Gallery(value=examples, label="CIFAR-10 test images: click one to predict it",
                              columns=max(1, min(len(examples), 12)), rows=1, height=150, allow_preview=False,
                              interactive=False, elem_id="examples")

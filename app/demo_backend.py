@@ -65,6 +65,7 @@ __all__ = [
     "freeze_for_inference",
     "summary_rows",
     "runtime_markdown",
+    "table_note",
     "accuracy_plot_label",
     "SUMMARY_HEADERS",
     "agreement_markdown",
@@ -388,7 +389,10 @@ class ModelSet:
         models = cls.load_pytorch(sources, freeze=freeze)
         models.use_runtime(runtime, threads=threads, cache_dir=cache_dir)
         if sample is not None and sample_images > 0:
-            models.measure_sample_agreement(sample, sample_images)
+            try:
+                models.measure_sample_agreement(sample, sample_images)
+            except (OSError, ValueError, RuntimeError) as err:
+                models.runtime_notes.append(f"Agreement on the test sample not measured: {str(err).splitlines()[0]}")
         return models
 
     @classmethod
@@ -467,7 +471,7 @@ class ModelSet:
                                  limit: int = SAMPLE_IMAGES) -> None:
         """Each model's top-1 agreement with the float model (as each runs) on the first `limit` test
         images of `sample`, stored as `sample_agreement` (a fraction)."""
-        images, _ = deploy.load_test_images(sample, limit)
+        images, _ = deploy.load_test_images(sample, limit, image_size=self.image_size)
         top1 = {key: deploy.predict_top1(entry.run, images) for key, entry in self.models.items()}
         self.sample_size = len(images)
         for key, entry in self.models.items():
@@ -639,6 +643,16 @@ def summary_rows(models: ModelSet, prediction: Prediction | None = None) -> list
         memory = _bytes_cell(entry.memory_bytes, fp.memory_bytes if fp and key != "fp" else None)
         rows.append([entry.title, entry.runtime, label, agree, sample, accuracy, latency, disk, memory])
     return rows
+
+
+def table_note(models: ModelSet) -> str:
+    """What each column of the summary table measures, under the table."""
+    sample = (f"top-1 agreement with the full-precision model on the first {models.sample_size:,} images of the "
+              "shipped CIFAR-10 test sample, measured at start-up" if models.sample_size else "not measured")
+    return ("Latency: this image, each model as it runs. Agreement on the test sample: " + sample + ". Test "
+            "accuracy: the checkpoint's metrics.json (its PyTorch model on the full test set). Weights on disk: "
+            "the file the runtime loads (ONNX file or model.safetensors); in memory: the weights the runtime "
+            "holds (ONNX Runtime's optimised graph, or the PyTorch tensors).")
 
 
 def runtime_markdown(models: ModelSet) -> str:

@@ -248,11 +248,12 @@ def deployed_models(models_dir: str | os.PathLike = SHIPPED_MODELS_DIR, bits: Se
     return {name: out[name] for name in order}
 
 
-def load_test_images(data: str | os.PathLike = DEFAULT_DATASET, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_test_images(data: str | os.PathLike = DEFAULT_DATASET, limit: int | None = None,
+                     image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(normalised float32 images, labels) of the data set's test split; the first ``limit`` when given."""
     ds = load_image_dataset(data)
     test = ds.test.select(range(min(limit, len(ds.test)))) if limit else ds.test
-    images, labels = to_tensors(test, ds.image_column, ds.label_column)
+    images, labels = to_tensors(test, ds.image_column, ds.label_column, image_size=image_size)
     return normalize(images).numpy(), labels.numpy()
 
 
