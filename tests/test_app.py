@@ -206,6 +206,7 @@ def test_without_onnxruntime_the_page_falls_back_to_pytorch_and_says_so(ckpt_roo
     note = inf.runtime_markdown(fallback)
     assert "Fallback: onnxruntime is not installed" in note and "pege-hf[deploy]" in note
     assert "every model runs on PyTorch" in note
+    assert "Agreement on the test sample: not measured." in inf.table_note(fallback)  # loaded with sample=None
     rows = inf.summary_rows(fallback)
     w2, fp_size = fallback.models["w2"].size_bytes, fallback.models["fp"].size_bytes
     assert {r[1] for r in rows} == {"PyTorch"} and rows[3][7] == f"{w2:,} (safetensors, {fp_size / w2:.1f}x smaller)"
@@ -236,6 +237,7 @@ def test_agreement_on_the_test_sample_against_an_independent_count(models, ckpt_
     rows = {r[0]: r for r in inf.summary_rows(models)}
     w2 = models.models["w2"].sample_agreement
     assert rows["PEGE W2A2"][4] == f"{100 * w2:.1f}% of {SAMPLE} images" and rows["Full precision"][4] == "reference"
+    assert f"on the first {SAMPLE} images of the shipped CIFAR-10 test sample" in inf.table_note(models)
 
 
 def test_quantized_models_really_are_low_bit(models):
