@@ -74,11 +74,11 @@ def build_demo(models: inference.ModelSet, examples: list[tuple[str, str]] | Non
         return (*[pred.top_k(key, 5) for key in models.keys], inference.agreement_markdown(pred), table,
                 pred.to_dict())
 
-    def probability_plot(probabilities):
-        if not probabilities:
+    def probability_plot(raw_output):
+        if not raw_output:
             return None
         try:
-            return inference.probability_figure(probabilities)
+            return inference.probability_figure(raw_output)
         except ValueError as err:
             raise gr.Error(str(err), title="Bad input", print_exception=False) from err
 

@@ -523,6 +523,7 @@ def test_api_every_endpoint(server, examples, models):
     text = client.view_api(print_info=False, return_format="str")  # what a user reads: sanitized names, none made up
     assert "(full_precision, pege_w4a4, pege_w3a3, pege_w2a2, agreement, model_comparison, raw_output)" in text
     assert "value_" not in text and "parameter_" not in text
+    assert 'predict(raw_output, api_name="/probability_plot") -> probabilities_per_class' in text
     labels, table, probabilities = _check_prediction(client.predict(handle_file(examples[5][0]), api_name="/predict"))
     expected = models.predict(examples[5][0])
     assert probabilities["probabilities"] == {k: pytest.approx(v, abs=1e-6) for k, v in expected.probs.items()}
