@@ -4,9 +4,10 @@
     python app/app.py --model runs/quickstart --host 0.0.0.0 --port 8080
     pege demo ...                                # the same
 
-The Gradio UI only: every number comes from demo_backend.py beside it (models loaded once at start-up).
-API endpoints (gradio_client): /predict (image -> four top-5 labels, agreement, table,
-probabilities) and /probability_plot (probabilities -> grouped bar chart).
+The Gradio UI only: every number comes from demo_backend.py beside it (models loaded, and the quantized
+ones exported to ONNX Runtime, once at start-up). API endpoints (gradio_client): /predict (image ->
+full_precision, pege_w4a4, pege_w3a3, pege_w2a2 top-5 labels, agreement, model_comparison table,
+raw_output probabilities) and /probability_plot (raw_output -> probabilities_per_class chart).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class ImageInput(gr.Image):
 
 
 def build_demo(models: inference.ModelSet, examples: list[tuple[str, str]] | None = None,
-               benchmark_file: str | os.PathLike | None = inference.BENCHMARK_ACCURACY_FILE) -> gr.Blocks:
-    """The page for an already loaded ModelSet. `examples`: [(image path, caption)] for the gallery."""
+               benchmark_file: str | os.PathLike | None = None) -> gr.Blocks:
+    """The page for an already loaded ModelSet. `examples`: [(image path, caption)] for the gallery;
+    `benchmark_file`: an accuracy benchmark for the accuracy plot instead of the models' metrics.json.
+    Component labels are the API's output names (gradio_client's view_api)."""
     examples = list(examples or [])
     titles = models.titles
     accuracy_series, accuracy_source = inference.accuracy_by_bits(models, benchmark_file)
@@ -71,11 +74,11 @@ def build_demo(models: inference.ModelSet, examples: list[tuple[str, str]] | Non
         return (*[pred.top_k(key, 5) for key in models.keys], inference.agreement_markdown(pred), table,
                 pred.to_dict())
 
-    def probability_plot(probabilities):
-        if not probabilities:
+    def probability_plot(raw_output):
+        if not raw_output:
             return None
         try:
-            return inference.probability_figure(probabilities)
+            return inference.probability_figure(raw_output)
         except ValueError as err:
             raise gr.Error(str(err), title="Bad input", print_exception=False) from err
 
@@ -87,6 +90,7 @@ def build_demo(models: inference.ModelSet, examples: list[tuple[str, str]] | Non
                     "Upload an image (any size: it is scaled to the models' 32 x 32 CIFAR-10 input) or pick a "
                     "CIFAR-10 test image. The same ResNet-20 answers in full precision and as PEGE "
                     "quantization-aware-trained 4-, 3- and 2-bit checkpoints (packed low-bit weights).")
+        gr.Markdown(inference.runtime_markdown(models), elem_id="runtime")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
                 image = ImageInput(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
@@ -96,21 +100,21 @@ def build_demo(models: inference.ModelSet, examples: list[tuple[str, str]] | Non
                 with gr.Row():
                     labels = [gr.Label(num_top_classes=5, label=titles[key], elem_id=f"pred-{key}",
                                        elem_classes=["pred-panel"]) for key in models.keys]
-                agreement = gr.Markdown("Upload or pick an image to compare the models.", elem_id="agreement")
+                agreement = gr.Markdown("Upload or pick an image to compare the models.", label="Agreement",
+                                        elem_id="agreement")
                 table = gr.Dataframe(value=pd.DataFrame(inference.summary_rows(models),
                                                         columns=inference.SUMMARY_HEADERS),
-                                     label="Models: size on disk (model.safetensors), measured test accuracy "
-                                           "(metrics.json), latency for this image",
-                                     interactive=False, wrap=True, elem_id="summary")
+                                     label="Model comparison", interactive=False, wrap=True, elem_id="summary")
+                gr.Markdown(inference.table_note(models), elem_id="table-note")
         gallery = gr.Gallery(value=examples, label="CIFAR-10 test images: click one to predict it",
                              columns=max(1, min(len(examples), 12)), rows=1, height=150, allow_preview=False,
                              interactive=False, elem_id="examples")
         with gr.Row():
-            prob_plot = gr.Plot(label="Per-class probabilities, every model", elem_id="probability-plot")
+            prob_plot = gr.Plot(label="Probabilities per class", elem_id="probability-plot")
             gr.Plot(value=inference.accuracy_figure(accuracy_series),
-                    label=f"Accuracy vs bit width (from {accuracy_source})", elem_id="accuracy-plot")
-        with gr.Accordion("Raw output (JSON)", open=False):
-            probabilities = gr.JSON(label="Probabilities, top-1, agreement, latency", elem_id="probabilities")
+                    label=inference.accuracy_plot_label(accuracy_source), elem_id="accuracy-plot")
+        with gr.Accordion("Raw output (JSON: probabilities, top-1, agreement, latency, runtimes)", open=False):
+            probabilities = gr.JSON(label="Raw output", elem_id="probabilities")
 
         outputs = [*labels, agreement, table, probabilities]
         gr.on([button.click, image.upload], predict, inputs=image, outputs=outputs, api_name="predict",
@@ -149,13 +153,14 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     try:
         sources = inference.resolve_sources(args.model, fp=args.fp, w4=args.w4, w3=args.w3, w2=args.w2)
         print("loading: " + ", ".join(f"{k}={v}" for k, v in sources.items()), flush=True)
-        models = inference.ModelSet.load(sources)
+        models = inference.ModelSet.load(sources, runtime=args.runtime, threads=args.threads)
+        for note in models.runtime_notes:
+            print(f"note: {note}", flush=True)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"pege demo: error: {err}", file=sys.stderr)
         return 2
     examples = inference.example_images(args.examples) if args.examples > 0 else []
-    benchmark = args.benchmarks if args.benchmarks is not None else inference.BENCHMARK_ACCURACY_FILE
-    demo = build_demo(models, [(path, name) for path, name in examples], benchmark_file=benchmark)
+    demo = build_demo(models, [(path, name) for path, name in examples], benchmark_file=args.benchmarks)
     allowed = sorted({str(Path(path).parent) for path, _ in examples})
     launch(demo, args.host, args.port, concurrency=args.concurrency, allowed_paths=allowed)
     return 0

@@ -3,12 +3,18 @@
 Everything the Gradio page (app.py, next to this file) shows comes from here; the page holds no model
 logic. It lives beside the app, not in the pege_hf wheel (needs the `demo` extra: matplotlib)::
 
-    models = ModelSet.load(resolve_sources())          # the shipped models, loaded once
+    models = ModelSet.load(resolve_sources())          # the shipped models, loaded (and exported) once
+    models.runtime_notes                               # what runs where, e.g. "onnxruntime is not installed ..."
     pred = models.predict("cat.png")                   # PIL image, path, bytes or 1x3xHxW tensor
     pred.top_k("w2")                                   # {"cat": 0.61, "dog": 0.2, ...} (5 best)
     pred.agreement                                     # {"w4": True, "w3": True, "w2": False}
-    summary_rows(models, pred)                         # size on disk, accuracy, latency per model
+    summary_rows(models, pred)                         # runtime, agreement, accuracy, latency, bytes per model
     measure_latency(models)                            # server-side median of predict(), in ms
+
+The quantized models run as exported integer ONNX graphs on ONNX Runtime's CPU execution provider
+(`pege_hf.export_onnx`, exported once and cached by pege_hf.deploy, keyed by the checkpoint's files);
+without onnxruntime they run as pege_hf's PyTorch models (fake-quantized float weights), and
+`runtime_notes` says so. The float model runs on PyTorch.
 
 Model keys are ``"fp"``, ``"w4"``, ``"w3"``, ``"w2"`` (display order: float first, then the
 bit widths downwards). Nothing here imports gradio.
@@ -34,6 +40,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 from torch import nn
 
+from pege_hf import deploy
 from pege_hf.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET, preprocess_pil
 from pege_hf.hf.loading import from_pretrained
 from pege_hf.quant.modules import QuantLayer
@@ -44,7 +51,7 @@ __all__ = [
     "DEFAULT_TITLES",
     "SHIPPED_MODELS_DIR",
     "SHIPPED_DIRNAMES",
-    "BENCHMARK_ACCURACY_FILE",
+    "RUNTIMES",
     "MAX_IMAGE_PIXELS",
     "LoadedModel",
     "ModelSet",
@@ -57,6 +64,9 @@ __all__ = [
     "agreement",
     "freeze_for_inference",
     "summary_rows",
+    "runtime_markdown",
+    "table_note",
+    "accuracy_plot_label",
     "SUMMARY_HEADERS",
     "agreement_markdown",
     "accuracy_by_bits",
@@ -75,8 +85,12 @@ _KEY_BITS = {"w4": 4, "w3": 3, "w2": 2}
 #: where the shipped checkpoints live, one folder per variant
 SHIPPED_DIRNAMES = {"fp": "resnet20-fp", "w4": "resnet20-pege-w4a4", "w3": "resnet20-pege-w3a3",
                     "w2": "resnet20-pege-w2a2"}
-#: the accuracy benchmark's results (written by `pege bench`), in a source checkout
-BENCHMARK_ACCURACY_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.json"  # in a checkout
+#: where the quantized models run: "auto" (ONNX Runtime when installed, else PyTorch), or one of them
+RUNTIMES = ("auto", "onnxruntime", "pytorch")
+ORT_RUNTIME = "ONNX Runtime (integer kernels)"
+TORCH_RUNTIME = "PyTorch"
+#: the test images the quantized models' top-1 agreement with the float one is measured on, at start-up
+SAMPLE_IMAGES = 1000
 
 #: larger uploads are refused with a clear message instead of being decoded (RGB: 3 bytes a pixel)
 MAX_IMAGE_PIXELS = 100_000_000
@@ -244,6 +258,31 @@ class _Constant:
         return self.value
 
 
+def torch_memory_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers plus the weights `freeze_for_inference` computed once."""
+    frozen = [layer.quantized_weight.value for layer in model.modules()
+              if isinstance(layer, QuantLayer) and isinstance(layer.quantized_weight, _Constant)]
+    return deploy.module_bytes(model) + sum(t.numel() * t.element_size() for t in frozen)
+
+
+def use_torch(entry: "LoadedModel") -> None:
+    """Run `entry` on PyTorch: its runner, the bytes of its model.safetensors and of its tensors."""
+    entry.run, entry.runtime = deploy.torch_runner(entry.model), TORCH_RUNTIME
+    entry.disk_bytes, entry.disk_file = entry.size_bytes, "safetensors"
+    entry.memory_bytes = torch_memory_bytes(entry.model)
+
+
+def _local_folder(source: str) -> Path:
+    """The checkpoint folder of a local source or of a Hub id in the local cache (no network)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    config = _local_file(source, "config.json")
+    if config is None:
+        raise FileNotFoundError(f"{source} is not a local folder nor in the local Hub cache")
+    return config.parent
+
+
 @dataclass
 class LoadedModel:
     key: str
@@ -252,8 +291,14 @@ class LoadedModel:
     model: nn.Module
     w_bits: int | None
     a_bits: int | None
-    size_bytes: int | None
+    size_bytes: int | None  # model.safetensors (the packed checkpoint)
     accuracy: float | None  # fraction in [0, 1], from metrics.json
+    runtime: str = TORCH_RUNTIME
+    run: deploy.Runner | None = None  # float32 N x C x H x W batch -> logits, on `runtime`
+    disk_bytes: int | None = None  # the file the runtime loads: the ONNX file, or model.safetensors
+    disk_file: str = "safetensors"
+    memory_bytes: int | None = None  # the weights the runtime holds
+    sample_agreement: float | None = None  # top-1 agreement with the float model on the test sample
 
     @property
     def bits_label(self) -> str:
@@ -270,6 +315,7 @@ class Prediction:
     latency_ms: dict[str, float]
     preprocess_ms: float
     titles: dict[str, str] = field(default_factory=dict)
+    runtimes: dict[str, str] = field(default_factory=dict)
 
     @property
     def keys(self) -> list[str]:
@@ -295,7 +341,8 @@ class Prediction:
         return {"class_names": list(self.class_names), "titles": dict(self.titles),
                 "probabilities": {k: list(v) for k, v in self.probs.items()}, "top1": self.top1,
                 "agrees_with_full_precision": self.agreement, "latency_ms": dict(self.latency_ms),
-                "preprocess_ms": self.preprocess_ms, "logits": {k: list(v) for k, v in self.logits.items()}}
+                "preprocess_ms": self.preprocess_ms, "logits": {k: list(v) for k, v in self.logits.items()},
+                "runtimes": dict(self.runtimes)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Prediction":
@@ -310,14 +357,15 @@ class Prediction:
         return cls(class_names=names, probs=probs,
                    logits={str(k): list(v) for k, v in (data.get("logits") or {}).items()},
                    latency_ms={str(k): float(v) for k, v in (data.get("latency_ms") or {}).items()},
-                   preprocess_ms=float(data.get("preprocess_ms") or 0.0), titles=dict(data.get("titles") or {}))
+                   preprocess_ms=float(data.get("preprocess_ms") or 0.0), titles=dict(data.get("titles") or {}),
+                   runtimes=dict(data.get("runtimes") or {}))
 
 
 class ModelSet:
     """The float model and its quantized variants, loaded once, ready for concurrent inference.
 
-    `predict` is thread-safe: forwards of these eval-mode models change no state, so requests run in
-    parallel (each on torch's intra-op threads; the app sets those to 1 per request)."""
+    `predict` is thread-safe: forwards of these eval-mode models and ONNX Runtime sessions change no state,
+    so requests run in parallel (each on its intra-op threads; the app sets those to 1 per request)."""
 
     def __init__(self, models: Mapping[str, LoadedModel], class_names: Sequence[str], image_size: int = 32,
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
@@ -325,10 +373,31 @@ class ModelSet:
         self.class_names = list(class_names)
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
+        self.runtime_notes: list[str] = []
+        self.sample_size = 0
+        for entry in self.models.values():  # PyTorch until `use_runtime` says otherwise
+            if entry.run is None:
+                use_torch(entry)
 
     @classmethod
-    def load(cls, sources: Mapping[str, str], *, freeze: bool = True) -> "ModelSet":
-        """Load every source with pege_hf.from_pretrained (float or packed PEGE checkpoints)."""
+    def load(cls, sources: Mapping[str, str], *, freeze: bool = True, runtime: str = "auto", threads: int = 1,
+             cache_dir: str | os.PathLike | None = None, sample: str | os.PathLike | None = DEFAULT_DATASET,
+             sample_images: int = SAMPLE_IMAGES) -> "ModelSet":
+        """Load every source with pege_hf.from_pretrained (float or packed PEGE checkpoints); run the
+        quantized ones on `runtime` (`use_runtime`); measure each model's top-1 agreement with the float
+        one on the first `sample_images` test images of `sample` (None: not measured)."""
+        models = cls.load_pytorch(sources, freeze=freeze)
+        models.use_runtime(runtime, threads=threads, cache_dir=cache_dir)
+        if sample is not None and sample_images > 0:
+            try:
+                models.measure_sample_agreement(sample, sample_images)
+            except (OSError, ValueError, RuntimeError) as err:
+                models.runtime_notes.append(f"Agreement on the test sample not measured: {str(err).splitlines()[0]}")
+        return models
+
+    @classmethod
+    def load_pytorch(cls, sources: Mapping[str, str], *, freeze: bool = True) -> "ModelSet":
+        """Every source as a PyTorch model (pege_hf.from_pretrained), checked to be the variant its key says."""
 
         models: dict[str, LoadedModel] = {}
         class_names: list[str] | None = None
@@ -365,6 +434,49 @@ class ModelSet:
             raise ValueError("no models to load")
         return cls(models, class_names or list(CIFAR10_CLASSES), image_size=image_size)
 
+    def use_runtime(self, runtime: str = "auto", threads: int = 1, cache_dir: str | os.PathLike | None = None) -> None:
+        """Run the quantized models on ONNX Runtime's integer kernels ("onnxruntime"; "auto": when installed,
+        else PyTorch, and `runtime_notes` says so) or on PyTorch ("pytorch"). A quantized model that cannot be
+        exported (a Hub checkpoint, a failed export) stays on PyTorch, with a note naming why."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+        quantized = [e for e in self.models.values() if e.w_bits is not None]
+        missing = deploy.onnxruntime_missing() if runtime != "pytorch" and quantized else None
+        if runtime == "onnxruntime" and missing:
+            raise RuntimeError(missing)
+        self.runtime_notes = []
+        for entry in self.models.values():
+            use_torch(entry)
+        if runtime == "pytorch":
+            self.runtime_notes.append("Every model runs on PyTorch (runtime: pytorch); the quantized ones with "
+                                      "fake-quantized float weights.")
+        if runtime == "pytorch" or not quantized:
+            return
+        if missing:
+            self.runtime_notes.append(f"Fallback: {missing}. The quantized models run on PyTorch instead "
+                                      "(pege_hf's fake-quantized float weights, not integer kernels).")
+            return
+        for entry in quantized:
+            try:
+                path = deploy.cached_onnx_export(_local_folder(entry.source), cache_dir)
+            except (OSError, ValueError, RuntimeError) as err:
+                self.runtime_notes.append(f"{entry.title} runs on PyTorch: its ONNX export failed "
+                                          f"({str(err).splitlines()[0]}).")
+                continue
+            entry.run, entry.runtime = deploy.onnx_runner(path, threads), ORT_RUNTIME
+            entry.disk_bytes, entry.disk_file = path.stat().st_size, "ONNX"
+            entry.memory_bytes = deploy.onnx_memory_bytes(path)
+
+    def measure_sample_agreement(self, sample: str | os.PathLike = DEFAULT_DATASET,
+                                 limit: int = SAMPLE_IMAGES) -> None:
+        """Each model's top-1 agreement with the float model (as each runs) on the first `limit` test
+        images of `sample`, stored as `sample_agreement` (a fraction)."""
+        images, _ = deploy.load_test_images(sample, limit, image_size=self.image_size)
+        top1 = {key: deploy.predict_top1(entry.run, images) for key, entry in self.models.items()}
+        self.sample_size = len(images)
+        for key, entry in self.models.items():
+            entry.sample_agreement = deploy.top1_agreement(top1["fp"], top1[key]) if "fp" in top1 else None
+
     @property
     def keys(self) -> list[str]:
         return list(self.models)
@@ -382,17 +494,16 @@ class ModelSet:
         start = time.perf_counter()
         x = self.preprocess(image)
         preprocess_ms = (time.perf_counter() - start) * 1e3
+        batch = x.numpy()
         probs, logits, latency = {}, {}, {}
-        with torch.inference_mode():
-            for key, entry in self.models.items():
-                t0 = time.perf_counter()
-                out = entry.model(pixel_values=x)
-                z = (out.logits if hasattr(out, "logits") else out)[0].float()
-                p = torch.softmax(z, dim=-1)
-                latency[key] = (time.perf_counter() - t0) * 1e3
-                logits[key], probs[key] = z.tolist(), p.tolist()
+        for key, entry in self.models.items():
+            t0 = time.perf_counter()
+            z = torch.from_numpy(entry.run(batch))[0].float()
+            latency[key] = (time.perf_counter() - t0) * 1e3
+            logits[key], probs[key] = z.tolist(), torch.softmax(z, dim=-1).tolist()
         return Prediction(class_names=self.class_names, probs=probs, logits=logits, latency_ms=latency,
-                          preprocess_ms=preprocess_ms, titles=self.titles)
+                          preprocess_ms=preprocess_ms, titles=self.titles,
+                          runtimes={key: entry.runtime for key, entry in self.models.items()})
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -488,35 +599,70 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-SUMMARY_HEADERS = ["Model", "Top-1 (probability)", "Agrees with full precision", "Size on disk (bytes)",
-                   "Test accuracy", "Latency (ms)"]
+SUMMARY_HEADERS = ["Model", "Runs on", "Top-1 (probability)", "Agrees with full precision",
+                   "Agreement with full precision (test sample)", "Test accuracy (metrics.json)", "Latency (ms)",
+                   "Weights on disk (bytes)", "Weights in memory (bytes)"]
+
+
+def _bytes_cell(n: int | None, reference: int | None, what: str = "") -> str:
+    """"250,689 (ONNX, 4.4x smaller)": bytes, the file kind, and the ratio to the float model's when smaller."""
+    if n is None:
+        return "unknown"
+    parts = [what] if what else []
+    if reference and 0 < n < reference:
+        parts.append(f"{reference / n:.1f}x smaller")
+    return f"{n:,}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def summary_rows(models: ModelSet, prediction: Prediction | None = None) -> list[list[str]]:
-    """One row per model (SUMMARY_HEADERS): its top-1 class and whether it agrees with the float
-    model, model.safetensors size in bytes, metrics.json test accuracy ("not measured" when absent),
-    latency for this image. Without a prediction, the per-image columns are empty."""
-    fp_size = models.models["fp"].size_bytes if "fp" in models.models else None
+    """One row per model (SUMMARY_HEADERS): where it runs; its top-1 class for this image and whether it
+    agrees with the float model; its top-1 agreement with the float model on the test sample (measured at
+    start-up); metrics.json test accuracy ("not measured" when absent); latency for this image; the bytes
+    of the file its runtime loads (ONNX file or model.safetensors) and of the weights it holds in memory.
+    Without a prediction, the per-image columns are empty."""
+    fp = models.models.get("fp")
     top1 = prediction.top1 if prediction else {}
     agrees = prediction.agreement if prediction else {}
     rows = []
     for key, entry in models.models.items():
-        if entry.size_bytes is None:
-            size = "unknown"
-        else:
-            size = f"{entry.size_bytes:,}"
-            if fp_size and key != "fp":
-                size += f" ({fp_size / entry.size_bytes:.1f}x smaller)"
         accuracy = "not measured" if entry.accuracy is None else f"{100 * entry.accuracy:.2f}%"
+        if key == "fp":
+            sample = "reference"
+        elif entry.sample_agreement is None:
+            sample = "not measured"
+        else:
+            sample = f"{100 * entry.sample_agreement:.1f}% of {models.sample_size:,} images"
         if prediction is None:
             label = agree = latency = ""
         else:
             label = f"{top1[key]} ({max(prediction.probs[key]):.2f})"
             agree = "reference" if key == "fp" else ("n/a" if key not in agrees else
                                                      ("✓ yes" if agrees[key] else "✗ NO"))
-            latency = f"{prediction.latency_ms[key]:.1f}"
-        rows.append([entry.title, label, agree, size, accuracy, latency])
+            latency = f"{prediction.latency_ms[key]:.2f}"
+        disk = _bytes_cell(entry.disk_bytes, fp.disk_bytes if fp and key != "fp" else None, entry.disk_file)
+        memory = _bytes_cell(entry.memory_bytes, fp.memory_bytes if fp and key != "fp" else None)
+        rows.append([entry.title, entry.runtime, label, agree, sample, accuracy, latency, disk, memory])
     return rows
+
+
+def table_note(models: ModelSet) -> str:
+    """What each column of the summary table measures, under the table."""
+    sample = (f"top-1 agreement with the full-precision model on the first {models.sample_size:,} images of the "
+              "shipped CIFAR-10 test sample, measured at start-up" if models.sample_size else "not measured")
+    return ("Latency: this image, each model as it runs. Agreement on the test sample: " + sample + ". Test "
+            "accuracy: the checkpoint's metrics.json (its PyTorch model on the full test set). Weights on disk: "
+            "the file the runtime loads (ONNX file or model.safetensors); in memory: the weights the runtime "
+            "holds (ONNX Runtime's optimised graph, or the PyTorch tensors).")
+
+
+def runtime_markdown(models: ModelSet) -> str:
+    """What runs where, for the top of the page: ONNX Runtime's integer kernels for the quantized models, or
+    the fallback to PyTorch and why."""
+    on_ort = [e.title for e in models.models.values() if e.runtime == ORT_RUNTIME]
+    head = (f"**Runtime:** {', '.join(on_ort)} run as exported integer ONNX graphs on ONNX Runtime (CPU); "
+            f"the other models on PyTorch." if on_ort else "**Runtime:** every model runs on PyTorch.")
+    notes = "".join(f"\n\n⚠ {note}" for note in models.runtime_notes)
+    return head + notes
 
 
 def agreement_markdown(prediction: Prediction) -> str:
@@ -553,19 +699,19 @@ def parse_benchmark_accuracy(data: Any) -> dict[str, dict[int | None, float]]:
     return series
 
 
-def accuracy_by_bits(models: ModelSet | None = None,
-                     benchmark_file: str | os.PathLike | None = BENCHMARK_ACCURACY_FILE
+def accuracy_by_bits(models: ModelSet | None = None, benchmark_file: str | os.PathLike | None = None
                      ) -> tuple[dict[str, dict[int | None, float]], str]:
-    """({method: {bits: accuracy fraction}}, where it came from): benchmarks/accuracy.json when it
-    exists and holds numbers, otherwise the loaded models' metrics.json ("pege" by bits, fp under
-    "fp"/None)."""
+    """({method: {bits: accuracy fraction}}, where it came from): by default the loaded models' own
+    metrics.json ("pege" by bits, fp under "fp"/None), the same numbers as the page's table; a benchmark
+    file (`benchmarks/accuracy.json` of `python -m benchmarks.pege_bench accuracy`) only when one is given
+    and holds numbers. The source is named by file name only (no path of the machine)."""
     if benchmark_file is not None and Path(benchmark_file).is_file():
         try:
             parsed = parse_benchmark_accuracy(json.loads(Path(benchmark_file).read_text()))
         except (OSError, ValueError):
             parsed = {}
         if parsed:
-            return parsed, str(benchmark_file)
+            return parsed, Path(benchmark_file).name
     series: dict[str, dict[int | None, float]] = {}
     for entry in (models.models.values() if models is not None else []):
         if entry.accuracy is None:
@@ -575,6 +721,13 @@ def accuracy_by_bits(models: ModelSet | None = None,
         else:
             series.setdefault("pege", {})[entry.w_bits] = entry.accuracy
     return series, "the models' metrics.json"
+
+
+def accuracy_plot_label(source: str) -> str:
+    """The accuracy plot's caption: test accuracy against bit width, and where it came from."""
+    if source == "the models' metrics.json":
+        return "Test accuracy vs bit width (the models in the table, from their metrics.json)"
+    return f"Test accuracy vs bit width (from {source}, not the models in the table)"
 
 
 def _figure(width: float, height: float, **margins):

@@ -1,5 +1,6 @@
 """`pege bench`: micro-benchmarks of the library itself: training-step speed and memory (FP vs STE vs
-PEGE), packed checkpoint size, step-size initialisation.
+PEGE), packed checkpoint size, step-size initialisation, and deployment on ONNX Runtime (`deploy`, the
+code in pege_hf/deploy.py).
 
 Each writes JSON + a markdown table (and a PNG plot when matplotlib, the `bench` extra, is installed)
 under --out. The research benchmarks (the accuracy matrix, tuning, grid diagnostics, shipping models,
@@ -19,8 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import PEGEConfig
+from .data import DEFAULT_DATASET
+from .deploy import SHIPPED, bench_deploy, deploy_plot, deploy_table, onnxruntime_missing
 from .hf.cifar import cifar_resnet
 from .quant.modules import quantize, set_progress
+from .sources import SHIPPED_MODELS_DIR, check_checkpoint_dir, is_hub_id
 
 DEFAULT_OUT = Path("benchmarks")
 
@@ -281,7 +285,7 @@ def resnet20():
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "research benchmarks (accuracy matrix, tuning, grid, ship, latency): python -m benchmarks.pege_bench --help"
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,init}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,init,deploy}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
                         description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
                                     "in full precision, with STE and with PEGE, interleaved in one process.")
@@ -309,10 +313,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     it.add_argument("--bits", type=int, default=2, help="weight bits (default 2)")
     it.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
     it.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
+    add_deploy_arguments(sub)
+
+
+def add_deploy_arguments(sub) -> None:
+    dp = sub.add_parser("deploy", help="latency, bytes and top-1 agreement of the shipped models on ONNX Runtime "
+                                       "(integer kernels) vs PyTorch",
+                        description="The shipped CIFAR-10 ResNet-20 checkpoints as deployed: PyTorch FP, ONNX Runtime "
+                                    "fp32, ONNX Runtime integer W2A2/W3A3/W4A4 (pege export) and pege_hf's "
+                                    "fake-quantized models. Latency at each batch size (median of interleaved runs), "
+                                    "weight bytes on disk and in memory, top-1 agreement and accuracy on the test "
+                                    "images. Writes deploy.json, deploy.md and deploy.png. Needs the deploy extra.")
+    dp.add_argument("--data", default=DEFAULT_DATASET, metavar="PATH",
+                    help="image data set whose test split is used (default: the shipped 1,000-image CIFAR-10 sample; "
+                         "a CIFAR-10 parquet folder for the 10k test images)")
+    dp.add_argument("--images", type=int, default=None, metavar="N", help="only the first N test images (default: all)")
+    dp.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], metavar="B",
+                    help="the shipped W{B}A{B} models to include (default 2 3 4)")
+    dp.add_argument("--batches", type=int, nargs="+", default=[1, 64], metavar="N",
+                    help="batch sizes to time (default 1 64)")
+    dp.add_argument("--repeats", type=int, default=30, help="interleaved timed runs per batch size (default 30)")
+    dp.add_argument("--threads", type=int, default=2, help="intra-op threads, ONNX Runtime and torch (default 2)")
+    dp.add_argument("--models", type=Path, default=SHIPPED_MODELS_DIR, metavar="DIR",
+                    help="folder holding resnet20-fp and resnet20-pege-w{2,3,4}a{2,3,4} (default: the shipped models)")
+    dp.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                    help="where the ONNX exports are kept for reuse (default: $PEGE_HF_CACHE, else the temp folder)")
+    dp.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the option, before anything runs."""
+    if args.bench == "deploy":
+        return check_deploy_arguments(args)
     positive = {"speed": ("batch_size", "steps"), "init": ("repeats",), "size": ()}[args.bench]
     for name in positive:
         if getattr(args, name, 1) < 1:
@@ -321,6 +353,22 @@ def check_arguments(args: argparse.Namespace) -> None:
         PEGEConfig(w_bits=bits, a_bits=bits)  # the bit widths PEGEConfig allows, with its message
     if args.bench == "speed" and not 0 <= args.progress <= 1:
         raise ValueError(f"--progress must be in [0, 1]; got {args.progress}")
+
+
+def check_deploy_arguments(args: argparse.Namespace) -> None:
+    for name in ("repeats", "threads", "images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1; got {value}")
+    if min(args.batches) < 1:
+        raise ValueError(f"--batches must all be >= 1; got {' '.join(map(str, args.batches))}")
+    if not Path(args.data).exists() and not is_hub_id(str(args.data)):
+        raise FileNotFoundError(f"--data {args.data} does not exist")
+    for bits in [None, *args.bits]:
+        check_checkpoint_dir(args.models / SHIPPED[bits], "--models")
+    missing = onnxruntime_missing()
+    if missing:
+        raise ValueError(f"`pege bench deploy` needs ONNX Runtime: {missing}")
 
 
 def plot(draw, result: dict, path: Path) -> None:
@@ -349,4 +397,10 @@ def main(args: argparse.Namespace) -> int:
     elif args.bench == "init":
         result = bench_init(tuple(args.shape), args.bits, args.repeats)
         write_result(result, init_table(result), args.out, "init")
+    elif args.bench == "deploy":
+        result = bench_deploy(data=args.data, images=args.images, models_dir=args.models, bits=args.bits,
+                              batches=args.batches, repeats=args.repeats, threads=args.threads,
+                              cache_dir=args.cache_dir)
+        write_result(result, deploy_table(result), args.out, "deploy")
+        plot(deploy_plot, result, args.out / "deploy.png")
     return 0

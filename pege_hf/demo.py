@@ -39,13 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port (default: $GRADIO_SERVER_PORT, else the first free one from 7860)")
     parser.add_argument("--concurrency", type=int, default=2,
                         help="requests computed at the same time (default 2: one per CPU core of a small machine)")
+    parser.add_argument("--runtime", choices=("auto", "onnxruntime", "pytorch"), default="auto",
+                        help="where the quantized models run: onnxruntime (their exported integer ONNX graphs, "
+                             "exported once and cached; needs the deploy extra), pytorch (pege_hf's fake-quantized "
+                             "models), or auto (default: onnxruntime when installed, else pytorch, and the page says so)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads per request (default 1: one image is too small to split; "
-                             "0 leaves torch's default)")
+                        help="torch and ONNX Runtime intra-op threads per request (default 1: one image is too small "
+                             "to split; 0 leaves their defaults)")
     parser.add_argument("--examples", type=int, default=12, help="CIFAR-10 test images in the gallery (default 12)")
     parser.add_argument("--benchmarks", metavar="JSON", default=None,
-                        help="accuracy benchmark results for the accuracy-vs-bits plot (default: "
-                             "benchmarks/accuracy.json of the checkout; the models' metrics.json without it)")
+                        help="accuracy benchmark results (benchmarks/accuracy.json) for the accuracy-vs-bits plot "
+                             "instead of the default: the loaded models' own metrics.json, as in the table")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

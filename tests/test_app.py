@@ -1,5 +1,7 @@
 """The demo: app/demo_backend.py (known answers), the `pege demo` CLI, app/app.py served on 127.0.0.1
-through gradio_client (every endpoint, bad inputs, 20 concurrent requests) and in chromium.
+through gradio_client (every endpoint, its output names, bad inputs, 20 concurrent requests) and in
+chromium. The quantized models run on ONNX Runtime (their exported integer graphs); the fallback to
+PyTorch without onnxruntime is tested by making its import fail.
 
 Checkpoints are built here (a float CIFAR ResNet-20 and its PEGE W4A4/W3A3/W2A2 packed copies),
 so nothing depends on shipped models or the network.
@@ -75,9 +77,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+SAMPLE = 200  # test images the start-up agreement is measured on (the app: 1,000)
+
+
 @pytest.fixture(scope="module")
-def models(ckpt_root, one_thread):
-    return inf.ModelSet.load(inf.resolve_sources(ckpt_root))
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx_cache")
+
+
+@pytest.fixture(scope="module")
+def models(ckpt_root, one_thread, onnx_cache):
+    pytest.importorskip("onnxruntime")
+    return inf.ModelSet.load(inf.resolve_sources(ckpt_root), cache_dir=onnx_cache, sample_images=SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def torch_models(ckpt_root, one_thread):
+    return inf.ModelSet.load(inf.resolve_sources(ckpt_root), runtime="pytorch", sample=None)
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +140,11 @@ def _client(url):
 # --------------------------------------------------------------------------------------------- unit: inference
 
 
-def test_top5_is_softmax_of_the_models_own_logits(models, ckpt_root, examples):
-    """Against models loaded afresh (no inference freezing): equal logits bit for bit, top-5 =
+def test_top5_is_softmax_of_the_models_own_logits(torch_models, ckpt_root, examples):
+    """On PyTorch, against models loaded afresh (no inference freezing): equal logits bit for bit, top-5 =
     the 5 largest of softmax(logits), most probable first, summing to at most 1."""
     path = examples[3][0]
-    pred = models.predict(path)
+    pred = torch_models.predict(path)
     x = preprocess_pil(Image.open(path))
     dirs = {"fp": "resnet20-fp", "w4": "resnet20-pege-w4a4", "w3": "resnet20-pege-w3a3", "w2": "resnet20-pege-w2a2"}
     for key, name in dirs.items():
@@ -146,6 +162,82 @@ def test_top5_is_softmax_of_the_models_own_logits(models, ckpt_root, examples):
         assert list(top.values()) == sorted(top.values(), reverse=True)
         assert pred.top1[key] == CIFAR10_CLASSES[int(logits.argmax())]
     assert set(pred.latency_ms) == set(dirs) and all(ms > 0 for ms in pred.latency_ms.values())
+    assert set(pred.runtimes.values()) == {"PyTorch"}
+
+
+def test_quantized_models_run_their_integer_onnx_graphs(models, torch_models, ckpt_root, onnx_cache, examples):
+    """The quantized columns are ONNX Runtime sessions of the cached integer exports: their logits are
+    those of a session we open on the cached file ourselves, close to pege_hf's fake-quantized logits;
+    the float model stays PyTorch (bit-exact with the PyTorch ModelSet)."""
+    import onnxruntime as ort
+
+    files = sorted(onnx_cache.glob("*.onnx"))
+    assert [f.name.split("-integer-")[0] for f in files] == [
+        "resnet20-pege-w2a2", "resnet20-pege-w3a3", "resnet20-pege-w4a4"]
+    x = preprocess_pil(Image.open(examples[3][0]))
+    pred, reference = models.predict(examples[3][0]), torch_models.predict(examples[3][0])
+    assert pred.runtimes == {"fp": "PyTorch", "w4": inf.ORT_RUNTIME, "w3": inf.ORT_RUNTIME, "w2": inf.ORT_RUNTIME}
+    assert pred.logits["fp"] == reference.logits["fp"]
+    for key in ("w4", "w3", "w2"):
+        path = next(f for f in files if f.name.startswith(f"resnet20-pege-{key}a{key[1]}"))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"pixel_values": x.numpy()})[0][0]
+        assert pred.logits[key] == pytest.approx(logits.tolist(), abs=1e-6), key
+        assert pred.logits[key] == pytest.approx(reference.logits[key], abs=0.05 * max(map(abs, logits))), key
+    ops = {op for f in files for _, op in pege_hf.export.onnx.optimized_ops(f)}
+    assert ops & {"QLinearConv", "ConvInteger"}  # integer kernels are what runs
+
+
+def test_exports_are_made_once_and_reused(ckpt_root, onnx_cache, models, monkeypatch):
+    """A second start-up with the same cache exports nothing: the files are keyed by the checkpoints."""
+    from pege_hf import deploy
+
+    before = {f: f.stat().st_mtime_ns for f in onnx_cache.glob("*.onnx")}
+    monkeypatch.setattr(deploy, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    again = inf.ModelSet.load(inf.resolve_sources(ckpt_root), cache_dir=onnx_cache, sample=None)
+    assert {e.runtime for k, e in again.models.items() if k != "fp"} == {inf.ORT_RUNTIME}
+    assert {f: f.stat().st_mtime_ns for f in onnx_cache.glob("*.onnx")} == before
+
+
+def test_without_onnxruntime_the_page_falls_back_to_pytorch_and_says_so(ckpt_root, monkeypatch, app_module):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    fallback = inf.ModelSet.load(inf.resolve_sources(ckpt_root), sample=None)
+    assert {e.runtime for e in fallback.models.values()} == {"PyTorch"}
+    note = inf.runtime_markdown(fallback)
+    assert "Fallback: onnxruntime is not installed" in note and "pege-hf[deploy]" in note
+    assert "every model runs on PyTorch" in note
+    assert "Agreement on the test sample: not measured." in inf.table_note(fallback)  # loaded with sample=None
+    rows = inf.summary_rows(fallback)
+    w2, fp_size = fallback.models["w2"].size_bytes, fallback.models["fp"].size_bytes
+    assert {r[1] for r in rows} == {"PyTorch"} and rows[3][7] == f"{w2:,} (safetensors, {fp_size / w2:.1f}x smaller)"
+    page = app_module.build_demo(fallback, [])
+    shown = [c.get("props", {}).get("value") for c in page.config["components"]]
+    assert note in shown  # on the page
+    with pytest.raises(RuntimeError, match="onnxruntime is not installed"):
+        inf.ModelSet.load(inf.resolve_sources(ckpt_root), runtime="onnxruntime", sample=None)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        fallback.use_runtime("tensorrt")
+
+
+def test_agreement_on_the_test_sample_against_an_independent_count(models, ckpt_root):
+    """Each model's start-up agreement with the float model = our own count over the same first SAMPLE
+    test images, the float model's top-1 from PyTorch and the quantized ones' from their ONNX sessions."""
+    from pege_hf.data import load_image_dataset, normalize, to_tensors
+
+    data = load_image_dataset(inf.DEFAULT_DATASET)
+    images, _ = to_tensors(data.test.select(range(SAMPLE)), data.image_column, data.label_column)
+    x = normalize(images)
+    fp = pege_hf.from_pretrained(str(ckpt_root / "resnet20-fp")).eval()
+    with torch.no_grad():
+        fp_top1 = fp(x).logits.argmax(1).numpy()
+    assert models.sample_size == SAMPLE and models.models["fp"].sample_agreement == 1.0
+    for key in ("w4", "w3", "w2"):
+        top1 = models.models[key].run(x.numpy()).argmax(1)
+        assert models.models[key].sample_agreement == pytest.approx(float((top1 == fp_top1).mean()), abs=1e-12)
+    rows = {r[0]: r for r in inf.summary_rows(models)}
+    w2 = models.models["w2"].sample_agreement
+    assert rows["PEGE W2A2"][4] == f"{100 * w2:.1f}% of {SAMPLE} images" and rows["Full precision"][4] == "reference"
+    assert f"on the first {SAMPLE} images of the shipped CIFAR-10 test sample" in inf.table_note(models)
 
 
 def test_quantized_models_really_are_low_bit(models):
@@ -173,19 +265,39 @@ def test_agreement_flags():
         inf.Prediction.from_dict({"class_names": ["a"], "probabilities": {"fp": [0.5, 0.5]}})
 
 
-def test_sizes_are_the_safetensors_bytes(models, ckpt_root):
+def test_sizes_are_the_bytes_of_what_runs(models, torch_models, ckpt_root, onnx_cache):
+    """On disk: the file the runtime loads (the ONNX file; model.safetensors on PyTorch). In memory: the
+    PyTorch tensors (parameters, buffers, the frozen quantized weights), or ONNX Runtime's initializers:
+    int8 codes for the quantized layers, fp32 for the float stem and head."""
     fp_size = os.path.getsize(ckpt_root / "resnet20-fp" / "model.safetensors")
     for key, entry in models.models.items():
         assert entry.size_bytes == os.path.getsize(Path(entry.source) / "model.safetensors")
         assert inf.model_size_bytes(entry.source) == entry.size_bytes
     for key in ("w4", "w3", "w2"):
         assert models.models[key].size_bytes < fp_size / 4  # packed low-bit codes
+        onnx_file = next(onnx_cache.glob(f"resnet20-pege-{key}a{key[1]}-*.onnx"))
+        assert models.models[key].disk_bytes == onnx_file.stat().st_size
+        assert torch_models.models[key].disk_bytes == models.models[key].size_bytes
     assert models.models["w2"].size_bytes < models.models["w3"].size_bytes < models.models["w4"].size_bytes
+    fp_model = models.models["fp"].model
+    fp_tensors = sum(t.numel() * t.element_size() for t in fp_model.state_dict().values())
+    assert models.models["fp"].memory_bytes == fp_tensors and models.models["fp"].disk_bytes == fp_size
+    quant = pege_hf.hf.quantizer.quant_layers(torch_models.models["w2"].model)
+    codes = sum(layer.weight.numel() for _, layer in quant)
+    float_weights = sum(p.numel() for n, p in fp_model.named_parameters() if p.dim() > 1) - codes
+    channels = sum(layer.weight.shape[0] for _, layer in quant)
+    assert codes + 4 * float_weights <= models.models["w2"].memory_bytes <= codes + 4 * float_weights + 64 * channels
+    # PyTorch: the float latent weights, plus the quantized copy freeze_for_inference keeps
+    w2_torch = torch_models.models["w2"].model
+    assert torch_models.models["w2"].memory_bytes == sum(
+        t.numel() * t.element_size() for t in [*w2_torch.parameters(), *w2_torch.buffers()]) + 4 * codes
     rows = inf.summary_rows(models)
     assert [r[0] for r in rows] == TITLES
-    assert rows[0][3] == f"{fp_size:,}"
-    w2 = models.models["w2"].size_bytes
-    assert rows[3][3] == f"{w2:,} ({fp_size / w2:.1f}x smaller)"
+    assert rows[0][7] == f"{fp_size:,} (safetensors)" and rows[0][8] == f"{fp_tensors:,}"
+    w2 = models.models["w2"]
+    assert rows[3][7] == f"{w2.disk_bytes:,} (ONNX, {fp_size / w2.disk_bytes:.1f}x smaller)"
+    assert rows[3][8] == f"{w2.memory_bytes:,} ({fp_tensors / w2.memory_bytes:.1f}x smaller)"
+    assert [r[1] for r in rows] == ["PyTorch"] + [inf.ORT_RUNTIME] * 3
 
 
 def test_accuracy_from_metrics_json(models):
@@ -193,14 +305,21 @@ def test_accuracy_from_metrics_json(models):
     assert models.models["w4"].accuracy == pytest.approx(0.885)  # percent in the file
     assert models.models["w3"].accuracy is None and models.models["w2"].accuracy is None
     rows = {r[0]: r for r in inf.summary_rows(models)}
-    assert rows["Full precision"][4] == "91.00%" and rows["PEGE W4A4"][4] == "88.50%"
-    assert rows["PEGE W3A3"][4] == "not measured" and rows["PEGE W2A2"][4] == "not measured"
+    assert rows["Full precision"][5] == "91.00%" and rows["PEGE W4A4"][5] == "88.50%"
+    assert rows["PEGE W3A3"][5] == "not measured" and rows["PEGE W2A2"][5] == "not measured"
 
 
-def test_accuracy_by_bits_prefers_the_benchmark_file(models, tmp_path):
-    series, source = inf.accuracy_by_bits(models, tmp_path / "absent.json")
+def test_accuracy_plot_shows_the_models_in_the_table_and_no_path(models, tmp_path):
+    """By default the plot's numbers are the table's (each model's metrics.json); a benchmark file only
+    when given, named without the machine's path."""
+    series, source = inf.accuracy_by_bits(models)
     assert series == {"fp": {None: pytest.approx(0.91)}, "pege": {4: pytest.approx(0.885)}}
-    assert "metrics.json" in source
+    table = {r[0]: r[5] for r in inf.summary_rows(models)}
+    assert table["Full precision"] == f"{100 * series['fp'][None]:.2f}%"
+    assert table["PEGE W4A4"] == f"{100 * series['pege'][4]:.2f}%"
+    label = inf.accuracy_plot_label(source)
+    assert "the models in the table" in label and "/" not in label
+    assert inf.accuracy_by_bits(models, tmp_path / "absent.json") == (series, source)
     bench = tmp_path / "accuracy.json"
     bench.write_text(json.dumps({  # the layout `pege bench accuracy` writes (benchmarks.pege_bench.matrix.collect_accuracy)
         "fp_accuracy": 0.92,
@@ -209,7 +328,7 @@ def test_accuracy_by_bits_prefers_the_benchmark_file(models, tmp_path):
             {"estimator": "ste", "bits": 2, "variant": "main", "seeds": 2, "mean": 0.75},
             {"estimator": "pege", "bits": 2, "variant": "lambda0", "seeds": 1, "mean": 0.5}]}))
     series, source = inf.accuracy_by_bits(models, bench)
-    assert source == str(bench)
+    assert source == "accuracy.json" and str(tmp_path) not in inf.accuracy_plot_label(source)
     assert series == {"fp": {None: pytest.approx(0.92)}, "pege": {2: pytest.approx(0.81)},
                       "ste": {2: pytest.approx(0.75)}}
     bench.write_text("{not json")
@@ -395,17 +514,29 @@ def test_api_every_endpoint(server, examples, models):
     client = _client(server)
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert set(endpoints) == {"/predict", "/probability_plot"}
+    names = {api: [r["label"] for r in info["returns"]] for api, info in endpoints.items()}
+    assert names["/predict"] == ["Full precision", "PEGE W4A4", "PEGE W3A3", "PEGE W2A2", "Agreement",
+                                 "Model comparison", "Raw output"]
+    assert names["/probability_plot"] == ["Probabilities per class"]
+    assert [p["label"] for p in endpoints["/predict"]["parameters"]] == ["Image"]
+    assert [p["label"] for p in endpoints["/probability_plot"]["parameters"]] == ["Raw output"]
+    text = client.view_api(print_info=False, return_format="str")  # what a user reads: sanitized names, none made up
+    assert "(full_precision, pege_w4a4, pege_w3a3, pege_w2a2, agreement, model_comparison, raw_output)" in text
+    assert "value_" not in text and "parameter_" not in text
+    assert 'predict(raw_output, api_name="/probability_plot") -> probabilities_per_class' in text
     labels, table, probabilities = _check_prediction(client.predict(handle_file(examples[5][0]), api_name="/predict"))
     expected = models.predict(examples[5][0])
     assert probabilities["probabilities"] == {k: pytest.approx(v, abs=1e-6) for k, v in expected.probs.items()}
     assert probabilities["agrees_with_full_precision"] == expected.agreement
+    assert probabilities["runtimes"] == expected.runtimes
     fp_row = table["data"][0]
-    assert fp_row[3] == f"{models.models['fp'].size_bytes:,}" and fp_row[4] == "91.00%"
-    assert fp_row[2] == "reference" and fp_row[1].startswith(labels[0]["label"] + " (")
+    assert fp_row[7] == f"{models.models['fp'].size_bytes:,} (safetensors)" and fp_row[5] == "91.00%"
+    assert fp_row[3] == "reference" and fp_row[2].startswith(labels[0]["label"] + " (")
     for row, key in zip(table["data"][1:], ("w4", "w3", "w2")):
-        assert row[2] == ("✓ yes" if expected.agreement[key] else "✗ NO")
-    assert all(row[4] == "not measured" for row in table["data"][2:])
-    assert all(float(row[5]) > 0 for row in table["data"])
+        assert row[3] == ("✓ yes" if expected.agreement[key] else "✗ NO")
+        assert row[1] == inf.ORT_RUNTIME and row[4].endswith(f"% of {SAMPLE} images")
+    assert all(row[5] == "not measured" for row in table["data"][2:])
+    assert all(float(row[6]) > 0 for row in table["data"])
     plot = client.predict(probabilities, api_name="/probability_plot")
     assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/")
 
