@@ -158,11 +158,14 @@ def _im2col_matmul(g, xq, codes, mult, bias, zp, conv, hw, signed):
     wp, hp = w + 2 * pw, h + 2 * ph
     h_out, w_out = hp - dil[0] * (kh - 1), wp - dil[1] * (kw - 1)
     offs = [dy * dil[0] * wp + dx * dil[1] for dy in range(kh) for dx in range(kw)]
-    idx = torch.arange(h_out * wp)[:, None] + torch.tensor(offs)[None, :]  # < (hp + 1) * wp: one extra row of pad
+    # the (h_out*wp, k*k) indices i + offset (< (hp + 1) * wp: one extra row of padding), computed by nodes the
+    # session folds when it loads rather than stored (they would outweigh a 2-bit model's codes)
+    rows = g.op("Range", _const(g, 0), _const(g, h_out * wp), _const(g, 1))
+    idx = g.op("Add", g.op("Unsqueeze", rows, _const(g, [1])), _const(g, [offs]))
     nhwc = g.op("Transpose", xq, perm_i=[0, 2, 3, 1])
     padded = g.op("Pad", nhwc, _const(g, [0, ph, pw, 0, 0, ph + 1, pw, 0]), zp)
     flat = g.op("Reshape", padded, _const(g, [-1, (hp + 1) * wp, cin]))
-    cols = g.op("Reshape", g.op("Gather", flat, _const(g, idx.tolist()), axis_i=1),
+    cols = g.op("Reshape", g.op("Gather", flat, idx, axis_i=1),
                 _const(g, [-1, h_out * wp, kh * kw * cin]))
     matrix = g.op("Reshape", g.op("Transpose", codes, perm_i=[2, 3, 1, 0]), _const(g, [kh * kw * cin, cout]))
     if signed:
