@@ -124,14 +124,16 @@ class _OneConv(nn.Module):
         return self.layer(x)
 
 
-@pytest.mark.parametrize("bits,cin,k,pad,dil", [(2, 32, 3, 1, 1), (4, 40, 3, 2, 2), (8, 16, 5, 2, 1), (3, 64, 1, 0, 1)])
-def test_im2col_path_gives_the_exact_accumulator(tmp_path, bits, cin, k, pad, dil):
+@pytest.mark.parametrize("bits,cin,k,pad,dil,stride", [(2, 32, 3, 1, 1, 1), (4, 40, 3, 2, 2, 1), (8, 16, 5, 2, 1, 2),
+                                                       (3, 64, 1, 0, 1, 1)])
+def test_im2col_path_gives_the_exact_accumulator(tmp_path, bits, cin, k, pad, dil, stride):
     """ONNX Runtime's im2col + MatMulIntegerToFloat output against the float64 conv of the same integer codes,
-    rescaled (odd sizes, padding, dilation, a 1x1 conv, 8-bit codes that take the uint8-weight path)."""
+    rescaled (odd sizes, padding, dilation, stride, a 1x1 conv that stays on ConvInteger, 8-bit codes that take
+    the uint8-weight path)."""
     from pege_hf.quant.modules import QuantConv2d
 
     torch.manual_seed(bits)
-    layer = QuantConv2d.from_float(nn.Conv2d(cin, 24, k, padding=pad, dilation=dil), pege_hf.PEGEConfig(w_bits=bits, a_bits=bits), 0)
+    layer = QuantConv2d.from_float(nn.Conv2d(cin, 24, k, stride, padding=pad, dilation=dil), pege_hf.PEGEConfig(w_bits=bits, a_bits=bits), 0)
     x = torch.randn(3, cin, 11, 9).abs()
     layer(x)  # initialises the input step size
     exported = IntegerLayer(layer.eval()).eval()
@@ -143,7 +145,7 @@ def test_im2col_path_gives_the_exact_accumulator(tmp_path, bits, cin, k, pad, di
     got = ort.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})[0]
     xc = torch.clamp(torch.round(x.double() / exported.scale.double()), int(exported.lo) - int(exported.zp),
                      int(exported.hi) - int(exported.zp))
-    acc = torch.nn.functional.conv2d(xc, exported.codes.double(), None, 1, pad, dil)
+    acc = torch.nn.functional.conv2d(xc, exported.codes.double(), None, stride, pad, dil)
     ref = acc * exported.mult.double().view(1, -1, 1, 1) + exported.bias.double().view(1, -1, 1, 1)
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6, atol=1e-5 * float(ref.abs().max()))
 

@@ -5,7 +5,7 @@ Each quantized layer becomes
     QuantizeLinear(x, s_a, zp) -> Clip(code range) -> ConvInteger / MatMulInteger(codes, zp)
         -> Cast(float) -> Mul(s_a * s_w * bn_scale) -> Add(folded bias)
 
-(a stride-1 conv with enough inputs per output runs as an in-graph im2col, one Gather, and ONNX Runtime's
+(a conv with enough inputs per output runs as an in-graph im2col, one Gather, and ONNX Runtime's
 MatMulIntegerToFloat, which does the same integer product and rescale faster than its ConvInteger kernel),
 
 with the weight's integer codes (the ones the packed checkpoint holds) stored as INT4 when they fit,
@@ -148,34 +148,32 @@ def _const(g, value, dtype=torch.int64):
 
 
 def _im2col_matmul(g, xq, codes, mult, bias, zp, conv, hw, signed):
-    """A stride-1 conv as im2col + MatMulIntegerToFloat (exact int32 accumulator, then * mult + bias): the
-    input codes go NHWC, are padded with the zero point (code 0) and flattened over rows of the padded width
-    Wp, so tap (dy, dx) of output i is flat element i + dy*Wp + dx and one Gather builds the (H_out*Wp) x
-    (k*k*Cin) matrix; the Wp - W_out extra columns per row are sliced off the float output."""
-    _, pad, dil, _ = conv
+    """A conv as im2col + MatMulIntegerToFloat (the exact int32 accumulator, then * mult + bias): the input
+    codes go NHWC, padded with the zero point (code 0) and flattened to (N, Hp*Wp, Cin); one Gather with the
+    (H_out*W_out, kh*kw) indices (y*sh + dy*dh)*Wp + x*sw + dx*dw builds the (H_out*W_out) x (kh*kw*Cin)
+    matrix whose rows MatMulIntegerToFloat multiplies with the (kh*kw*Cin) x Cout codes."""
+    stride, pad, dil, _ = conv
     cout, cin, kh, kw = codes.type().sizes()
     (h, w), (ph, pw) = hw, pad
-    wp, hp = w + 2 * pw, h + 2 * ph
-    h_out, w_out = hp - dil[0] * (kh - 1), wp - dil[1] * (kw - 1)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    h_out, w_out = (hp - dil[0] * (kh - 1) - 1) // stride[0] + 1, (wp - dil[1] * (kw - 1) - 1) // stride[1] + 1
     offs = [dy * dil[0] * wp + dx * dil[1] for dy in range(kh) for dx in range(kw)]
-    # the (h_out*wp, k*k) indices i + offset (< (hp + 1) * wp: one extra row of padding), computed by nodes the
-    # session folds when it loads rather than stored (they would outweigh a 2-bit model's codes)
-    rows = g.op("Range", _const(g, 0), _const(g, h_out * wp), _const(g, 1))
-    idx = g.op("Add", g.op("Unsqueeze", rows, _const(g, [1])), _const(g, [offs]))
+    # the indices come from nodes the session folds when it loads, not stored (they would outweigh 2-bit codes)
+    starts = g.op("Add", g.op("Unsqueeze", g.op("Range", _const(g, 0), _const(g, h_out * stride[0] * wp),
+                                                _const(g, stride[0] * wp)), _const(g, [1])),
+                  g.op("Range", _const(g, 0), _const(g, w_out * stride[1]), _const(g, stride[1])))
+    idx = g.op("Add", g.op("Reshape", starts, _const(g, [-1, 1])), _const(g, [offs]))
     nhwc = g.op("Transpose", xq, perm_i=[0, 2, 3, 1])
-    padded = g.op("Pad", nhwc, _const(g, [0, ph, pw, 0, 0, ph + 1, pw, 0]), zp)
-    flat = g.op("Reshape", padded, _const(g, [-1, (hp + 1) * wp, cin]))
-    cols = g.op("Reshape", g.op("Gather", flat, idx, axis_i=1),
-                _const(g, [-1, h_out * wp, kh * kw * cin]))
+    padded = g.op("Pad", nhwc, _const(g, [0, ph, pw, 0, 0, ph, pw, 0]), zp)
+    flat = g.op("Reshape", padded, _const(g, [-1, hp * wp, cin]))
+    cols = g.op("Reshape", g.op("Gather", flat, idx, axis_i=1), _const(g, [-1, h_out * w_out, kh * kw * cin]))
     matrix = g.op("Reshape", g.op("Transpose", codes, perm_i=[2, 3, 1, 0]), _const(g, [kh * kw * cin, cout]))
     if signed:
         w, w_zp = g.op("Cast", matrix, to_i=3), _const(g, 0, torch.int8)
     else:
         w, w_zp = _unsigned_weights(g, matrix)
     y = g.op("com.microsoft::MatMulIntegerToFloat", cols, w, _const(g, 1.0, torch.float32), mult, zp, w_zp, bias)
-    y = g.op("Slice", g.op("Reshape", y, _const(g, [-1, h_out, wp, cout])), _const(g, [0]), _const(g, [w_out]),
-             _const(g, [2]))
-    return g.op("Transpose", y, perm_i=[0, 3, 1, 2])
+    return g.op("Transpose", g.op("Reshape", y, _const(g, [-1, h_out, w_out, cout])), perm_i=[0, 3, 1, 2])
 
 
 # im2col + MatMulIntegerToFloat beats ConvInteger from this many inputs per output (k*k*Cin) up: measured on
@@ -186,7 +184,7 @@ IM2COL_MIN_INPUTS = 288
 
 def uses_im2col(layer: QuantLayer) -> bool:
     """Whether the export runs this quantized conv as im2col + MatMulIntegerToFloat (else ConvInteger)."""
-    if not isinstance(layer, QuantConv2d) or layer.groups != 1 or any(v != 1 for v in layer.stride):
+    if not isinstance(layer, QuantConv2d) or layer.groups != 1:
         return False
     return layer.weight[0].numel() >= IM2COL_MIN_INPUTS
 
@@ -219,8 +217,8 @@ def _channel_view(v, acc, conv):
 
 
 class IntegerLayer(nn.Module):
-    """A quantized layer on ConvInteger / MatMulInteger, or im2col + MatMulIntegerToFloat for a stride-1 conv
-    with at least IM2COL_MIN_INPUTS inputs per output: input codes in their exact range, the exact int32
+    """A quantized layer on ConvInteger / MatMulInteger, or im2col + MatMulIntegerToFloat for a conv with at
+    least IM2COL_MIN_INPUTS inputs per output: input codes in their exact range, the exact int32
     accumulator, then the float per-channel rescale s_a * s_w (times a folded BatchNorm's gamma / sigma)
     and bias. Used where a float consumer reads the output (a residual add), which needs it exactly."""
 
