@@ -596,6 +596,21 @@ def narrow_weights(model_proto, layers: dict) -> dict[str, str]:
     return kinds
 
 
+def compact_constants(graph) -> None:
+    """Short names for the Constant nodes and their outputs (the exporter's scoped names, about 100 bytes each,
+    outweigh the small shape and index constants themselves); every reference is renamed with them."""
+    names = {}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            short = f"k{len(names)}"
+            node.name, names[node.output[0]] = "", short
+            node.output[0] = short
+    for node in graph.node:
+        node.input[:] = [names.get(x, x) for x in node.input]
+    for info in graph.value_info:
+        info.name = names.get(info.name, info.name)
+
+
 def write_atomic(path: Path, data: bytes, overwrite: bool) -> None:
     """Write ``data`` to a temp file beside ``path``, then rename it into place."""
     if path.exists() and not overwrite:
@@ -672,6 +687,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
         proto = onnx.load(str(raw))
         layers = dict((n, m) for n, m in exported.named_modules() if hasattr(m, "codes"))
         kinds = narrow_weights(proto, layers)
+        compact_constants(proto.graph)
         for r in reports:
             r.weight_storage = kinds.get(f"model.{r.name}.codes", "?")
         proto.opset_import[0].version = OPSET
