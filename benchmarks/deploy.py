@@ -148,7 +148,8 @@ def main() -> None:
     images, labels = to_tensors(data.test, data.image_column, data.label_column)
     with tempfile.TemporaryDirectory() as tmp:
         fns, sizes = runners(Path(tmp), args.threads)
-        result = {"command": "python benchmarks/deploy.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        shown = {k: v for k, v in vars(args).items() if v != parser.get_default(k)}  # no machine paths by default
+        result = {"command": " ".join(["python benchmarks/deploy.py", *(f"--{k} {v}" for k, v in shown.items())]),
                   "images": len(labels), "repeats": args.repeats, "threads": args.threads, "bytes": sizes,
                   "agreement": agreement(fns, normalize(images).numpy(), labels.numpy()),
                   "latency_ms": {str(b): latency(fns, b, args.repeats) for b in (1, 64)}}
