@@ -14,7 +14,8 @@ import pege_hf
 from pege_hf.cli import main as cli_main
 from pege_hf.data import DEFAULT_DATASET, load_image_dataset, normalize, to_tensors
 from pege_hf.export import export_onnx
-from pege_hf.export.onnx import INTEGER_OPS, fold_batchnorm, requant_params, torch_to_onnx, example_input
+from pege_hf.export.onnx import (INTEGER_OPS, IntegerLayer, example_input, fits_int16_pairs, fold_batchnorm, requant_params,
+                                 torch_to_onnx, uses_im2col)
 from pege_hf.quant.packing import unpack_codes
 
 ort = pytest.importorskip("onnxruntime")
@@ -101,6 +102,52 @@ def test_onnx_runtime_runs_integer_kernels_for_every_quantized_layer(exported):
             assert r.kernel == "integer" and set(r.runs_as) & set(INTEGER_OPS), (tag, r.line())
             assert "Conv" not in r.runs_as and "DequantizeLinear" not in r.runs_as  # no float conv fed by DQ
         assert report.float_layers == ["conv1", "classifier"]
+
+
+def test_residual_convs_with_32_or_more_channels_run_as_im2col_matmul_integer_to_float(exported):
+    for tag in TAGS:
+        _, report, _ = exported[tag]
+        for r in report.layers:
+            if r.name.endswith("conv2") and not r.name.startswith("layer1."):  # 3x3 x 32/64 input channels
+                assert r.op == "MatMulIntegerToFloat" and "MatMulIntegerToFloat" in r.runs_as, (tag, r.line())
+                assert "ConvInteger" not in r.runs_as and "Conv" not in r.runs_as, (tag, r.line())
+            elif r.name.endswith("conv2"):
+                assert r.op == "ConvInteger" and "ConvInteger" in r.runs_as, (tag, r.line())
+
+
+class _OneConv(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("bits,cin,k,pad,dil,stride", [(2, 32, 3, 1, 1, 1), (4, 40, 3, 2, 2, 1), (8, 16, 5, 2, 1, 2),
+                                                       (3, 64, 1, 0, 1, 1)])
+def test_im2col_path_gives_the_exact_accumulator(tmp_path, bits, cin, k, pad, dil, stride):
+    """ONNX Runtime's im2col + MatMulIntegerToFloat output against the float64 conv of the same integer codes,
+    rescaled (odd sizes, padding, dilation, stride, a 1x1 conv that stays on ConvInteger, 8-bit codes that take
+    the uint8-weight path)."""
+    from pege_hf.quant.modules import QuantConv2d
+
+    torch.manual_seed(bits)
+    layer = QuantConv2d.from_float(nn.Conv2d(cin, 24, k, stride, padding=pad, dilation=dil), pege_hf.PEGEConfig(w_bits=bits, a_bits=bits), 0)
+    x = torch.randn(3, cin, 11, 9).abs()
+    layer(x)  # initialises the input step size
+    exported = IntegerLayer(layer.eval()).eval()
+    assert exported.im2col == uses_im2col(layer) == (cin * k * k >= 288)
+    if not exported.im2col:
+        return
+    assert fits_int16_pairs(exported.codes, int(exported.hi)) == (bits < 8)
+    torch_to_onnx(_OneConv(exported), x, tmp_path / "one.onnx")
+    got = ort.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})[0]
+    xc = torch.clamp(torch.round(x.double() / exported.scale.double()), int(exported.lo) - int(exported.zp),
+                     int(exported.hi) - int(exported.zp))
+    acc = torch.nn.functional.conv2d(xc, exported.codes.double(), None, stride, pad, dil)
+    ref = acc * exported.mult.double().view(1, -1, 1, 1) + exported.bias.double().view(1, -1, 1, 1)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6, atol=1e-5 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("tag", TAGS)

@@ -192,6 +192,75 @@ def test_weight_only_model_exports_without_input_quantization(tmp_path):
     torch.testing.assert_close(got, _pege_logits(model, inputs), rtol=0, atol=ATOL)
 
 
+# ---------------------------------------------------------------------------------- group-wise and dynamic
+
+
+def _tiny_llama_with(**config):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   vocab_size=128)
+    model = pege_hf.quantize(transformers.LlamaForCausalLM(cfg), pege_hf.PEGEConfig(**config))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    return _qat(model, {"input_ids": ids, "labels": ids}), {"input_ids": ids}
+
+
+def test_group_wise_weights_run_in_plain_transformers_with_pege_logits(tmp_path):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    model, inputs = _tiny_llama_with(w_bits=4, group_size=16, a_bits=8)
+    report = export_compressed_tensors(model, tmp_path / "out")
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert [g["weights"]["strategy"] for g in q["config_groups"].values()] == ["group"]
+    assert [g["weights"]["group_size"] for g in q["config_groups"].values()] == [16]
+    assert report.layers["model.layers.0.mlp.down_proj"].startswith("W4 group 16, A8 static tensor")
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    for name, layer in quant_layers(model):
+        wq = layer.weight_quantizer.quantizer
+        codes = unpack_from_int32(state[f"{name}.weight_packed"], 4, state[f"{name}.weight_shape"])
+        assert torch.equal(codes, weight_codes(layer)), name
+        rows, cols = layer.weight.shape
+        assert state[f"{name}.weight_scale"].shape == (rows, cols // 16)
+        # the step size of weight element (r, c) is group (r, c // 16): PEGE's groups run along each row
+        assert torch.equal(state[f"{name}.weight_scale"].repeat_interleave(16, 1),
+                           wq.broadcast_scale(wq.scale_tensor(), layer.weight)), name
+    got = _plain_logits(tmp_path / "out", "AutoModelForCausalLM", inputs, tmp_path)
+    torch.testing.assert_close(got, _pege_logits(model, inputs), rtol=0, atol=ATOL)
+
+
+def _ct_dynamic_step(self, x):
+    """compressed-tensors' dynamic symmetric step size (compute_dynamic_scales_and_zp -> calculate_qparams):
+    max(|min(x, 0)|, max(x, 0)) / ((qmax - qmin) / 2) per token (reducing the dimensions after the first two)
+    or per tensor, 0 replaced by float32 eps; written here from its source as the independent reference."""
+    with torch.no_grad():
+        xmax = x.abs().amax(dim=tuple(range(2, x.dim())), keepdim=True) if self.per_token else x.abs().amax()
+        s = xmax / ((float(self.qmax) - float(self.qmin)) / 2)
+        return torch.where(s == 0, torch.finfo(s.dtype).eps, s)
+
+
+@pytest.mark.parametrize("name", ["dynamic_token", pytest.param("dynamic_tensor", marks=pytest.mark.slow)])
+def test_dynamic_activations_run_in_plain_transformers(name, tmp_path, monkeypatch):
+    """The export's dynamic quantizer is compressed-tensors' own: plain transformers' logits equal pege_hf's with
+    compressed-tensors' step-size formula (to ATOL), and differ from PEGE's max|x| / qmax by the documented
+    amount (measured: ~1% of the largest logit for A8)."""
+    from pege_hf.quant.quantizers import DynamicQuantizer
+
+    model, inputs = _tiny_llama_with(w_bits=4, group_size=16, a_bits=8, a_quantizer=name)
+    report = export_compressed_tensors(model, tmp_path / "out")
+    strategy = name.split("_")[1]
+    groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["input_activations"] for g in groups.values()] == [
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": True}]
+    assert f"A8 dynamic {strategy} symmetric (compressed-tensors' step size max|x|/127.5, PEGE's max|x|/127)" in \
+        report.layers["model.layers.1.mlp.up_proj"]
+    got = _plain_logits(tmp_path / "out", "AutoModelForCausalLM", inputs, tmp_path)
+    pege = _pege_logits(model, inputs)
+    monkeypatch.setattr(DynamicQuantizer, "step_size", _ct_dynamic_step)
+    torch.testing.assert_close(got, _pege_logits(model, inputs), rtol=0, atol=ATOL)
+    gap = (got - pege).abs().max()
+    assert 100 * ATOL < gap < 0.05 * pege.abs().max()  # PEGE's own definition: close, not equal
+
+
 # ---------------------------------------------------------------------------------- refusals
 
 

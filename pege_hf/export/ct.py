@@ -4,9 +4,18 @@ compressed-tensors package, without pege_hf) loads and runs.
 Each quantized nn.Linear becomes a "pack-quantized" layer: the PEGE weight codes (never re-quantized from
 the float weights) packed into int32 at the trained bit width with the per-output-channel step sizes as
 ``weight_scale`` (symmetric int, strategy "channel"; compressed-tensors' int range [-2^(b-1), 2^(b-1)-1] is
-PEGE's signed weight range). A quantized input activation becomes a static per-tensor input quantizer
-with the trained step size: symmetric for a signed PEGE activation, asymmetric with zero point -2^(b-1)
-for an unsigned one (codes 0..2^b-1 are int codes -2^(b-1)..2^(b-1)-1 shifted by the zero point).
+PEGE's signed weight range), or with group-wise step sizes (PEGEConfig.group_size=G) as strategy "group",
+``group_size`` G and a (out, in / G) ``weight_scale``. A quantized input activation becomes a static
+per-tensor input quantizer with the trained step size: symmetric for a signed PEGE activation, asymmetric
+with zero point -2^(b-1) for an unsigned one (codes 0..2^b-1 are int codes -2^(b-1)..2^(b-1)-1 shifted by
+the zero point). A dynamic one (a_quantizer="dynamic_token" / "dynamic_tensor") becomes compressed-tensors'
+dynamic symmetric quantizer with strategy "token" / "tensor", which computes its step size differently:
+max|x| / (qmax + 1/2) with codes in [-2^(b-1), 2^(b-1)-1] (the full range: the largest positive element
+clips to qmax), where PEGE's is max|x| / qmax (the largest element lands on +-qmax; -2^(b-1) unused). Both
+clamp, then round half to even. The export cannot change how compressed-tensors computes it, so the served
+activations differ from the trained ones by that step-size ratio (8 bits: 127 / 127.5; 4 bits: 7 / 7.5);
+the report says so. (compressed-tensors' "token" also reduces only the dimensions after the first two: a
+2-D input gets one step size per tensor, PEGE's one per row.)
 transformers' CompressedTensorsHfQuantizer (default dequantize=False) applies the scheme to the model, so
 the static input quantization runs in its forward; loading with dequantize=True would drop it.
 
@@ -27,6 +36,7 @@ import torch
 from torch import nn
 
 from ..quant.modules import QuantLayer, QuantLinear
+from ..quant.quantizers import DynamicQuantizer
 from .onnx import quant_layers, require_quant_layers, weight_codes
 
 FORMAT = "pack-quantized"
@@ -71,20 +81,25 @@ def check_initialized(name: str, layer: QuantLayer) -> None:
                              "run the model on data (training or calibration) first")
 
 
+def expected_weight_scales(layer: QuantLayer) -> int:
+    """How many weight step sizes the layer's scheme holds: one per output channel, or one per group."""
+    q = layer.weight_quantizer.quantizer
+    rows = layer.weight.shape[layer.weight_axis]
+    return rows if q.group_size is None else layer.weight.numel() // q.group_size
+
+
 def check_step_sizes(name: str, layer: QuantLayer) -> None:
-    """One stored weight step size per output channel and one stored input step size: what this export writes
-    (group-wise weight step sizes or an input quantizer that computes its step size per call are refused)."""
-    channels = layer.weight.shape[layer.weight_axis]
-    n = layer.weight_quantizer.quantizer.scale_tensor().numel()
-    if n != channels:
-        raise ValueError(f"layer {name}: {n} weight step sizes for {channels} output channels; the compressed-tensors "
-                         "export writes one per output channel only (group-wise step sizes are not supported yet)")
-    if layer.input_quantizer is None:
+    """One stored weight step size per output channel (or per group of group_size inputs) and one stored input
+    step size or a dynamic input quantizer: what compressed-tensors' channel / group and tensor / token schemes
+    hold."""
+    n, want = layer.weight_quantizer.quantizer.scale_tensor().numel(), expected_weight_scales(layer)
+    if n != want:
+        kind = "output channels" if layer.weight_quantizer.quantizer.group_size is None else "groups"
+        raise ValueError(f"layer {name}: {n} weight step sizes for {want} {kind}; the compressed-tensors export writes "
+                         "one per output channel or one per group")
+    if layer.input_quantizer is None or is_dynamic(layer):
         return
-    try:
-        n = layer.input_quantizer.quantizer.scale_tensor().numel()
-    except ValueError as e:  # a dynamic quantizer has no stored step size
-        raise ValueError(f"layer {name}: {e}; the compressed-tensors export writes static input step sizes only") from e
+    n = layer.input_quantizer.quantizer.scale_tensor().numel()
     if n != 1:
         raise ValueError(f"layer {name}: {n} input step sizes; the compressed-tensors export writes one per tensor "
                          "only")
@@ -97,24 +112,43 @@ def activation_signed(layer: QuantLayer) -> bool:
     return int(layer.input_quantizer.quantizer.qmin) < 0
 
 
+def is_dynamic(layer: QuantLayer) -> bool:
+    return layer.input_quantizer is not None and isinstance(layer.input_quantizer.quantizer, DynamicQuantizer)
+
+
 def weight_args(layer: QuantLayer) -> dict:
-    bits = layer.weight_quantizer.quantizer.bits
-    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    q = layer.weight_quantizer.quantizer
+    args = {"num_bits": q.bits, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    if q.group_size is not None:
+        args.update(strategy="group", group_size=q.group_size)
+    return args
 
 
 def input_args(layer: QuantLayer) -> dict | None:
-    """Static per-tensor int quantization of the layer's input with the trained step size (None: float input)."""
+    """Int quantization of the layer's input: static per tensor with the trained step size, or dynamic symmetric
+    per token / tensor (None: float input)."""
     if layer.input_quantizer is None:
         return None
-    return {"num_bits": layer.input_quantizer.quantizer.bits, "type": "int", "symmetric": activation_signed(layer),
-            "strategy": "tensor", "dynamic": False}
+    q = layer.input_quantizer.quantizer
+    if is_dynamic(layer):
+        return {"num_bits": q.bits, "type": "int", "symmetric": True, "strategy": "token" if q.per_token else "tensor",
+                "dynamic": True}
+    return {"num_bits": q.bits, "type": "int", "symmetric": activation_signed(layer), "strategy": "tensor",
+            "dynamic": False}
 
 
 def describe(layer: QuantLayer) -> str:
-    a = input_args(layer)
-    act = "A32 (float input)" if a is None else \
-        f"A{a['num_bits']} static tensor {'symmetric' if a['symmetric'] else 'asymmetric'}"
-    return f"W{layer.weight_quantizer.quantizer.bits} channel, {act}"
+    a, w = input_args(layer), weight_args(layer)
+    weights = f"W{w['num_bits']} {w['strategy']}" + (f" {w['group_size']}" if "group_size" in w else "")
+    if a is None:
+        act = "A32 (float input)"
+    elif a["dynamic"]:
+        qmax = (1 << (a["num_bits"] - 1)) - 1
+        act = (f"A{a['num_bits']} dynamic {a['strategy']} symmetric (compressed-tensors' step size max|x|/{qmax + 0.5}, "
+               f"PEGE's max|x|/{qmax})")
+    else:
+        act = f"A{a['num_bits']} static tensor {'symmetric' if a['symmetric'] else 'asymmetric'}"
+    return f"{weights}, {act}"
 
 
 def target(name: str, prefix: str) -> str:
@@ -147,10 +181,11 @@ def layer_tensors(layer: QuantLayer) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     q = layer.weight_quantizer.quantizer
+    rows = layer.weight.shape[0]
     out = {"weight_packed": pack_to_int32(weight_codes(layer), q.bits),
-           "weight_scale": q.scale_tensor().float().reshape(-1, 1),
+           "weight_scale": q.scale_tensor().float().reshape(rows, -1),  # (out, 1) or (out, in / group_size)
            "weight_shape": torch.tensor(layer.weight.shape)}
-    if layer.input_quantizer is not None:
+    if layer.input_quantizer is not None and not is_dynamic(layer):
         a = layer.input_quantizer.quantizer
         out["input_scale"] = a.scale_tensor().float().reshape(1)
         if not activation_signed(layer):  # codes 0..2^b-1 = int codes + 2^(b-1)
