@@ -16,17 +16,27 @@ QUICKSTART = {"config": {"w_bits": 2, "a_bits": 2}, "training": {"epochs": 3, "l
 
 
 def option_value(value) -> str:
-    """A value as the command line writes it (1.0 -> '1', 0.1 -> '0.1', None -> 'none')."""
+    """A value as the command line writes it (1.0 -> '1', 0.1 -> '0.1', None -> 'none'); floats exactly."""
     if value is None:
         return "none"
     if isinstance(value, float):
-        return f"{value:g}"
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     return str(value)
 
 
 def recipe_argv(recipe: dict) -> tuple[str, ...]:
-    """A recipe as `pege train` options (config fields first, then training options)."""
+    """A recipe as `pege train` options (config fields first, then training options): True -> ``--name``,
+    False -> ``--no-name``, a list -> ``--name a b``."""
     argv: list[str] = []
     for name, value in [*recipe.get("config", {}).items(), *recipe.get("training", {}).items()]:
-        argv += [f"--{name.replace('_', '-')}", option_value(value)]
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(option_value, value)]
+        elif isinstance(value, dict):
+            raise ValueError(f"{name}: a dict has no command-line form; set it in Python (PEGEConfig)")
+        else:
+            argv += [flag, option_value(value)]
     return tuple(argv)
