@@ -577,6 +577,10 @@ def test_runner_refuses_a_run_folder_trained_with_other_settings(tmp_path, finis
     # options that change speed, not results, are not settings
     matrix.check_run_settings(matrix.tuning_plan(model="m", data="d", epochs=3,
                                                  extra=matrix.recipe_from_argv(["--compile-kernels"]))[:1], tmp_path)
+    # a setting neither `pege train` nor PEGEConfig accepts is refused before anything runs
+    bad = matrix.tuning_plan(model="m", data="d", recipes={"": {"config": {"w_bits": 9}}})[:1]
+    with pytest.raises(ValueError, match="PEGEConfig.w_bits must be an integer from 2 to 8; got 9"):
+        matrix.run_plan(bad, tmp_path / "fresh")
     _record(tmp_path / "b" / short[0].name, short[0], finished=finished, lr=0.05)
     with pytest.raises(ValueError, match=r"\(lr: 0.05 -> 0.01\)"):
         matrix.check_run_settings(short, tmp_path / "b")

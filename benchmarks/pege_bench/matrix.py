@@ -279,10 +279,11 @@ def settings_differences(wants: dict, had: dict) -> list[str]:
 
 def check_run_settings(plan: list[Run], runs_dir: Path) -> None:
     """A run folder trained with other settings (say 3 epochs where the plan says 15) would be reused or
-    continued as if it were the plan's run: refuse, naming the folder and the differences."""
+    continued as if it were the plan's run: refuse, naming the folder and the differences. Every run's
+    settings are checked by `pege train`'s parser and PEGEConfig here, before any run starts."""
     for run in plan:
-        had = recorded_settings(runs_dir / run.name)
-        diff = settings_differences(planned_settings(run), had) if had is not None else []
+        wants, had = planned_settings(run), recorded_settings(runs_dir / run.name)
+        diff = settings_differences(wants, had) if had is not None else []
         if diff:
             raise ValueError(f"{runs_dir / run.name} was trained with other settings than this plan asks for "
                              f"({', '.join(diff)}); pass another --out, or move that folder away")
