@@ -14,7 +14,7 @@ PEGE = {"config": {"discretization_lambda": 0.1}, "training": {}}
 # the quickstart's short QAT from the shipped full-precision ResNet-20 on the shipped 4,000-image sample
 # (96 steps): at W4A4 that recovers to near FP; W2A2 needs the full training set and more epochs
 # (benchmarks/README.md, "Quickstart", has the options measured)
-QUICKSTART = {"config": {"w_bits": 4, "a_bits": 4}, "training": {"epochs": 3, "lr": 0.01}}
+QUICKSTART = {"config": {"w_bits": 4, "a_bits": 4}, "training": {"epochs": 3, "lr": 0.001}}
 
 
 def option_value(value) -> str:
