@@ -151,33 +151,32 @@ def test_accuracy_plan_protocol():
     assert names[0] == "resnet20-fp" and len(names) == len(set(names))
     qat = [r for r in plan if r.estimator != "fp"]
     assert all(r.depends == "resnet20-fp" for r in qat)
-    # identical recipe across estimators: the arguments differ only in the estimator and PEGE's own
-    # tuned settings (and ablation flags)
+    # identical recipe across estimators: the settings differ only in the estimator and PEGE's own
+    # tuned settings (and ablation settings)
     def recipe(r):
-        args = list(r.args)
-        i = args.index("--estimator")
-        args = args[:i] + args[i + 2:]
-        if r.estimator == "pege" and matrix.PEGE_TUNED:
-            j = len(args) - len(matrix.PEGE_TUNED)
-            assert tuple(args[j:]) == matrix.PEGE_TUNED
-            args = args[:j]
-        return args
+        config = {k: v for k, v in r.config.items() if k != "estimator"}
+        if r.estimator == "pege":
+            assert matrix.PEGE_TUNED["config"].items() <= config.items()
+            config = {k: v for k, v in config.items() if k not in matrix.PEGE_TUNED["config"]}
+        return json.dumps([config, r.training], sort_keys=True)
     for b in (2, 3, 4):
         main = [r for r in qat if r.bits == b and r.variant == "main" and r.seed == 0]
         assert {r.estimator for r in main} == {"ste", "ewgs", "pege"}
-        assert len({tuple(recipe(r)) for r in main}) == 1
+        assert len({recipe(r) for r in main}) == 1
     # the tuned shared recipe reaches every QAT run, not the FP one
-    recipe_flags = matrix.QAT_RECIPE
-    assert recipe_flags in matrix.TUNING_RECIPES.values()  # the chosen recipe is one `pege bench tune` tried
-    assert all(" ".join(recipe_flags) in " ".join(r.args) for r in qat)
-    assert not recipe_flags or " ".join(recipe_flags) not in " ".join(plan[0].args)
+    shared = matrix.QAT_RECIPE
+    assert shared in matrix.TUNING_RECIPES.values()  # the chosen recipe is one `pege bench tune` tried
+    assert all(shared["config"].items() <= r.config.items() and shared["training"].items() <= r.training.items()
+               for r in qat)
+    assert plan[0].config is None and not shared["training"].items() & plan[0].training.items()
+    assert matrix.train_argv(plan[0])[:2] == ["--estimator", "none"]  # FP: trained in full precision
     assert len([r for r in qat if r.bits == 2 and r.variant == "main"]) == 9  # 3 seeds at W2A2
     assert {r.variant for r in qat if r.variant != "main"} == {"lambda0", "linear", "instant"}
     instant = [r for r in qat if r.variant == "instant"]
     assert len([r for r in qat if r.bits == 3 and r.variant == "main"]) == 6  # 2 seeds at the other widths
     assert [(r.estimator, r.bits, r.seed) for r in instant] == [("pege", 2, 0), ("pege", 2, 1), ("pege", 2, 2), ("pege", 3, 0),
                                                                  ("pege", 3, 1), ("pege", 4, 0), ("pege", 4, 1)]
-    assert all(r.args[-2:] == ("--curriculum", "instant") for r in instant)
+    assert all(r.config["curriculum"] == "instant" for r in instant)
     # what the report needs first comes first: every estimator at W2A2, then the shipped PEGE widths
     assert [(r.estimator, r.bits, r.seed) for r in plan[1:6]] == [
         ("pege", 2, 0), ("ste", 2, 0), ("ewgs", 2, 0), ("pege", 4, 0), ("pege", 3, 0)]
@@ -191,24 +190,29 @@ def test_accuracy_plan_protocol():
     assert all(r.variant != "main" for r in plan[22:])
 
 
-def test_accuracy_plan_pege_args_reach_only_pege_and_ablations_override_them():
-    plan = matrix.accuracy_plan(data="D", pege_args=("--lambda", "0.5", "--alpha", "3"))
+def _parsed(run) -> dict:
+    """What `pege train` makes of a run's command line (the launch argv), as a dict of its options."""
+    return vars(cli.build_parser("train").parse_args(["train", *matrix.train_argv(run)]))
+
+
+def test_accuracy_plan_pege_recipe_reaches_only_pege_and_ablations_override_it():
+    plan = matrix.accuracy_plan(data="D", pege={"config": {"discretization_lambda": 0.5, "alpha": 3.0}})
     for r in plan[1:]:
-        assert ("--alpha" in r.args) == (r.estimator == "pege")
-    lambda0 = next(r for r in plan if r.variant == "lambda0")
-    args = cli.build_parser("train").parse_args(["train", *lambda0.args])
-    assert args.discretization_lambda == 0.0 and args.alpha == 3.0  # the ablation's own flag wins
+        assert ("alpha" in r.config) == (r.estimator == "pege")
+    lambda0 = _parsed(next(r for r in plan if r.variant == "lambda0"))
+    assert lambda0["discretization_lambda"] == 0.0 and lambda0["alpha"] == 3.0  # the ablation's own setting wins
     # a recipe given replaces the tuned one, for every QAT run alike
-    parse = lambda r: cli.build_parser("train").parse_args(["train", *r.args])  # noqa: E731
-    plan = matrix.accuracy_plan(data="D", qat_args=("--scale-init", "lsq", "--quantizer-lr-scale", "0.5"))
-    assert {(parse(r).scale_init, parse(r).quantizer_lr_scale) for r in plan[1:]} == {("lsq", 0.5)}
-    assert parse(plan[0]).quantizer_lr_scale == 1.0  # FP: untouched (the default)
+    plan = matrix.accuracy_plan(data="D", qat={"config": {"scale_init": "lsq"}, "training": {"quantizer_lr_scale": 0.5}})
+    assert {(_parsed(r)["scale_init"], _parsed(r)["quantizer_lr_scale"]) for r in plan[1:]} == {("lsq", 0.5)}
+    assert _parsed(plan[0])["quantizer_lr_scale"] == 1.0  # FP: untouched (the default)
+    # the runner's --train-arg (speed flags, say) reaches every run, the FP one too
+    plan = matrix.accuracy_plan(data="D", extra=matrix.recipe_from_argv(["--compile-kernels", "--max-train", "256"]))
+    assert all(_parsed(r)["compile_kernels"] and _parsed(r)["max_train"] == 256 for r in plan)
 
 
 def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
     plan = matrix.tuning_plan(model="fp", data="train.parquet", epochs=3)
-    parse = lambda args: vars(cli.build_parser("train").parse_args(["train", *args]))  # noqa: E731
-    parsed = {r.name: parse(r.args) for r in plan}
+    parsed = {r.name: _parsed(r) for r in plan}
     assert plan[0].name == "w2a2-ste" and plan[1].name == "w2a2-pege-default"
     assert len(parsed) == len(plan) == 2 * len(matrix.TUNING_RECIPES) + len(matrix.TUNING_VARIANTS) - 1
     default = parsed["w2a2-pege-default"]
@@ -217,11 +221,12 @@ def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
         # the carved validation split depends on the dataset and the seed: identical for every run
         assert args["seed"] == 0 and args["dataset"] == "train.parquet" and args["test_split"] is None
         changed = {k for k in args if args[k] != default[k]}
-        flags = matrix._tuning_setting(r.variant).split() if matrix._tuning_setting(r.variant) != "-" else []
-        # only the run's own settings differ (plus the estimator for STE), each one given; a setting equal to
+        own = matrix.merge(matrix.TUNING_RECIPES[matrix._tuning_parts(r.variant)[1]],
+                           {"config": matrix._variant_config(matrix._tuning_parts(r.variant)[0])})
+        # only the run's own settings differ (plus the estimator for STE), each one stated; a setting equal to
         # today's default (the tuned recipe became the default) differs in name only
-        assert len(changed) <= len(flags) // 2 + (r.estimator == "ste")
-        assert all(f in r.args for f in flags)
+        assert changed <= {*own["config"], *own["training"], "estimator"}
+        assert own["config"].items() <= r.config.items() and own["training"].items() <= r.training.items()
     # every recipe is tried for STE and for PEGE alike
     for recipe in matrix.TUNING_RECIPES:
         tail = f"-{recipe}" if recipe else ""
@@ -231,28 +236,27 @@ def test_tuning_plan_changes_one_setting_on_a_fixed_validation_split():
 @pytest.mark.parametrize("recipe", ["", "mse", "mse-qlr1"])
 def test_tuning_plan_tries_pege_settings_under_the_chosen_recipe(recipe):
     plan = matrix.tuning_plan(model="fp", data="train.parquet", recipe=recipe)
-    parse = lambda args: vars(cli.build_parser("train").parse_args(["train", *args]))  # noqa: E731
     tail = f"-{recipe}" if recipe else ""
-    base = parse(next(r for r in plan if r.name == f"w2a2-pege-default{tail}").args)
+    base = _parsed(next(r for r in plan if r.name == f"w2a2-pege-default{tail}"))
     variants = [r for r in plan if r.variant.split("-")[0] not in ("ste", "default")]
     assert len(variants) == len(matrix.TUNING_VARIANTS) - 1
-    recipe_flags = dict(zip(*[iter(matrix.TUNING_RECIPES[recipe])] * 2))
+    chosen = matrix.merge(matrix.TUNING_RECIPES[recipe])
     for r in variants:
         assert r.name.endswith(f"-{r.variant}") and matrix._tuning_parts(r.variant)[1] == recipe
-        args = parse(r.args)
-        assert args["scale_init"] == recipe_flags.get("--scale-init")  # None: PEGEConfig's default
-        assert args["quantizer_lr_scale"] == float(recipe_flags.get("--quantizer-lr-scale", 1.0))  # 1: the default
+        args = _parsed(r)
+        assert args["scale_init"] == chosen["config"].get("scale_init")  # None: PEGEConfig's default
+        assert args["quantizer_lr_scale"] == chosen["training"].get("quantizer_lr_scale", 1.0)  # 1: the default
         # only the variant's own setting differs from PEGE's defaults under that recipe
         name = matrix._tuning_parts(r.variant)[0]
-        assert len({k for k in args if args[k] != base[k]}) == len(matrix.TUNING_VARIANTS[name]) // 2
-    # combinations: the flags of every part, named by the parts
+        assert {k for k in args if args[k] != base[k]} == set(matrix.TUNING_VARIANTS[name])
+    # combinations: the settings of every part, named by the parts
     plan = matrix.tuning_plan(model="fp", data="train.parquet", recipe=recipe, combine=("lambda1+amask-progressive",))
     combo = plan[-1]
     assert combo.name == f"w2a2-pege-lambda1+amask-progressive{tail}"
-    args = parse(combo.args)
+    args = _parsed(combo)
     assert args["discretization_lambda"] == 1.0 and args["a_mask"] == "progressive"
     assert len({k for k in args if args[k] != base[k]}) == 2
-    assert matrix._tuning_setting(combo.variant).endswith("--lambda 1 --a-mask progressive")
+    assert matrix._tuning_setting(combo.variant).endswith("--discretization-lambda 1 --a-mask progressive")
     for bad in ("lambda1", "lambda1+fast", "default+lambda1"):
         with pytest.raises(ValueError, match=f"--combine '{re.escape(bad)}'"):
             matrix.tuning_plan(model="fp", data="train.parquet", combine=(bad,))
@@ -277,7 +281,7 @@ def test_tuning_report_compares_each_pege_run_with_ste_under_the_same_recipe(tmp
     rows = [line.split(" | ") for line in (tmp_path / "tuning.md").read_text().splitlines() if line.startswith("| w2a2")]
     assert [r[0].strip("| ") for r in rows] == sorted(accuracy, key=lambda n: -accuracy[n])  # best first
     by_name = {r[0].strip("| "): r for r in rows}
-    assert by_name["w2a2-pege-lambda1-mse"][1:] == ["--scale-init mse --lambda 1", "84.01", "+1.01 |"]
+    assert by_name["w2a2-pege-lambda1-mse"][1:] == ["--scale-init mse --discretization-lambda 1", "84.01", "+1.01 |"]
     assert by_name["w2a2-pege-default"][3] == "+29.00 |" and by_name["w2a2-ste-mse"][3] == "- |"
     assert result["runs"]["w2a2-pege-lambda1-mse"]["epoch_accuracy"] == pytest.approx([0.6401, 0.7401, 0.8401])
     assert (tmp_path / "tuning.png").stat().st_size > 0
@@ -334,7 +338,7 @@ def test_run_plan_leaves_a_run_another_process_is_training_alone(monkeypatch, tm
     from pege_hf.training.state import lock_output_dir
 
     log = _fake_scheduler(monkeypatch, tmp_path)
-    plan = matrix.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": ()})
+    plan = matrix.tuning_plan(model="fp", data="D", recipes={"": {}}, variants={"default": {}, "sum": {}})
     held = lock_output_dir(tmp_path / "runs" / "w2a2-pege-default")
     matrix.run_plan(plan, tmp_path / "runs", jobs=2)
     assert [e[1] for e in log if e[0] == "start"] == ["w2a2-ste", "w2a2-pege-sum"]
@@ -346,7 +350,7 @@ def test_run_plan_leaves_a_run_another_process_is_training_alone(monkeypatch, tm
 
 def test_a_diverged_run_is_a_result_the_runner_goes_on_and_never_redoes(monkeypatch, tmp_path, capsys):
     log = _fake_scheduler(monkeypatch, tmp_path, diverge={"w2a2-pege-sum"})
-    plan = matrix.tuning_plan(model="fp", data="D", recipes={"": ()}, variants={"default": (), "sum": (), "alpha3": ()})
+    plan = matrix.tuning_plan(model="fp", data="D", recipes={"": {}}, variants={"default": {}, "sum": {"discretization_reduction": "sum"}, "alpha3": {}})
     matrix.run_plan(plan, tmp_path / "runs", jobs=1)
     assert [e[1] for e in log if e[0] == "start"] == ["w2a2-ste", "w2a2-pege-default", "w2a2-pege-sum",
                                                        "w2a2-pege-alpha3"]
@@ -455,7 +459,7 @@ def test_accuracy_runner_is_resumable(tmp_path):
     runs = tmp_path / "runs"
     plan = matrix.accuracy_plan(data=DEFAULT_DATASET, fp_epochs=1, qat_epochs=1, bits=(2,), estimators=("ste", "pege"),
                                seeds_low_bits=1, ablations=False, runs_dir=runs,
-                               extra=("--max-train", "256", "--max-test", "128", "--batch-size", "64"))
+                               extra={"training": {"max_train": 256, "max_test": 128, "batch_size": 64}})
     result = matrix.run_accuracy(plan, runs, tmp_path, jobs=2)  # FP alone, then the two QAT runs side by side
     assert not result["missing"] and set(result["runs"]) == {r.name for r in plan}
     fp = json.loads((runs / "resnet20-fp" / "metrics.json").read_text())
@@ -509,28 +513,111 @@ def test_readme_is_for_users():
     assert "pege train" in first_block and "pytest" in first_block and text.startswith("# pege-hf\n\n```")
 
 
-def test_run_settings_parse_flags_and_drop_the_runners_own():
-    args = ["--model", "m", "--no-tensorboard", "--lambda=0.1", "--bits", "2", "3", "--output-dir", "o", "--resume"]
-    # a short spelling counts as its field's option: --lambda is --discretization-lambda
-    assert matrix.run_settings(args) == {"--model": ("m",), "--discretization-lambda": ("0.1",), "--bits": ("2", "3")}
+def _all_plans() -> list:
+    return [*matrix.accuracy_plan(data="D", extra=matrix.recipe_from_argv(["--compile-kernels", "--max-test", "64"])),
+            *matrix.tuning_plan(model="fp", data="D", recipe="mse-qlr1", combine=("lambda0.1+instant",))]
 
 
-def test_runner_refuses_a_run_folder_trained_with_other_settings(tmp_path):
-    """`--epochs 15` must not reuse (or continue) a 3-epoch run that sits in the same folder."""
+def test_plan_round_trips_through_the_command_line():
+    """plan -> `pege train` argv (built at launch) -> what `pege train` parses = the plan's config and options."""
+    from pege_hf.training.args import build_quant_config, given_config_options
+
+    for run in _all_plans():
+        args = cli.build_parser("train").parse_args(["train", *matrix.train_argv(run)])
+        config = build_quant_config(args)
+        if run.config is None:
+            assert config is None and args.estimator == "none"
+            continue
+        assert given_config_options(args) == run.config  # exactly the fields the plan states, nothing else
+        assert {k: v for k, v in config.to_dict().items() if k in run.config} == run.config
+        assert {k: getattr(args, k) for k in run.training} == run.training
+        assert matrix.recipe_from_argv(matrix.train_argv(run))["config"] == run.config
+    # values that need care on a command line: exact floats, booleans, lists, None
+    run = matrix.Run("r", {"estimator": "ste", "w_bits": 2, "a_bits": None, "discretization_lambda": 0.123456789,
+                           "skip_head": False, "modules_to_not_convert": ["fc", "conv1"]}, {"model": "m", "lr": 1e-05})
+    args = cli.build_parser("train").parse_args(["train", *matrix.train_argv(run)])
+    assert given_config_options(args) == run.config and args.lr == 1e-05
+
+
+def _record(run_dir, run, *, finished, **changed):
+    """The settings record a real `pege train` leaves in run_dir: metrics.json (finished) or the config line
+    metrics.jsonl starts with (in progress), as pege_hf.training writes them."""
+    from pege_hf.training.tracking import JSONLTracker, flat_hparams
+
+    args = cli.build_parser("train").parse_args(["train", *matrix.train_argv(run)])
+    for k, v in changed.items():
+        setattr(args, k, v)
+    from pege_hf.training.args import build_quant_config
+    from pege_hf.training.loop import run_info
+
+    info = run_info(args, build_quant_config(args), type("Data", (), {"image_column": "img", "label_column": "label"}),
+                    1, 0, 100)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if finished:
+        (run_dir / "metrics.json").write_text(json.dumps({"accuracy": 0.5, **info, "command": ["whatever"]}))
+    else:
+        JSONLTracker(run_dir / "metrics.jsonl").store_init_configuration(flat_hparams(info))
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_runner_refuses_a_run_folder_trained_with_other_settings(tmp_path, finished):
+    """`--epochs 15` must not reuse (or continue) a 3-epoch run that sits in the same folder; the settings come
+    from what the run recorded (never from its command line)."""
     short = matrix.tuning_plan(model="m", data="d", epochs=3)[:1]
     longer = matrix.tuning_plan(model="m", data="d", epochs=15)[:1]
-    run_dir = tmp_path / short[0].name
-    run_dir.mkdir()
-    (run_dir / "train.log").write_text(f"\n$ /usr/bin/python -m pege_hf.train {' '.join(short[0].args)} "
-                                       f"--output-dir {run_dir} --resume --checkpointing-steps 100\n")
-    matrix.check_run_settings(short, tmp_path)  # the same settings: continued
-    with pytest.raises(ValueError, match=r"w2a2-ste was trained with other settings .*--epochs: 3 -> 15"):
+    _record(tmp_path / short[0].name, short[0], finished=finished)
+    matrix.check_run_settings(short, tmp_path)  # the same settings: continued / reused
+    with pytest.raises(ValueError, match=r"w2a2-ste was trained with other settings than this plan asks for "
+                                         r"\(epochs: 3 -> 15\); pass another --out"):
         matrix.run_plan(longer, tmp_path)
-    # a finished run: its metrics.json's command counts, and runner flags (--compile-kernels) do not
-    (run_dir / "metrics.json").write_text(json.dumps({"command": ["train.py", *longer[0].args, "--compile-kernels"]}))
-    matrix.check_run_settings(longer, tmp_path)
-    with pytest.raises(ValueError, match=r"--epochs: 15 -> 3"):
-        matrix.check_run_settings(short, tmp_path)
+    # a changed PEGEConfig field, spelled as the config names it
+    other = matrix.tuning_plan(model="m", data="d", epochs=3, recipes={"": {"config": {"scale_init": "lsq"}}})[:1]
+    with pytest.raises(ValueError, match=r"\(quantization_config/scale_init: mse -> lsq\)"):
+        matrix.check_run_settings(other, tmp_path)
+    # options that change speed, not results, are not settings
+    matrix.check_run_settings(matrix.tuning_plan(model="m", data="d", epochs=3,
+                                                 extra=matrix.recipe_from_argv(["--compile-kernels"]))[:1], tmp_path)
+    # a setting neither `pege train` nor PEGEConfig accepts is refused before anything runs
+    bad = matrix.tuning_plan(model="m", data="d", recipes={"": {"config": {"w_bits": 9}}})[:1]
+    with pytest.raises(ValueError, match="PEGEConfig.w_bits must be an integer from 2 to 8; got 9"):
+        matrix.run_plan(bad, tmp_path / "fresh")
+    _record(tmp_path / "b" / short[0].name, short[0], finished=finished, lr=0.05)
+    with pytest.raises(ValueError, match=r"\(lr: 0.05 -> 0.01\)"):
+        matrix.check_run_settings(short, tmp_path / "b")
+
+
+COMMITTED_PLANS = {  # committed run folders -> the plan (and runner options) that trained them
+    "benchmarks/fp200/runs": lambda runs: matrix.accuracy_plan(
+        data="../shared/data/cifar10", fp_epochs=200, runs_dir=runs,
+        extra=matrix.recipe_from_argv(["--compile-kernels", "--channels-last"])),
+    "benchmarks/runs": lambda runs: matrix.accuracy_plan(data="../shared/data/cifar10", fp_epochs=60, runs_dir=runs),
+    "benchmarks/tuning": lambda runs: matrix.tuning_plan(
+        model="benchmarks/runs/resnet20-fp", data="../shared/data/cifar10/train.parquet", recipe="mse-qlr1",
+        combine=("lambda0.1+amask-progressive",)),
+    "benchmarks/tune15/tuning": lambda runs: matrix.tuning_plan(
+        model="benchmarks/runs/resnet20-fp", data="../shared/data/cifar10/train.parquet", epochs=15, recipe="mse-qlr1",
+        combine=("lambda0.1+instant", "lambda0.1+pull-ramp")),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(COMMITTED_PLANS))
+def test_committed_runs_are_finished_and_match_their_plan(folder):
+    """The runs trained before plans held config (their metrics.json written by older pege train versions, some
+    with fewer settings recorded) are still recognised: finished ones are never redone, none is refused."""
+    runs = ROOT / folder
+    plan = COMMITTED_PLANS[folder](Path(folder))
+    on_disk = {p.parent.name for p in runs.glob("*/metrics.json")}
+    assert on_disk and on_disk <= {r.name for r in plan}
+    assert {r.name for r in plan if matrix.run_is_finished(runs / r.name)} == on_disk
+    matrix.check_run_settings(plan, runs)
+    compared = [matrix.planned_settings(r).keys() & matrix.recorded_settings(runs / r.name).keys()
+                for r in plan if r.name in on_disk]
+    assert min(len(c) for c in compared) >= 5  # model or arch, dataset, epochs, lr, estimator/bits ...
+    # and a plan that differs is refused on the same files
+    longer = COMMITTED_PLANS[folder](Path(folder))
+    changed = [matrix.Run(r.name, r.config, {**r.training, "epochs": r.training["epochs"] + 1}) for r in longer]
+    with pytest.raises(ValueError, match=r"epochs: (\d+) -> (?!\1)\d+"):
+        matrix.check_run_settings(changed, runs)
 
 
 def test_select_runs_keeps_plan_order_and_names_unknown_runs(capsys):

@@ -465,7 +465,7 @@ def test_a_value_the_run_cannot_honour_is_an_error(tmp_path, argv, message):
 @pytest.mark.slow
 def test_quickstart_default(tmp_path, capsys):
     """`pege train` with no --model/--dataset/--estimator (data subset to keep it short): the shipped models'
-    accuracy, then W2A2 QAT from the shipped FP model with PEGE and STE side by side, with the defaults
+    accuracy, then W4A4 QAT from the shipped FP model with PEGE and STE side by side, with the defaults
     (which are the tuned recipe)."""
     out = tmp_path / "qs"
     assert cli.main(["train", "--max-train", "512", "--max-test", "200", "--epochs", "1", "--no-tensorboard",
@@ -473,10 +473,11 @@ def test_quickstart_default(tmp_path, capsys):
     text = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["shipped"]) == ["full precision", "PEGE W4A4", "PEGE W3A3", "PEGE W2A2"]
-    assert list(summary["qat"]) == ["W2A2-pege", "W2A2-ste"]
-    assert "full precision" in text and "W2A2-pege" in text and "W2A2-ste" in text
+    assert list(summary["qat"]) == ["W4A4-pege", "W4A4-ste"]
+    assert "full precision" in text and "W4A4-pege" in text and "W4A4-ste" in text
+    assert "(4 steps: 512 training images x 1 epochs)" in text  # 512 / 128 per batch, as recorded by the runs
     for run in summary["qat"].values():
-        assert is_quantized(_load(run["model"]))
+        assert is_quantized(_load(run["model"])) and (run["steps"], run["epochs"], run["num_train"]) == (4, 1, 512)
         metrics = json.loads((Path(run["model"]) / "metrics.json").read_text())
         qc = metrics["quantization_config"]
         assert (qc["scale_init"], qc["discretization_lambda"], metrics["quantizer_lr_scale"]) == ("mse", 0.1, 1.0)

@@ -11,8 +11,11 @@ from pege_hf.bench import DEFAULT_OUT, write_result
 from pege_hf.cli import run_command
 from pege_hf.sources import SHIPPED_MODELS_DIR
 
-from .matrix import BN_REESTIMATION_BATCHES, PEGE_TUNED, QAT_RECIPE, TUNING_RECIPES, accuracy_plan, run_accuracy
-from .matrix import run_is_finished, run_plan, select_runs, tuning_plan, write_accuracy_report, write_tuning_report
+from pege_hf.training.recipes import recipe_argv
+
+from .matrix import BN_REESTIMATION_BATCHES, PEGE_TUNED, QAT_RECIPE, TUNING_RECIPES, accuracy_plan, recipe_from_argv
+from .matrix import run_accuracy, run_is_finished, run_plan, select_runs, tuning_plan, write_accuracy_report
+from .matrix import write_tuning_report
 from .tools import bench_grid, bench_latency, finished_qat_runs_with_checkpoints, grid_plot, grid_table
 from .tools import latency_table, ship_models
 
@@ -51,10 +54,10 @@ def _add_accuracy(sub) -> None:
                          "--train-arg=--channels-last")
     ac.add_argument("--qat-arg", action="append", default=None, metavar="ARG",
                     help="the shared QAT recipe, passed to every QAT run (repeat; replaces the tuned default "
-                         f"{' '.join(QAT_RECIPE) or '(none)'})")
+                         f"{' '.join(recipe_argv(QAT_RECIPE)) or '(none)'})")
     ac.add_argument("--pege-arg", action="append", default=None, metavar="ARG",
                     help="PEGE's own settings, passed to the PEGE runs only (repeat; replaces the tuned default "
-                         f"{' '.join(PEGE_TUNED) or '(none)'})")
+                         f"{' '.join(recipe_argv(PEGE_TUNED)) or '(none)'})")
     ac.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, sharing the CPU cores (default 1; 2 trains faster overall on 2 cores)")
     ac.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
@@ -116,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add(sub)
 
 
+def _recipe_or_default(argv: list[str] | None) -> dict | None:
+    """--qat-arg / --pege-arg as a recipe; None (not given): the plan's tuned default."""
+    return None if argv is None else recipe_from_argv(argv)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bench == "latency":
         result = bench_latency(args.calls)
@@ -124,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
         runs_dir = args.out / "runs"
         plan = accuracy_plan(data=args.data, fp_epochs=args.fp_epochs, qat_epochs=args.qat_epochs, bits=tuple(args.bits),
                              estimators=tuple(args.estimators), seeds=args.seeds, seeds_low_bits=args.seeds_low_bits,
-                             ablations=not args.no_ablations, runs_dir=runs_dir, extra=tuple(args.train_arg),
-                             qat_args=args.qat_arg, pege_args=args.pege_arg)
+                             ablations=not args.no_ablations, runs_dir=runs_dir, extra=recipe_from_argv(args.train_arg),
+                             qat=_recipe_or_default(args.qat_arg), pege=_recipe_or_default(args.pege_arg))
         if args.bn_batches < 0:
             raise ValueError(f"--bn-batches must be >= 0; got {args.bn_batches}")
         if args.report_only:
@@ -144,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "tune":
         runs_dir = args.out / "tuning"
         plan = tuning_plan(model=args.model, data=args.data, epochs=args.epochs, bits=args.bits,
-                           recipe=args.recipe, combine=tuple(args.combine), extra=tuple(args.train_arg))
+                           recipe=args.recipe, combine=tuple(args.combine), extra=recipe_from_argv(args.train_arg))
         selected = select_runs(plan, args.only)
         if not args.report_only:
             if not run_is_finished(Path(args.model)):

@@ -1,6 +1,10 @@
 """The resumable training matrix behind benchmarks/accuracy.md and benchmarks/tuning.md: run plans (each
-run's `pege train` options), a runner that trains them in child processes and continues cut-off runs,
-and the reports (JSON, markdown, PNG) read back from the runs' metrics.json files.
+run's PEGEConfig fields and training options), a runner that trains them in child processes and continues
+cut-off runs, and the reports (JSON, markdown, PNG) read back from the runs' metrics.json files.
+
+A plan holds configuration, never command lines: `train_argv` writes a run's `pege train` options only when
+the runner launches it, and the settings check compares the plan's values with those the run recorded in
+its metrics.json (metrics.jsonl while it trains).
 
 Research code, run from the repository (``python -m benchmarks.pege_bench accuracy|tune ...``); not part
 of the pege_hf wheel.
@@ -14,72 +18,111 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pege_hf.bench import DEFAULT_OUT, pyplot, write_result
+from pege_hf.config import config_fields
 from pege_hf.training import recipes
-from pege_hf.training.args import ALIASES
+from pege_hf.training.args import FULL_PRECISION, build_quant_config, check_training_options, given_config_options
+from pege_hf.training.args import parse_args
 from pege_hf.training.state import DIVERGED_FILE, output_dir_is_locked
+from pege_hf.training.tracking import flat_hparams
 
-# the tuned recipes (pege_hf.training.recipes) as `pege train` options, as run plans pass them
-QAT_RECIPE: tuple[str, ...] = recipes.recipe_argv(recipes.QAT)
-PEGE_TUNED: tuple[str, ...] = recipes.recipe_argv(recipes.PEGE)
+# the tuned recipes (pege_hf.training.recipes: {"config": PEGEConfig fields, "training": training options})
+QAT_RECIPE: dict = recipes.QAT
+PEGE_TUNED: dict = recipes.PEGE
+
+
+def merge(*parts: dict) -> dict:
+    """Recipes merged into one, a later one's values winning."""
+    return {kind: {k: v for part in parts for k, v in part.get(kind, {}).items()} for kind in ("config", "training")}
+
+
+def recipe_from_argv(argv) -> dict:
+    """`pege train` options (as a user passes them to the runner: --train-arg, --qat-arg, --pege-arg) as a recipe:
+    the PEGEConfig fields given, and the training options that differ from their defaults."""
+    given, defaults = parse_args(list(argv)), vars(parse_args([]))
+    config = given_config_options(given)
+    fields = {name for name, *_ in config_fields()}
+    training = {k: v for k, v in vars(given).items() if k not in fields and v != defaults[k]}
+    return {"config": config, "training": training}
+
 
 # ---------------------------------------------------------------------------------------------
 # accuracy: the resumable matrix FP / STE / EWGS / PEGE x W2A2 / W3A3 / W4A4
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Run:
-    """One training run of the matrix: its folder name and its `pege_hf.train` arguments."""
+    """One training run of a plan: its folder name, its PEGEConfig fields (None: full precision) and its
+    `pege train` training options (model, dataset, epochs, lr, seed, ...)."""
 
     name: str
-    args: tuple[str, ...]
-    estimator: str
-    bits: int | None
-    seed: int
+    config: dict | None = field(hash=False)
+    training: dict = field(hash=False)
     variant: str = "main"  # "main" or an ablation tag
-    depends: str | None = None  # a run whose output folder is this run's --model
+    depends: str | None = None  # a run whose output folder is this run's model
+
+    @property
+    def estimator(self) -> str:
+        return "fp" if self.config is None else self.config["estimator"]
+
+    @property
+    def bits(self) -> int | None:
+        return None if self.config is None else self.config["w_bits"]
+
+    @property
+    def seed(self) -> int:
+        return self.training.get("seed", 0)
+
+
+def train_argv(run: Run) -> list[str]:
+    """The run's `pege train` options, built from its config and training options (the runner's own are
+    added at launch: runner_args)."""
+    config = {"estimator": FULL_PRECISION} if run.config is None else run.config
+    return list(recipes.recipe_argv({"config": config, "training": run.training}))
 
 
 def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=(2, 3, 4),
                   estimators=("ste", "ewgs", "pege"), seeds_low_bits: int = 3, seeds: int = 2,
-                  ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra=(),
-                  qat_args=None, pege_args=None) -> list[Run]:
+                  ablations: bool = True, runs_dir: Path = DEFAULT_OUT / "runs", extra: dict | None = None,
+                  qat: dict | None = None, pege: dict | None = None) -> list[Run]:
     """The protocol: one FP ResNet-20, then QAT from it for every estimator and bit width with the same
     optimiser, schedule, epochs, augmentation and seeds (more seeds at the lowest width), plus the
     W2A2 ablations PEGE without the discretization term and PEGE with the linear curriculum, and PEGE
     without the progressive replacement at every width (instant: r = 1 from the start, as many seeds as
     the main rows).
-    `extra` reaches every run, `qat_args` (default QAT_RECIPE) every QAT run, `pege_args` (default
-    PEGE_TUNED: PEGE's own settings from tuning) only the PEGE runs, never STE/EWGS.
+    The recipes: `extra` reaches every run (its config fields only the QAT runs), `qat` (default QAT_RECIPE)
+    every QAT run, `pege` (default PEGE_TUNED: PEGE's own settings from tuning) only the PEGE runs, never
+    STE/EWGS.
 
     Ordered by what the report needs first: FP, then the lowest width for every estimator, PEGE at
     the other widths (the shipped models), the other seeds at the lowest width (STE and PEGE, the
     pair the target compares, before EWGS), the remaining baselines and seeds (again STE and PEGE
     first), the ablations."""
-    qat_args = QAT_RECIPE if qat_args is None else tuple(qat_args)
-    pege_args = PEGE_TUNED if pege_args is None else tuple(pege_args)
-    fp = Run("resnet20-fp", ("--estimator", "none", "--arch", "resnet20", "--dataset", data,
-                             "--epochs", str(fp_epochs), "--lr", "0.1", *extra), "fp", None, 0)
+    extra = merge(extra or {})
+    qat_recipe = QAT_RECIPE if qat is None else qat
+    pege_recipe = PEGE_TUNED if pege is None else pege
+    fp = Run("resnet20-fp", None, {"arch": "resnet20", "dataset": data, "epochs": fp_epochs, "lr": 0.1,
+                                   **extra["training"]})
     model = str(runs_dir / fp.name)
 
-    def qat(estimator, b, seed, variant="main", more=()):
+    def qat_run(estimator, b, seed, variant="main", more=None):
         name = f"resnet20-w{b}a{b}-{estimator}" + ("" if variant == "main" else f"-{variant}") + f"-s{seed}"
-        own = pege_args if estimator == "pege" else ()
-        args = ("--model", model, "--dataset", data, "--estimator", estimator, "--w-bits", str(b), "--a-bits", str(b),
-                "--epochs", str(qat_epochs), "--lr", "0.01", "--seed", str(seed), *extra, *qat_args, *own, *more)
-        return Run(name, args, estimator, b, seed, variant, depends=fp.name)
+        base = {"config": {"estimator": estimator, "w_bits": b, "a_bits": b},
+                "training": {"model": model, "dataset": data, "epochs": qat_epochs, "lr": 0.01, "seed": seed}}
+        recipe = merge(base, extra, qat_recipe, pege_recipe if estimator == "pege" else {}, {"config": more or {}})
+        return Run(name, recipe["config"], recipe["training"], variant, depends=fp.name)
 
     low = min(bits)
-    runs = [qat(e, b, seed) for seed in range(max(seeds, seeds_low_bits)) for b in bits for e in estimators
+    runs = [qat_run(e, b, seed) for seed in range(max(seeds, seeds_low_bits)) for b in bits for e in estimators
             if seed < (seeds_low_bits if b == low else seeds)]
     if ablations and "pege" in estimators:
-        runs += [qat("pege", low, 0, "lambda0", ("--lambda", "0")),
-                 qat("pege", low, 0, "linear", ("--curriculum", "linear"))]
+        runs += [qat_run("pege", low, 0, "lambda0", {"discretization_lambda": 0.0}),
+                 qat_run("pege", low, 0, "linear", {"curriculum": "linear"})]
         # the tuning setting that was best over 15 epochs on validation (benchmarks/tune15): STE + the pull,
         # at every width with the main rows' seeds
-        runs += [qat("pege", b, seed, "instant", TUNING_VARIANTS["instant"]) for b in bits
+        runs += [qat_run("pege", b, seed, "instant", TUNING_VARIANTS["instant"]) for b in bits
                  for seed in range(seeds_low_bits if b == low else seeds)]
 
     def priority(r: Run):
@@ -95,13 +138,14 @@ def accuracy_plan(*, data: str, fp_epochs: int = 60, qat_epochs: int = 15, bits=
 
 
 def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, variants: dict | None = None,
-                recipes: dict | None = None, recipe: str = "", combine=(), extra=()) -> list[Run]:
+                recipes: dict | None = None, recipe: str = "", combine=(), extra: dict | None = None) -> list[Run]:
     """Short W{bits}A{bits} QAT runs from the FP model on a validation split carved from the
     training set (`data` is the training file; 10% of it, seed 0, becomes the evaluation split).
     First the shared QAT recipe (step-size init, quantizer learning rate: applied to every
     estimator alike) for STE and PEGE with its defaults, then PEGE with one of its own settings
     changed at a time under the recipe named `recipe` (a key of `recipes`); last, each combination in
-    `combine` (setting names joined by "+", e.g. "lambda0.1+alpha3") of settings that helped alone."""
+    `combine` (setting names joined by "+", e.g. "lambda0.1+alpha3") of settings that helped alone.
+    A variant is a dict of PEGEConfig fields; a recipe {"config": ..., "training": ...}."""
     variants = TUNING_VARIANTS if variants is None else variants
     recipes = TUNING_RECIPES if recipes is None else recipes
     if recipe not in recipes:
@@ -111,46 +155,49 @@ def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, varian
         if unknown or "+" not in combo:
             raise ValueError(f"--combine {combo!r}: expected two or more of {sorted(set(variants) - {'default'})} "
                              "joined by '+'")
-    variants = {**variants, **{combo: _variant_flags(combo, variants) for combo in combine}}
-    base = ("--model", model, "--dataset", data, "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(epochs),
-            "--lr", "0.01", "--seed", "0", *extra)
+    variants = {**variants, **{combo: _variant_config(combo, variants) for combo in combine}}
+    base = {"config": {"w_bits": bits, "a_bits": bits},
+            "training": {"model": model, "dataset": data, "epochs": epochs, "lr": 0.01, "seed": 0}}
+
+    def run(name, recipe_name, estimator, variant, own=None):
+        merged = merge(base, extra or {}, recipes[recipe_name], {"config": {"estimator": estimator, **(own or {})}})
+        return Run(name, merged["config"], merged["training"], variant)
+
     plan = []
-    for name, recipe_args in recipes.items():
+    for name in recipes:
         tail = f"-{name}" if name else ""
-        plan += [Run(f"w{bits}a{bits}-ste{tail}", (*base, *recipe_args, "--estimator", "ste"), "ste", bits, 0,
-                     f"ste{tail}"),
-                 Run(f"w{bits}a{bits}-pege-default{tail}", (*base, *recipe_args, "--estimator", "pege"), "pege", bits, 0,
-                     f"default{tail}")]
+        plan += [run(f"w{bits}a{bits}-ste{tail}", name, "ste", f"ste{tail}"),
+                 run(f"w{bits}a{bits}-pege-default{tail}", name, "pege", f"default{tail}")]
     tail = f"-{recipe}" if recipe else ""
-    plan += [Run(f"w{bits}a{bits}-pege-{tag}{tail}", (*base, *recipes[recipe], "--estimator", "pege", *args), "pege",
-                 bits, 0, f"{tag}{tail}")
-             for tag, args in variants.items() if tag != "default"]
+    plan += [run(f"w{bits}a{bits}-pege-{tag}{tail}", recipe, "pege", f"{tag}{tail}", own)
+             for tag, own in variants.items() if tag != "default"]
     return plan
 
 
 # the shared QAT recipe: tried for STE and PEGE alike ("" = the train CLI's defaults)
 TUNING_RECIPES = {
-    "": (),
-    "mse": ("--scale-init", "mse"),
-    "qlr1": ("--quantizer-lr-scale", "1"),
-    "mse-qlr1": ("--scale-init", "mse", "--quantizer-lr-scale", "1"),
+    "": {},
+    "mse": {"config": {"scale_init": "mse"}},
+    "qlr1": {"training": {"quantizer_lr_scale": 1.0}},
+    "mse-qlr1": {"config": {"scale_init": "mse"}, "training": {"quantizer_lr_scale": 1.0}},
 }
 
-# PEGE's own settings, one change at a time from PEGEConfig's defaults (under the recipe `python -m benchmarks.pege_bench tune --recipe`)
+# PEGE's own settings (PEGEConfig fields), one change at a time from PEGEConfig's defaults (under the recipe
+# `python -m benchmarks.pege_bench tune --recipe`)
 TUNING_VARIANTS = {
-    "default": (),
-    "sum": ("--discretization-reduction", "sum"),
-    "lambda0.1": ("--lambda", "0.1"),
-    "lambda1": ("--lambda", "1"),
-    "lambda10": ("--lambda", "10"),
-    "alpha3": ("--alpha", "3"),
-    "alpha30": ("--alpha", "30"),
-    "ramp0.5": ("--ramp-fraction", "0.5"),
-    "ramp0.25": ("--ramp-fraction", "0.25"),
-    "instant": ("--curriculum", "instant"),  # r = 1 from the start: STE plus the discretization pull
-    "pull-ramp": ("--lambda-schedule", "ramp"),  # the pull only while r < 1
-    "mask-error": ("--mask", "error"),
-    "amask-progressive": ("--a-mask", "progressive"),
+    "default": {},
+    "sum": {"discretization_reduction": "sum"},
+    "lambda0.1": {"discretization_lambda": 0.1},
+    "lambda1": {"discretization_lambda": 1.0},
+    "lambda10": {"discretization_lambda": 10.0},
+    "alpha3": {"alpha": 3.0},
+    "alpha30": {"alpha": 30.0},
+    "ramp0.5": {"ramp_fraction": 0.5},
+    "ramp0.25": {"ramp_fraction": 0.25},
+    "instant": {"curriculum": "instant"},  # r = 1 from the start: STE plus the discretization pull
+    "pull-ramp": {"lambda_schedule": "ramp"},  # the pull only while r < 1
+    "mask-error": {"w_mask": "error"},
+    "amask-progressive": {"a_mask": "progressive"},
 }
 
 
@@ -184,61 +231,69 @@ def runner_args(run_dir: Path, checkpointing_steps: int) -> list[str]:
     return ["--output-dir", str(run_dir), "--resume", "--checkpointing-steps", str(checkpointing_steps), "--no-tensorboard"]
 
 
-# flags the runner adds, or that change speed but not results: not part of a run's settings
-RUNNER_FLAGS = (*(a for a in runner_args(Path(), 0) if a.startswith("--")), "--compile-kernels", "--channels-last")
+# ---------------------------------------------------------------------------------------------
+# settings: is the run in a folder the plan's run?
+# ---------------------------------------------------------------------------------------------
+RECORDED_AS = {"model": "base_model"}  # training options metrics.json records under another name
+SPEED_OPTIONS = ("compile_kernels", "channels_last", "num_workers", "eval_batch_size", "log_every",
+                 "checkpoints_total_limit")  # change speed or logging, not results: not settings
 
 
-# short spellings of `pege train` options -> their field names (--lambda -> --discretization-lambda)
-OPTION_SPELLINGS = {alias: f"--{name.replace('_', '-')}" for name, aliases in ALIASES.items() for alias in aliases}
+def planned_settings(run: Run) -> dict:
+    """The settings a run states, keyed and flattened as its metrics.json / metrics.jsonl records them
+    ("epochs", "quantization_config/discretization_lambda", ...). Each value goes through `pege train`'s own
+    parsing and PEGEConfig, as the run records it (1 -> 1.0, 'none' -> None); a value either rejects is an
+    error here, before anything is launched."""
+    args = parse_args(train_argv(run))
+    check_training_options(args)
+    quant = build_quant_config(args)
+    stated = {RECORDED_AS.get(k, k): getattr(args, k) for k in run.training if k not in SPEED_OPTIONS}
+    if quant is None:
+        stated["quantization_config"] = None
+    else:
+        stated["quantization_config"] = {k: v for k, v in quant.to_dict().items() if k in run.config}
+    return flat_hparams(stated)
 
 
-def run_settings(args) -> dict[str, tuple[str, ...]]:
-    """{flag: its values} of a `pege_hf.train` argument list, without RUNNER_FLAGS."""
-    settings: dict[str, tuple[str, ...]] = {}
-    flag = None
-    for token in args:
-        if token.startswith("--"):
-            flag = OPTION_SPELLINGS.get(token.split("=", 1)[0], token.split("=", 1)[0])
-            settings[flag] = tuple(token.split("=", 1)[1:])
-        elif flag is not None:
-            settings[flag] += (token,)
-    return {k: v for k, v in settings.items() if k not in RUNNER_FLAGS}
-
-
-def recorded_args(run_dir: Path) -> list[str] | None:
-    """The `pege_hf.train` arguments a run folder was trained with: its metrics.json's command when
-    finished, else the first command its train.log shows; None for a folder with neither."""
+def recorded_settings(run_dir: Path) -> dict | None:
+    """What a run folder's run recorded about its settings, flattened: its metrics.json when finished, else
+    the config record its metrics.jsonl starts with (a run cut off before that has not trained); None: neither."""
     metrics = run_dir / "metrics.json"
-    if metrics.is_file() and "command" in (m := json.loads(metrics.read_text())):
-        return list(m["command"][1:])
-    log = run_dir / "train.log"
+    if metrics.is_file():
+        return flat_hparams(json.loads(metrics.read_text()))
+    log = run_dir / "metrics.jsonl"
     if log.is_file():
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("$ ") and " -m pege_hf.train" in line:
-                return line.split(" -m pege_hf.train", 1)[1].split()
+        with open(log, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+        if first.get("event") == "config":
+            return first["config"]
     return None
 
 
+def settings_differences(wants: dict, had: dict) -> list[str]:
+    """'setting: recorded -> planned' for each setting the plan states that the run recorded otherwise. A setting
+    the plan leaves out is the library's default of the day the run trained (a default changed later does not make
+    finished runs strangers); one the record lacks (older runs recorded fewer) cannot be compared."""
+    return [f"{k}: {had[k]} -> {wants[k]}" for k in sorted(wants) if k in had and had[k] != wants[k]]
+
+
 def check_run_settings(plan: list[Run], runs_dir: Path) -> None:
-    """A run folder trained with other settings (say --epochs 3 where the plan says 15) would be
-    reused or continued as if it were the plan's run: refuse, naming the folder and the difference."""
+    """A run folder trained with other settings (say 3 epochs where the plan says 15) would be reused or
+    continued as if it were the plan's run: refuse, naming the folder and the differences. Every run's
+    settings are checked by `pege train`'s parser and PEGEConfig here, before any run starts."""
     for run in plan:
-        recorded = recorded_args(runs_dir / run.name)
-        if recorded is None:
-            continue
-        had, wants = run_settings(recorded), run_settings(run.args)
-        if had != wants:
-            diff = ", ".join(f"{k}: {' '.join(had.get(k, ('(unset)',)))} -> {' '.join(wants.get(k, ('(unset)',)))}"
-                             for k in sorted(set(had) | set(wants)) if had.get(k) != wants.get(k))
-            raise ValueError(f"{runs_dir / run.name} was trained with other settings than this plan asks for ({diff}); "
-                             "pass another --out, or move that folder away")
+        wants, had = planned_settings(run), recorded_settings(runs_dir / run.name)
+        diff = settings_differences(wants, had) if had is not None else []
+        if diff:
+            raise ValueError(f"{runs_dir / run.name} was trained with other settings than this plan asks for "
+                             f"({', '.join(diff)}); pass another --out, or move that folder away")
 
 
 def start_run(run: Run, runs_dir: Path, threads: int | None = None, checkpointing_steps: int = 100):
     """Train one run in a child process (or continue it: --resume), logging to its train.log."""
     run_dir = runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pege_hf.train", *run.args, *runner_args(run_dir, checkpointing_steps)]
+    cmd = [sys.executable, "-m", "pege_hf.train", *train_argv(run), *runner_args(run_dir, checkpointing_steps)]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with open(run_dir / "train.log", "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
@@ -422,7 +477,7 @@ def reestimate_finished_runs(plan: list[Run], runs_dir: Path, batches: int = BN_
         run_dir = runs_dir / run.name
         if not run_is_finished(run_dir) or (run_dir / BN_FILE).is_file():
             continue
-        data = run.args[run.args.index("--dataset") + 1]
+        data = run.training["dataset"]
         print(f"BatchNorm re-estimation: {run.name}", flush=True)
         result = evaluate_checkpoint(str(run_dir), data, reestimate_bn=batches)
         result["accuracy_before"] = json.loads((run_dir / "metrics.json").read_text())["accuracy"]
@@ -547,16 +602,16 @@ def run_accuracy(plan: list[Run], runs_dir: Path, out_dir: Path, max_runs: int |
 
 
 def _tuning_setting(variant: str) -> str:
-    """The flags a tuning run adds to the defaults, from its variant tag ("default-mse", "lambda1", ...)."""
+    """The options a tuning run adds to the defaults, from its variant tag ("default-mse", "lambda1", ...)."""
     name, recipe = _tuning_parts(variant)
-    flags = TUNING_RECIPES.get(recipe, ()) + (_variant_flags(name) if name != "ste" else ())
-    return " ".join(flags) or "-"
+    own = {"config": _variant_config(name)} if name != "ste" else {}
+    return " ".join(recipes.recipe_argv(TUNING_RECIPES.get(recipe, {})) + recipes.recipe_argv(own)) or "-"
 
 
-def _variant_flags(name: str, variants: dict | None = None) -> tuple[str, ...]:
-    """The flags of a PEGE setting, or of a combination of settings ("lambda0.1+alpha3")."""
+def _variant_config(name: str, variants: dict | None = None) -> dict:
+    """The PEGEConfig fields of a PEGE setting, or of a combination of settings ("lambda0.1+alpha3")."""
     variants = TUNING_VARIANTS if variants is None else variants
-    return tuple(flag for part in name.split("+") for flag in variants.get(part, ()))
+    return {k: v for part in name.split("+") for k, v in variants.get(part, {}).items()}
 
 
 def _tuning_parts(variant: str) -> tuple[str, str]:

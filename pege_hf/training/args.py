@@ -28,7 +28,7 @@ Train an image classifier in full precision or with quantization-aware training 
 
 With no --model, --dataset or --estimator this is the quickstart: the accuracy of the shipped
 full-precision ResNet-20 and its PEGE W4A4/W3A3/W2A2 checkpoints on the shipped CIFAR-10 sample, then a
-short W2A2 QAT from the FP model with PEGE and STE side by side (a few minutes on 2 CPU cores).
+short W4A4 QAT from the FP model with PEGE and STE side by side (a few minutes on 2 CPU cores).
 
 `pege train ARGS` runs one process; `accelerate launch [launch options] -m pege_hf.train ARGS` runs the
 same code on several GPUs, machines or CPU processes (docs/distributed.md). --batch-size is per process.

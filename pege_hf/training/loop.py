@@ -163,6 +163,8 @@ def run_info(args, quant_config, data, world_size: int, warmup: int, total_steps
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "optimizer": args.optimizer,
         "lr": args.lr, "quantizer_lr_scale": args.quantizer_lr_scale if quant_config is not None else None,
         "weight_decay": args.weight_decay, "scheduler": args.scheduler, "warmup_steps": warmup, "seed": args.seed,
+        "momentum": args.momentum, "warmup_ratio": args.warmup_ratio, "max_grad_norm": args.max_grad_norm,
+        "label_smoothing": args.label_smoothing, "reestimate_bn": args.reestimate_bn,
         "total_steps": total_steps, "max_train": args.max_train, "max_test": args.max_test,
         "train_split": args.train_split, "test_split": args.test_split,
         "image_column": data.image_column, "label_column": data.label_column,

@@ -2,7 +2,8 @@
 
 1. The shipped full-precision CIFAR-10 ResNet-20 and its shipped PEGE W4A4 / W3A3 / W2A2 checkpoints,
    evaluated on the shipped CIFAR-10 sample.
-2. A short W2A2 QAT from the shipped FP model with the tuned recipe, PEGE and STE side by side.
+2. A short W4A4 QAT from the shipped FP model with the tuned recipe, PEGE and STE side by side (a few
+   minutes on 2 CPU cores; recipes.QUICKSTART says why W4A4).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ QUICKSTART_DIR = Path("runs") / "quickstart"
 SHIPPED = {"full precision": "resnet20-fp", "PEGE W4A4": "resnet20-pege-w4a4", "PEGE W3A3": "resnet20-pege-w3a3",
            "PEGE W2A2": "resnet20-pege-w2a2"}
 ESTIMATORS = ("pege", "ste")
+QAT_RECORD = ("accuracy", "epochs", "steps", "num_train", "wall_time_s")  # of each QAT run, in summary.json
 
 
 def shipped_accuracies(args) -> dict[str, float]:
@@ -65,7 +67,8 @@ def quickstart(args) -> int:
     for tag, qat_args in runs.items():
         print(f"quickstart: {tag} QAT from the shipped FP model ({qat_args.epochs} epochs) -> {qat_args.output_dir}",
               flush=True)
-        trained[tag] = {"model": qat_args.output_dir, "accuracy": train(qat_args)["accuracy"]}
+        result = train(qat_args)
+        trained[tag] = {"model": qat_args.output_dir, **{k: result[k] for k in QAT_RECORD}}
     summary = {"shipped": shipped, "qat": trained, "wall_time_s": time.time() - started}
     root.mkdir(parents=True, exist_ok=True)
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -76,7 +79,9 @@ def quickstart(args) -> int:
 def summary_text(summary: dict, root: Path) -> str:
     lines = ["", "quickstart (CIFAR-10 ResNet-20, shipped sample):", "  shipped models"]
     lines += [f"    {title:22s} {100 * acc:6.2f}%" for title, acc in summary["shipped"].items()]
-    lines.append("  short QAT from the shipped FP model")
+    first = next(iter(summary["qat"].values()))
+    lines.append(f"  short QAT from the shipped FP model ({first['steps']} steps: {first['num_train']} training images "
+                 f"x {first['epochs']} epochs)")
     lines += [f"    {tag:22s} {100 * run['accuracy']:6.2f}%" for tag, run in summary["qat"].items()]
     lines.append(f"  total {summary['wall_time_s']:.0f} s; models in {root}")
     return "\n".join(lines)
