@@ -174,12 +174,16 @@ def tuning_plan(*, model: str, data: str, epochs: int = 3, bits: int = 2, varian
     return plan
 
 
-# the shared QAT recipe: tried for STE and PEGE alike ("" = the train CLI's defaults)
+# the shared QAT recipe: tried for STE and PEGE alike. "" is the `pege train` defaults of the time the tuning
+# ran (before the tuned defaults: LSQ step-size init, lambda 1e-4, quantizer lr x0.1), spelled out so that the
+# same name keeps meaning the same runs; the others change one or two of those settings.
+_TUNING_BASE = {"config": {"scale_init": "lsq", "discretization_lambda": 1e-4},
+                "training": {"quantizer_lr_scale": 0.1}}
 TUNING_RECIPES = {
-    "": {},
-    "mse": {"config": {"scale_init": "mse"}},
-    "qlr1": {"training": {"quantizer_lr_scale": 1.0}},
-    "mse-qlr1": {"config": {"scale_init": "mse"}, "training": {"quantizer_lr_scale": 1.0}},
+    "": _TUNING_BASE,
+    "mse": merge(_TUNING_BASE, {"config": {"scale_init": "mse"}}),
+    "qlr1": merge(_TUNING_BASE, {"training": {"quantizer_lr_scale": 1.0}}),
+    "mse-qlr1": merge(_TUNING_BASE, {"config": {"scale_init": "mse"}, "training": {"quantizer_lr_scale": 1.0}}),
 }
 
 # PEGE's own settings (PEGEConfig fields), one change at a time from PEGEConfig's defaults (under the recipe
@@ -605,7 +609,7 @@ def _tuning_setting(variant: str) -> str:
     """The options a tuning run adds to the defaults, from its variant tag ("default-mse", "lambda1", ...)."""
     name, recipe = _tuning_parts(variant)
     own = {"config": _variant_config(name)} if name != "ste" else {}
-    return " ".join(recipes.recipe_argv(TUNING_RECIPES.get(recipe, {})) + recipes.recipe_argv(own)) or "-"
+    return " ".join(recipes.recipe_argv(merge(TUNING_RECIPES.get(recipe, {}), own))) or "-"
 
 
 def _variant_config(name: str, variants: dict | None = None) -> dict:
