@@ -2,8 +2,8 @@
 # Long-budget W2A2 QAT of the 200-epoch FP ResNet-20 (the shipped pege_hf/assets/models/resnet20-fp) (issue: PEGE at a long budget).
 # Two runs, 100 QAT epochs each, seed 0, one CPU thread each, side by side:
 #   resnet20-w2a2-ste-s0           STE
-#   resnet20-w2a2-pege-lambda0-s0  PEGE, log curriculum, no discretization pull (the best PEGE setting of the
-#                                  200-epoch matrix at 15 epochs: benchmarks/fp200/accuracy.md)
+#   resnet20-w2a2-pege-stepsize-s0 PEGE, log curriculum, the error term (scaled, lambda 0.1) on the step size only:
+#                                  the best PEGE setting of the 3-epoch screening (benchmarks/screen30/screen.md)
 # Same recipe as the 200-epoch matrix otherwise (SGD lr 0.01 cosine, MSE step-size init, quantizer lr x1).
 # Resumable: run it again and each run continues from its newest checkpoint; a fresh clone continues from
 # benchmarks/in-progress/long_budget/<run>/ (benchmarks/in_progress.sh).
@@ -23,5 +23,5 @@ launch() {  # name, extra args...
   OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" --output-dir "$dir" $(resume_args "$dir") >>"$dir/train.log" 2>&1 &
 }
 launch resnet20-w2a2-ste-s0 --estimator ste
-launch resnet20-w2a2-pege-lambda0-s0 --estimator pege --lambda 0
+launch resnet20-w2a2-pege-stepsize-s0 --estimator pege --lambda 0.1 --discretization-target step_size
 wait
