@@ -20,7 +20,7 @@ LAYERS = (
     ("data", ("pege_hf.data",)),
     ("hub and export", ("pege_hf.hub", "pege_hf.export")),
     ("training", ("pege_hf.training",)),
-    ("commands", ("pege_hf.train", "pege_hf.evaluate", "pege_hf.demo", "pege_hf.bench", "pege_hf.cli")),
+    ("commands", ("pege_hf.train", "pege_hf.train_lm", "pege_hf.evaluate", "pege_hf.demo", "pege_hf.bench", "pege_hf.cli")),
     ("package", ("pege_hf",)),
 )
 

@@ -1,0 +1,202 @@
+"""The causal-LM QAT benchmark, from the repository root:
+
+    python -m benchmarks.llm.run            # prepare, train FP, every QAT run, then the report
+    python -m benchmarks.llm.run --report-only
+
+1. Text: the Python standard library's source on this machine (without its tests), split by file into
+   train/validation from a hash of each file's path (benchmarks/llm/corpus.py).
+2. A byte-level BPE tokenizer trained on the training files, and a small Llama (LlamaConfig, random init).
+3. Full-precision training with `pege train-lm --estimator none`.
+4. QAT from the FP model, every run with the same steps, batch, lr and data: weight-only W4/W3/W2 with
+   group size 32, and W4 g32 + 8-bit per-token dynamic activations (W4A8); estimators STE and PEGE
+   (pege_hf), and torchao's QAT fake quantizers (IntxFakeQuantizeConfig, symmetric int weights per
+   group of 32, int8 asymmetric per-token activations) trained by the same loop through train_lm's
+   ``prepare_model`` hook.
+
+Each run is a child process writing into benchmarks/llm/work/runs/NAME (not committed) with resumable
+checkpoints; a run with a metrics.json is finished and never redone, a cut-off one continues. The
+report (llm.json, llm.md, llm.png beside this file) reads the runs' metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+DEPS = HERE.parents[1] / ".deps"  # torchao installed with `pip install --target .deps torchao` (see README)
+GROUP = 32
+MODEL = {"hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "positions": 256}
+BLOCK = 128  # tokens per sequence: what a step on this shared 2-core CPU affords
+VOCAB = 2048
+COMMON = ["--block-size", str(BLOCK), "--batch-size", "4", "--eval-batch-size", "16", "--max-eval-samples", "64",
+          "--optimizer", "adam", "--weight-decay", "0", "--max-grad-norm", "1", "--log-every", "10",
+          "--checkpointing-steps", "25", "--no-tensorboard", "--seed", "0"]
+# bits label -> PEGEConfig options, and the torchao configuration of the same scheme
+SCHEMES = {
+    "W4g32": (["--w-bits", "4", "--group-size", str(GROUP), "--a-bits", "none"], (4, False)),
+    "W2g32": (["--w-bits", "2", "--group-size", str(GROUP), "--a-bits", "none"], (2, False)),
+    "W4g32A8": (["--w-bits", "4", "--group-size", str(GROUP), "--a-bits", "8", "--a-quantizer", "dynamic_token"],
+                (4, True)),
+    "W3g32": (["--w-bits", "3", "--group-size", str(GROUP), "--a-bits", "none"], (3, False)),
+}
+METHODS = ("ste", "pege", "torchao")
+
+
+def fp_args(steps: int, lr: float) -> list[str]:
+    return ["--model", str(WORK / "init"), "--dataset", str(WORK / "data"), "--estimator", "none",
+            "--max-steps", str(steps), "--lr", str(lr), "--eval-steps", str(max(steps // 4, 1)), *COMMON]
+
+
+def qat_args(scheme: str, method: str, steps: int, lr: float) -> list[str]:
+    base = ["--model", str(WORK / "runs" / "fp"), "--dataset", str(WORK / "data"), "--max-steps", str(steps),
+            "--lr", str(lr), *COMMON]
+    if method == "torchao":
+        return base + ["--estimator", "none"]
+    return base + ["--estimator", method, *SCHEMES[scheme][0]]
+
+
+def plan(args) -> list[tuple[str, list[str]]]:
+    """(run name, train-lm arguments), in the order they run: FP, then W4 (all methods), W2, W4A8, W3."""
+    runs = [("fp", fp_args(args.fp_steps, args.fp_lr))]
+    for scheme in args.schemes:
+        runs += [(f"{scheme}-{m}", qat_args(scheme, m, args.qat_steps, args.qat_lr)) for m in args.methods]
+    return runs
+
+
+# --------------------------------------------------------------------------------------------- torchao
+
+
+def torchao_prepare(bits: int, activations: bool):
+    """A prepare_model hook: torchao QAT fake quantizers on every Linear but the lm_head (pege_hf keeps
+    the head float too)."""
+    sys.path.insert(0, str(DEPS))
+    import torch
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    weight = IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), group_size=GROUP, is_symmetric=True)
+    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if activations else None
+
+    def prepare(model):
+        quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"))
+        return model
+
+    return prepare
+
+
+def torchao_version() -> str | None:
+    sys.path.insert(0, str(DEPS))
+    try:
+        import torchao
+    except ImportError:
+        return None
+    return torchao.__version__
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def run_one(name: str, argv: list[str]) -> None:
+    """In the child: one train_lm run (torchao runs with the prepare hook)."""
+    from pege_hf.train_lm import main
+    from pege_hf.training.lm_args import parse_args
+
+    hook = None
+    scheme, _, method = name.partition("-")
+    if method == "torchao":
+        hook = torchao_prepare(*SCHEMES[scheme][1])
+    args = parse_args(argv)
+    if hook is None:
+        main(args)
+        return
+    import logging
+
+    from pege_hf.training.lm_loop import train_lm
+
+    logging.basicConfig(level=logging.WARNING)
+    train_lm(args, prepare_model=hook)
+
+
+def prepare() -> dict:
+    """The corpus, tokenizer and initial model (kept when already there)."""
+    from .corpus import tiny_llama, train_tokenizer, write_corpus
+
+    info_file = WORK / "corpus.json"
+    if info_file.is_file() and (WORK / "init" / "config.json").is_file():
+        return json.loads(info_file.read_text())
+    WORK.mkdir(parents=True, exist_ok=True)
+    counts = write_corpus(WORK / "data")
+    tokenizer = train_tokenizer(sorted((WORK / "data" / "train").iterdir()), VOCAB, WORK / "tokenizer")
+    model = tiny_llama(tokenizer, WORK / "init", **MODEL)
+    info = {**counts, "vocab_size": len(tokenizer), "model": MODEL,
+            "parameters": sum(p.numel() for p in model.parameters()), "python": sys.version.split()[0]}
+    info_file.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def launch(name: str, argv: list[str], threads: int) -> bool:
+    out = WORK / "runs" / name
+    if (out / "metrics.json").is_file():
+        return True
+    if name.endswith("torchao") and torchao_version() is None:
+        print(f"skip {name}: torchao is not importable (pip install --target .deps torchao)", flush=True)
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "benchmarks.llm.run", "--one", name, "--",
+               *argv, "--output-dir", str(out), "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
+           "PYTHONPATH": str(HERE.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.time()
+    print(f"run {name} ...", flush=True)
+    with open(out / "train.log", "a") as log:
+        code = subprocess.call(command, cwd=HERE.parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"run {name}: exit {code} after {time.time() - started:.0f} s", flush=True)
+    return code == 0
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.llm.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fp-steps", type=int, default=200, help="full-precision steps (default 200)")
+    p.add_argument("--fp-lr", type=float, default=3e-3, help="full-precision peak lr (default 3e-3)")
+    p.add_argument("--qat-steps", type=int, default=50, help="steps of every QAT run (default 50)")
+    p.add_argument("--qat-lr", type=float, default=3e-4, help="peak lr of every QAT run (default 3e-4)")
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.one:
+        run_one(args.one, [a for a in args.rest if a != "--"])
+        return 0
+    from .report import write_report
+
+    if not args.report_only:
+        info = prepare()
+        print(f"corpus: {info}", flush=True)
+        for name, run_argv in plan(args):
+            ok = launch(name, run_argv, args.threads)
+            if name == "fp" and not ok:
+                print("the full-precision run failed; see benchmarks/llm/work/runs/fp/train.log", flush=True)
+                return 1
+            write_report(WORK, HERE, plan(args), torchao_version())
+    write_report(WORK, HERE, plan(args), torchao_version())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
