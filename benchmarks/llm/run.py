@@ -37,7 +37,7 @@ BLOCK = 128  # tokens per sequence: what a step on this shared 2-core CPU afford
 VOCAB = 2048
 COMMON = ["--block-size", str(BLOCK), "--batch-size", "4", "--eval-batch-size", "16", "--max-eval-samples", "64",
           "--optimizer", "adam", "--weight-decay", "0", "--max-grad-norm", "1", "--log-every", "10",
-          "--checkpointing-steps", "25", "--no-tensorboard", "--seed", "0"]
+          "--checkpointing-steps", "15", "--no-tensorboard", "--seed", "0"]
 # bits label -> PEGEConfig options, and the torchao configuration of the same scheme
 SCHEMES = {
     "W4g32": (["--w-bits", "4", "--group-size", str(GROUP), "--a-bits", "none"], (4, False)),
@@ -51,7 +51,7 @@ METHODS = ("ste", "pege", "torchao")
 
 def fp_args(steps: int, lr: float) -> list[str]:
     return ["--model", str(WORK / "init"), "--dataset", str(WORK / "data"), "--estimator", "none",
-            "--max-steps", str(steps), "--lr", str(lr), "--eval-steps", str(max(steps // 4, 1)), *COMMON]
+            "--max-steps", str(steps), "--lr", str(lr), "--eval-steps", str(max(steps // 2, 1)), *COMMON]
 
 
 def qat_args(scheme: str, method: str, steps: int, lr: float) -> list[str]:
@@ -165,9 +165,9 @@ def launch(name: str, argv: list[str], threads: int) -> bool:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.llm.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fp-steps", type=int, default=200, help="full-precision steps (default 200)")
+    p.add_argument("--fp-steps", type=int, default=100, help="full-precision steps (default 100)")
     p.add_argument("--fp-lr", type=float, default=3e-3, help="full-precision peak lr (default 3e-3)")
-    p.add_argument("--qat-steps", type=int, default=50, help="steps of every QAT run (default 50)")
+    p.add_argument("--qat-steps", type=int, default=30, help="steps of every QAT run (default 30)")
     p.add_argument("--qat-lr", type=float, default=3e-4, help="peak lr of every QAT run (default 3e-4)")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
