@@ -256,20 +256,25 @@ def _describe_base(ref: str | None, explicit: str | None, metrics: dict | None, 
     return None, f"a local float checkpoint (`{name}`)"
 
 
+def _base_run_metrics(base_ref: str | None, anchors) -> dict | None:
+    """The metrics.json of the float base's own training run (a local folder), else None."""
+    base_dir = _local_dir(base_ref, *anchors)
+    if base_dir is None or not (base_dir / "metrics.json").is_file():
+        return None
+    try:
+        return _read_json(base_dir / "metrics.json", "the base model's training metrics")
+    except ValueError:
+        return None
+
+
 def _base_accuracy(metrics: dict, base_ref: str | None, anchors) -> dict | None:
     """The float base's measured accuracy: metrics.json's base_accuracy, else the base folder's own
     metrics.json. None when neither has one."""
     if _measured(metrics.get("base_accuracy")):
         return {"accuracy": metrics["base_accuracy"], "top5": metrics.get("base_top5"),
                 "loss": metrics.get("base_loss"), "source": "this checkpoint's metrics.json (`base_accuracy`)"}
-    base_dir = _local_dir(base_ref, *anchors)
-    if base_dir is None or not (base_dir / "metrics.json").is_file():
-        return None
-    try:
-        base = _read_json(base_dir / "metrics.json", "the base model's training metrics")
-    except ValueError:
-        return None
-    if not _measured(base.get("accuracy")):
+    base = _base_run_metrics(base_ref, anchors)
+    if base is None or not _measured(base.get("accuracy")):
         return None
     same = all(base.get(k) == metrics.get(k) for k in ("dataset", "num_test", "max_test", "seed", "test_split"))
     source = (f"the base model's own training run (its metrics.json, {base.get('num_test', '?')} test images"
@@ -501,14 +506,8 @@ def _lm_card_data(q: dict, perplexity, ds: tuple, base_id, title):
 
 def _base_perplexity(m: dict, anchors) -> dict | None:
     """The float base's perplexity from its own metrics.json (a local `pege train-lm` run), else None."""
-    base_dir = _local_dir(m.get("base_model"), *anchors)
-    if base_dir is None or not (base_dir / "metrics.json").is_file():
-        return None
-    try:
-        base = _read_json(base_dir / "metrics.json", "the base model's training metrics")
-    except ValueError:
-        return None
-    if not isinstance(base.get("perplexity"), (int, float)):
+    base = _base_run_metrics(m.get("base_model"), anchors)
+    if base is None or not isinstance(base.get("perplexity"), (int, float)):
         return None
     same = all(base.get(k) == m.get(k) for k in ("dataset", "validation_split", "block_size", "validation_tokens"))
     source = ("the base model's own training run (its metrics.json"

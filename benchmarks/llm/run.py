@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -171,7 +172,8 @@ def parse(argv=None):
     p.add_argument("--qat-lr", type=float, default=3e-4, help="peak lr of every QAT run (default 3e-4)")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--jobs", type=int, default=2, help="QAT runs at a time (default 2; the FP run goes first, alone)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -188,12 +190,13 @@ def main(argv=None) -> int:
     if not args.report_only:
         info = prepare()
         print(f"corpus: {info}", flush=True)
-        for name, run_argv in plan(args):
-            ok = launch(name, run_argv, args.threads)
-            if name == "fp" and not ok:
-                print("the full-precision run failed; see benchmarks/llm/work/runs/fp/train.log", flush=True)
-                return 1
-            write_report(WORK, HERE, plan(args), torchao_version())
+        (fp_name, fp_argv), *qat = plan(args)
+        if not launch(fp_name, fp_argv, args.threads):
+            print("the full-precision run failed; see benchmarks/llm/work/runs/fp/train.log", flush=True)
+            return 1
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is a child process
+            for _ in pool.map(lambda run: launch(*run, args.threads), qat):
+                write_report(WORK, HERE, plan(args), torchao_version())
     write_report(WORK, HERE, plan(args), torchao_version())
     return 0
 

@@ -32,7 +32,8 @@ from ..version import __version__
 from .evaluation import acc_dtype, calibrate, sync_buffers
 from .lm_args import resolve_lm
 from .loaders import EpochShuffleSampler, batch_seed, main_process_first
-from .loop import checkpoint, claim_output_dir, default_output_dir, log_training, make_accelerator, resume
+from .loop import checkpoint, claim_output_dir, default_output_dir, epoch_batches, log_training, make_accelerator
+from .loop import optimizer_step, resume
 from .model import load_model
 from .optim import make_optimizer, make_scheduler
 from .state import TrainerState, resume_checkpoint
@@ -177,11 +178,7 @@ def start_logging(run: LMRun) -> None:
 
 def train_epoch(run: LMRun, epoch: int) -> None:
     """One pass over the training blocks (the rest of it when resumed mid-epoch), or up to the last step."""
-    run.model.train()
-    skip = run.state.batch_in_epoch if epoch == run.state.epoch else 0
-    run.train_loader.set_epoch(epoch)
-    run.sampler.set_epoch(epoch)
-    loader = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    loader, skip = epoch_batches(run, epoch)
     for batch_index, (ids,) in enumerate(loader, start=skip + 1):
         torch.manual_seed(batch_seed(run.args.seed, epoch, batch_index, run.accelerator.process_index) ^ 0x5DEECE66D)
         train_step(run, ids)
@@ -193,18 +190,11 @@ def train_epoch(run: LMRun, epoch: int) -> None:
 
 
 def train_step(run: LMRun, ids: torch.Tensor) -> None:
-    args, accelerator = run.args, run.accelerator
-    with accelerator.accumulate(run.model):
+    with run.accelerator.accumulate(run.model):
         if run.quant_config is not None:
             set_progress(run.raw_model, min(1.0, run.state.global_step / run.state.total_steps))
         loss = run.model(input_ids=ids, labels=ids).loss
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm:
-            accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
-        run.optimizer.step()
-        if accelerator.sync_gradients:
-            run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(run, loss)
     run.log_loss += loss.detach().to(run.log_loss.dtype)
     run.log_batches += 1
 
