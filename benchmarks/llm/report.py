@@ -50,7 +50,7 @@ def markdown(rows: list[dict], corpus: dict, torchao: str | None) -> str:
     lines += ["", "Validation perplexity is exp of the mean next-token cross-entropy over "
               f"{next((r['validation_tokens'] for r in rows if r.get('validation_tokens')), '?')} validation tokens "
               "(the same blocks for every run).", "", "Commands (each run's child process; `run.py` adds "
-              "`--output-dir benchmarks/llm/work/runs/RUN --resume`):", ""]
+              "`--output-dir WORK/runs/RUN --resume`):", ""]
     lines += [f"- `{r['run']}`: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 

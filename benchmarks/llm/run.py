@@ -50,13 +50,13 @@ SCHEMES = {
 METHODS = ("ste", "pege", "torchao")
 
 
-def fp_args(steps: int, lr: float) -> list[str]:
-    return ["--model", str(WORK / "init"), "--dataset", str(WORK / "data"), "--estimator", "none",
+def fp_args(work: Path, steps: int, lr: float) -> list[str]:
+    return ["--model", str(work / "init"), "--dataset", str(work / "data"), "--estimator", "none",
             "--max-steps", str(steps), "--lr", str(lr), "--eval-steps", str(max(steps // 2, 1)), *COMMON]
 
 
-def qat_args(scheme: str, method: str, steps: int, lr: float) -> list[str]:
-    base = ["--model", str(WORK / "runs" / "fp"), "--dataset", str(WORK / "data"), "--max-steps", str(steps),
+def qat_args(work: Path, scheme: str, method: str, steps: int, lr: float) -> list[str]:
+    base = ["--model", str(work / "runs" / "fp"), "--dataset", str(work / "data"), "--max-steps", str(steps),
             "--lr", str(lr), *COMMON]
     if method == "torchao":
         return base + ["--estimator", "none"]
@@ -65,9 +65,9 @@ def qat_args(scheme: str, method: str, steps: int, lr: float) -> list[str]:
 
 def plan(args) -> list[tuple[str, list[str]]]:
     """(run name, train-lm arguments), in the order they run: FP, then W4 (all methods), W2, W4A8, W3."""
-    runs = [("fp", fp_args(args.fp_steps, args.fp_lr))]
+    runs = [("fp", fp_args(args.work, args.fp_steps, args.fp_lr))]
     for scheme in args.schemes:
-        runs += [(f"{scheme}-{m}", qat_args(scheme, m, args.qat_steps, args.qat_lr)) for m in args.methods]
+        runs += [(f"{scheme}-{m}", qat_args(args.work, scheme, m, args.qat_steps, args.qat_lr)) for m in args.methods]
     return runs
 
 
@@ -126,25 +126,25 @@ def run_one(name: str, argv: list[str]) -> None:
     train_lm(args, prepare_model=hook)
 
 
-def prepare() -> dict:
+def prepare(work: Path) -> dict:
     """The corpus, tokenizer and initial model (kept when already there)."""
     from .corpus import tiny_llama, train_tokenizer, write_corpus
 
-    info_file = WORK / "corpus.json"
-    if info_file.is_file() and (WORK / "init" / "config.json").is_file():
+    info_file = work / "corpus.json"
+    if info_file.is_file() and (work / "init" / "config.json").is_file():
         return json.loads(info_file.read_text())
-    WORK.mkdir(parents=True, exist_ok=True)
-    counts = write_corpus(WORK / "data")
-    tokenizer = train_tokenizer(sorted((WORK / "data" / "train").iterdir()), VOCAB, WORK / "tokenizer")
-    model = tiny_llama(tokenizer, WORK / "init", **MODEL)
+    work.mkdir(parents=True, exist_ok=True)
+    counts = write_corpus(work / "data")
+    tokenizer = train_tokenizer(sorted((work / "data" / "train").iterdir()), VOCAB, work / "tokenizer")
+    model = tiny_llama(tokenizer, work / "init", **MODEL)
     info = {**counts, "vocab_size": len(tokenizer), "model": MODEL,
             "parameters": sum(p.numel() for p in model.parameters()), "python": sys.version.split()[0]}
     info_file.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def launch(name: str, argv: list[str], threads: int) -> bool:
-    out = WORK / "runs" / name
+def launch(work: Path, name: str, argv: list[str], threads: int) -> bool:
+    out = work / "runs" / name
     if (out / "metrics.json").is_file():
         return True
     if name.endswith("torchao") and torchao_version() is None:
@@ -174,6 +174,8 @@ def parse(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="QAT runs at a time (default 2; the FP run goes first, alone)")
+    p.add_argument("--work", type=Path, default=WORK, help="runs, corpus and models (default benchmarks/llm/work)")
+    p.add_argument("--out", type=Path, default=HERE, help="where llm.json/.md/.png go (default benchmarks/llm)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -187,17 +189,18 @@ def main(argv=None) -> int:
         return 0
     from .report import write_report
 
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = lambda: write_report(args.work, args.out, plan(args), torchao_version())  # noqa: E731
     if not args.report_only:
-        info = prepare()
-        print(f"corpus: {info}", flush=True)
+        print(f"corpus: {prepare(args.work)}", flush=True)
         (fp_name, fp_argv), *qat = plan(args)
-        if not launch(fp_name, fp_argv, args.threads):
-            print("the full-precision run failed; see benchmarks/llm/work/runs/fp/train.log", flush=True)
+        if not launch(args.work, fp_name, fp_argv, args.threads):
+            print(f"the full-precision run failed; see {args.work}/runs/fp/train.log", flush=True)
             return 1
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is a child process
-            for _ in pool.map(lambda run: launch(*run, args.threads), qat):
-                write_report(WORK, HERE, plan(args), torchao_version())
-    write_report(WORK, HERE, plan(args), torchao_version())
+            for _ in pool.map(lambda run: launch(args.work, *run, args.threads), qat):
+                report()
+    report()
     return 0
 
 
