@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "torchao": "torchao QAT"}
+SCHEMES = {"FPcont": "FP + the QAT budget"}  # the control: FP trained on for as many steps as each QAT run
 
 
 def collect(work: Path, planned) -> list[dict]:
@@ -14,7 +15,7 @@ def collect(work: Path, planned) -> list[dict]:
     for name, argv in planned:
         metrics_file = work / "runs" / name / "metrics.json"
         scheme, _, method = name.partition("-")
-        row = {"run": name, "scheme": "FP" if name == "fp" else scheme, "method": method or "fp",
+        row = {"run": name, "scheme": "FP" if name == "fp" else SCHEMES.get(scheme, scheme), "method": method or "fp",
                "command": "python -m benchmarks.llm.run --one " + shlex.join([name, "--", *argv])}
         if metrics_file.is_file():
             m = json.loads(metrics_file.read_text())
@@ -61,7 +62,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    schemes = [s for s in dict.fromkeys(r["scheme"] for r in rows) if s != "FP"]
+    schemes = [s for s in dict.fromkeys(r["scheme"] for r in rows) if s != "FP" and s not in SCHEMES.values()]
     methods = [m for m in LABELS if any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(len(methods), 1)
@@ -73,6 +74,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fp = next((r.get("perplexity") for r in rows if r["run"] == "fp"), None)
     if fp:
         ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"FP ({fp:.2f})")
+    control = next((r.get("perplexity") for r in rows if r["run"] == "FPcont-fp"), None)
+    if control:
+        ax.axhline(control, color="grey", linestyle=":", linewidth=1, label=f"FP + QAT budget ({control:.2f})")
     ax.set_xticks(range(len(schemes)), schemes)
     ax.set_ylabel("validation perplexity (lower is better)")
     ax.set_title("Small Llama on the Python stdlib: QAT at the same budget")

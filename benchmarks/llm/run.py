@@ -58,14 +58,17 @@ def fp_args(work: Path, steps: int, lr: float) -> list[str]:
 def qat_args(work: Path, scheme: str, method: str, steps: int, lr: float) -> list[str]:
     base = ["--model", str(work / "runs" / "fp"), "--dataset", str(work / "data"), "--max-steps", str(steps),
             "--lr", str(lr), *COMMON]
-    if method == "torchao":
+    if method in ("torchao", "fp"):
         return base + ["--estimator", "none"]
     return base + ["--estimator", method, *SCHEMES[scheme][0]]
 
 
 def plan(args) -> list[tuple[str, list[str]]]:
-    """(run name, train-lm arguments), in the order they run: FP, then W4 (all methods), W2, W4A8, W3."""
+    """(run name, train-lm arguments), in the order they run: FP, the FP control, then W4 (all methods),
+    W2, W4A8, W3."""
     runs = [("fp", fp_args(args.work, args.fp_steps, args.fp_lr))]
+    # the control: the FP model trained on in full precision with the QAT runs' budget
+    runs.append(("FPcont-fp", qat_args(args.work, "FPcont", "fp", args.qat_steps, args.qat_lr)))
     for scheme in args.schemes:
         runs += [(f"{scheme}-{m}", qat_args(args.work, scheme, m, args.qat_steps, args.qat_lr)) for m in args.methods]
     return runs
