@@ -33,7 +33,7 @@ from .evaluation import acc_dtype, calibrate, sync_buffers
 from .lm_args import resolve_lm
 from .loaders import EpochShuffleSampler, batch_seed, main_process_first
 from .loop import checkpoint, claim_output_dir, default_output_dir, epoch_batches, log_training, make_accelerator
-from .loop import optimizer_step, resume
+from .loop import RunAccess, optimizer_step, resume
 from .model import load_model
 from .optim import make_optimizer, make_scheduler
 from .state import TrainerState, resume_checkpoint
@@ -45,7 +45,7 @@ TASK = "text-generation"
 
 
 @dataclass
-class LMRun:
+class LMRun(RunAccess):
     """Everything one causal-LM run holds while it trains (the attribute names training.loop's shared
     steps read)."""
 
@@ -66,17 +66,6 @@ class LMRun:
     log_batches: int = 0
     started: float = field(default_factory=time.time)
     progress: Any = None
-
-    @property
-    def raw_model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def elapsed(self) -> float:
-        return self.state.elapsed_s + time.time() - self.started
 
 
 # --------------------------------------------------------------------------------------------- setup

@@ -45,8 +45,24 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite; ``output_dir/diverged.json`` records where."""
 
 
+class RunAccess:
+    """What the shared steps read from a run (an image or a causal-LM run): the unwrapped model, whether
+    this is the main process, the training time so far (a resumed run's included)."""
+
+    @property
+    def raw_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def elapsed(self) -> float:
+        return self.state.elapsed_s + time.time() - self.started
+
+
 @dataclass
-class Run:
+class Run(RunAccess):
     """Everything one training run holds while it trains."""
 
     args: Any
@@ -70,17 +86,6 @@ class Run:
     previous_codes: Any = None  # weight codes at the last epoch end
     started: float = field(default_factory=time.time)
     progress: Any = None
-
-    @property
-    def raw_model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def elapsed(self) -> float:
-        return self.state.elapsed_s + time.time() - self.started
 
 
 # --------------------------------------------------------------------------------------------- setup
