@@ -6,6 +6,7 @@ import json
 import shlex
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]  # commands are shown relative to the repository root
 LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "torchao": "torchao QAT"}
 SCHEMES = {"FPcont": "FP + the QAT budget"}  # the control: FP trained on for as many steps as each QAT run
 
@@ -16,7 +17,8 @@ def collect(work: Path, planned) -> list[dict]:
         metrics_file = work / "runs" / name / "metrics.json"
         scheme, _, method = name.partition("-")
         row = {"run": name, "scheme": "FP" if name == "fp" else SCHEMES.get(scheme, scheme), "method": method or "fp",
-               "command": "python -m benchmarks.llm.run --one " + shlex.join([name, "--", *argv])}
+               "command": "python -m benchmarks.llm.run --one " + shlex.join(
+                   [name, "--", *(a.replace(f"{ROOT}/", "") for a in argv)])}
         if metrics_file.is_file():
             m = json.loads(metrics_file.read_text())
             row.update(loss=m["loss"], perplexity=m["perplexity"], steps=m["steps"], wall_time_s=m["wall_time_s"],
@@ -57,6 +59,7 @@ def markdown(rows: list[dict], corpus: dict, torchao: str | None) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Validation perplexity / FP perplexity of every run, grouped by scheme (the axis zoomed to the data)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,21 +69,26 @@ def plot(rows: list[dict], path: Path) -> None:
     methods = [m for m in LABELS if any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(len(methods), 1)
+    shown = [1.0]
     for i, method in enumerate(methods):
-        values = [next((r.get("perplexity") for r in rows if r["scheme"] == s and r["method"] == method), None)
+        values = [next((r.get("ratio_to_fp") for r in rows if r["scheme"] == s and r["method"] == method), None)
                   for s in schemes]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(schemes))]
-        ax.bar([x for x, v in zip(xs, values) if v], [v for v in values if v], width, label=LABELS[method])
+        ax.bar([x for x, v in zip(xs, values) if v], [v - 1 for v in values if v], width, bottom=1.0,
+               label=LABELS[method])
+        shown += [v for v in values if v]
     fp = next((r.get("perplexity") for r in rows if r["run"] == "fp"), None)
-    if fp:
-        ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"FP ({fp:.2f})")
-    control = next((r.get("perplexity") for r in rows if r["run"] == "FPcont-fp"), None)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label=f"FP (perplexity {fp:.2f})" if fp else "FP")
+    control = next((r.get("ratio_to_fp") for r in rows if r["run"] == "FPcont-fp"), None)
     if control:
-        ax.axhline(control, color="grey", linestyle=":", linewidth=1, label=f"FP + QAT budget ({control:.2f})")
+        ax.axhline(control, color="grey", linestyle=":", linewidth=1.5, label="FP trained on with the QAT budget")
+        shown.append(control)
+    margin = max(0.002, 0.1 * (max(shown) - min(shown)))
+    ax.set_ylim(min(shown) - margin, max(shown) + margin)
     ax.set_xticks(range(len(schemes)), schemes)
-    ax.set_ylabel("validation perplexity (lower is better)")
+    ax.set_ylabel("validation perplexity / FP (lower is better)")
     ax.set_title("Small Llama on the Python stdlib: QAT at the same budget")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
