@@ -2,6 +2,7 @@
 
     python -m benchmarks.llm.run            # prepare, train FP, every QAT run, then the report
     python -m benchmarks.llm.run --report-only
+    python -m benchmarks.llm.run --fp-steps 100 --qat-steps 30 --work benchmarks/llm/work --out benchmarks/llm
 
 1. Text: the Python standard library's source on this machine (without its tests), split by file into
    train/validation from a hash of each file's path (benchmarks/llm/corpus.py).
@@ -13,9 +14,9 @@
    group of 32, int8 asymmetric per-token activations) trained by the same loop through train_lm's
    ``prepare_model`` hook.
 
-Each run is a child process writing into benchmarks/llm/work/runs/NAME (not committed) with resumable
+Each run is a child process writing into WORK/runs/NAME (not committed) with resumable
 checkpoints; a run with a metrics.json is finished and never redone, a cut-off one continues. The
-report (llm.json, llm.md, llm.png beside this file) reads the runs' metrics.json.
+report (llm.json, llm.md, llm.png in --out) reads the runs' metrics.json.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE / "work"
+WORK = HERE / "work400"
 DEPS = HERE.parents[1] / ".deps"  # torchao installed with `pip install --target .deps torchao` (see README)
 GROUP = 32
 MODEL = {"hidden": 128, "layers": 4, "heads": 4, "intermediate": 384, "positions": 256}
@@ -169,16 +170,17 @@ def launch(work: Path, name: str, argv: list[str], threads: int) -> bool:
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.llm.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fp-steps", type=int, default=100, help="full-precision steps (default 100)")
+    p.add_argument("--fp-steps", type=int, default=400, help="full-precision steps (default 400)")
     p.add_argument("--fp-lr", type=float, default=3e-3, help="full-precision peak lr (default 3e-3)")
-    p.add_argument("--qat-steps", type=int, default=30, help="steps of every QAT run (default 30)")
+    p.add_argument("--qat-steps", type=int, default=100, help="steps of every QAT run (default 100)")
     p.add_argument("--qat-lr", type=float, default=3e-4, help="peak lr of every QAT run (default 3e-4)")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="QAT runs at a time (default 2; the FP run goes first, alone)")
-    p.add_argument("--work", type=Path, default=WORK, help="runs, corpus and models (default benchmarks/llm/work)")
-    p.add_argument("--out", type=Path, default=HERE, help="where llm.json/.md/.png go (default benchmarks/llm)")
+    p.add_argument("--work", type=Path, default=WORK, help="runs, corpus and models (default benchmarks/llm/work400)")
+    p.add_argument("--out", type=Path, default=HERE / "budget400",
+                   help="where llm.json/.md/.png go (default benchmarks/llm/budget400)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
