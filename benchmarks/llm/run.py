@@ -157,7 +157,8 @@ def launch(work: Path, name: str, argv: list[str], threads: int) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "benchmarks.llm.run", "--one", name, "--",
                *argv, "--output-dir", str(out), "--resume"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TQDM_DISABLE": "1",
            "PYTHONPATH": str(HERE.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = time.time()
     print(f"run {name} ...", flush=True)
