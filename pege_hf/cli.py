@@ -1,4 +1,4 @@
-"""The `pege` command: train | eval | push | demo | bench (one module per command, see COMMANDS)."""
+"""The `pege` command: train | train-lm | eval | push | demo | bench (one module per command, see COMMANDS)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 # subcommand -> (module, help); each module has add_arguments(parser) and main(args) -> int
 COMMANDS = {
     "train": ("pege_hf.train", "train a model (full precision or QAT); same as `accelerate launch -m pege_hf.train`"),
+    "train-lm": ("pege_hf.train_lm", "train a causal language model on text (full precision or QAT); same as "
+                 "`accelerate launch -m pege_hf.train_lm`"),
     "eval": ("pege_hf.evaluate", "accuracy (top-1, top-5) of a float or PEGE checkpoint on a data set"),
     "push": ("pege_hf.hub", "upload a checkpoint folder to the Hugging Face Hub with a model card"),
     "demo": ("pege_hf.demo", "open the Gradio demo: full precision vs 2/3/4-bit predictions"),

@@ -38,6 +38,7 @@ __all__ = ["PushError", "attach_model_card", "render_model_card", "push_to_hub",
 
 _HERE = Path(__file__).resolve().parent
 PACKAGED_TEMPLATE = _HERE / "model_card_template.md"  # the copy installed with the wheel
+LM_TEMPLATE = _HERE / "model_card_template_lm.md"  # causal language models (task text-generation)
 LICENSE = "apache-2.0"
 LIBRARY_NAME = "pege-hf"
 CIFAR10_HUB_ID = "uoft-cs/cifar10"
@@ -61,11 +62,12 @@ class PushError(RuntimeError):
 # ============================================================================ reading a checkpoint folder
 
 
-def template_path() -> Path:
-    """The card template shipped with the package."""
-    if not PACKAGED_TEMPLATE.is_file():
-        raise FileNotFoundError(f"model card template not found ({PACKAGED_TEMPLATE}); reinstall pege-hf")
-    return PACKAGED_TEMPLATE
+def template_path(task: str | None = None) -> Path:
+    """The card template shipped with the package (the causal-LM one for task text-generation)."""
+    path = LM_TEMPLATE if task == "text-generation" else PACKAGED_TEMPLATE
+    if not path.is_file():
+        raise FileNotFoundError(f"model card template not found ({path}); reinstall pege-hf")
+    return path
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -129,7 +131,8 @@ def _inspect_model(checkpoint_dir: Path, config: dict) -> dict[str, Any]:
     layer back into a float layer of the same shape and keeps everything else), and which conv/linear layers
     the PEGE config quantizes (the quantizer's own rule, quant.modules.layers_to_skip)."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+    from transformers import AutoModelForSequenceClassification
 
     from .config import PEGEConfig
     from .hf.cifar import register_cifar_models
@@ -138,7 +141,8 @@ def _inspect_model(checkpoint_dir: Path, config: dict) -> dict[str, Any]:
     register_cifar_models()
     arch = (config.get("architectures") or [""])[0]
     auto_class = (AutoModelForImageClassification if arch.endswith("ForImageClassification") else
-                  AutoModelForSequenceClassification if arch.endswith("ForSequenceClassification") else AutoModel)
+                  AutoModelForSequenceClassification if arch.endswith("ForSequenceClassification") else
+                  AutoModelForCausalLM if arch.endswith("ForCausalLM") else AutoModel)
     hf_config = AutoConfig.from_pretrained(str(checkpoint_dir))
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
@@ -182,7 +186,8 @@ def _measured(value) -> bool:
 
 def command_text(command) -> str | None:
     """metrics.json's ``command`` (sys.argv of the run) as a shell line; only the program path is shortened
-    (``/.../bin/pege`` -> ``pege``, ``/.../pege_hf/train.py`` -> ``python -m pege_hf.train``)."""
+    (``/.../bin/pege`` -> ``pege``, ``/.../pege_hf/train.py`` -> ``python -m pege_hf.train``, the same for
+    train_lm.py)."""
     if command is None:
         return None
     if isinstance(command, str):
@@ -193,8 +198,8 @@ def command_text(command) -> str | None:
     prog = argv[0].replace("\\", "/")
     if Path(prog).name in ("pege", "pege.exe") or prog.endswith("pege_hf/cli.py"):
         head = ["pege"]
-    elif prog.endswith("pege_hf/train.py"):
-        head = ["python", "-m", "pege_hf.train"]
+    elif prog.endswith(("pege_hf/train.py", "pege_hf/train_lm.py")):
+        head = ["python", "-m", "pege_hf." + Path(prog).stem]
     else:
         head = [argv[0]]
     return shlex.join(head + argv[1:])
@@ -251,20 +256,25 @@ def _describe_base(ref: str | None, explicit: str | None, metrics: dict | None, 
     return None, f"a local float checkpoint (`{name}`)"
 
 
+def _base_run_metrics(base_ref: str | None, anchors) -> dict | None:
+    """The metrics.json of the float base's own training run (a local folder), else None."""
+    base_dir = _local_dir(base_ref, *anchors)
+    if base_dir is None or not (base_dir / "metrics.json").is_file():
+        return None
+    try:
+        return _read_json(base_dir / "metrics.json", "the base model's training metrics")
+    except ValueError:
+        return None
+
+
 def _base_accuracy(metrics: dict, base_ref: str | None, anchors) -> dict | None:
     """The float base's measured accuracy: metrics.json's base_accuracy, else the base folder's own
     metrics.json. None when neither has one."""
     if _measured(metrics.get("base_accuracy")):
         return {"accuracy": metrics["base_accuracy"], "top5": metrics.get("base_top5"),
                 "loss": metrics.get("base_loss"), "source": "this checkpoint's metrics.json (`base_accuracy`)"}
-    base_dir = _local_dir(base_ref, *anchors)
-    if base_dir is None or not (base_dir / "metrics.json").is_file():
-        return None
-    try:
-        base = _read_json(base_dir / "metrics.json", "the base model's training metrics")
-    except ValueError:
-        return None
-    if not _measured(base.get("accuracy")):
+    base = _base_run_metrics(base_ref, anchors)
+    if base is None or not _measured(base.get("accuracy")):
         return None
     same = all(base.get(k) == metrics.get(k) for k in ("dataset", "num_test", "max_test", "seed", "test_split"))
     source = (f"the base model's own training run (its metrics.json, {base.get('num_test', '?')} test images"
@@ -276,7 +286,7 @@ def _base_accuracy(metrics: dict, base_ref: str | None, anchors) -> dict | None:
 def _training_facts(m: dict) -> list[str]:
     facts = []
     if m.get("epochs") is not None:
-        line = f"{m['epochs']} epoch{'s' if m['epochs'] != 1 else ''}"
+        line = f"{m['epochs']:.3g} epoch{'s' if m['epochs'] != 1 else ''}"
         if m.get("steps") is not None:
             line += f", {m['steps']:,} optimizer steps"
         if m.get("batch_size") is not None:
@@ -299,6 +309,9 @@ def _training_facts(m: dict) -> list[str]:
     if m.get("num_train") is not None:
         facts.append(f"{m['num_train']:,} training images, {m.get('num_test', '?'):,} test images"
                      if isinstance(m.get("num_test"), int) else f"{m['num_train']:,} training images")
+    if m.get("train_tokens") is not None:
+        facts.append(f"{m['train_blocks']:,} training blocks of {m['block_size']} tokens ({m['train_tokens']:,} tokens); "
+                     f"validation: {m.get('validation_tokens', 0):,} tokens ({m.get('validation_split')})")
     if m.get("seed") is not None:
         facts.append(f"seed {m['seed']}")
     if m.get("wall_time_s") is not None:
@@ -335,7 +348,8 @@ def _quantization_of(ckpt: Path, config: dict) -> dict:
 def _task_of(config: dict) -> str | None:
     arch = (config.get("architectures") or [""])[0]
     return ("image-classification" if arch.endswith("ForImageClassification") else
-            "text-classification" if arch.endswith("ForSequenceClassification") else None)
+            "text-classification" if arch.endswith("ForSequenceClassification") else
+            "text-generation" if arch.endswith("ForCausalLM") else None)
 
 
 def _inspect_safely(ckpt: Path, config: dict) -> dict:
@@ -418,8 +432,10 @@ def _model_texts(config: dict, q: dict, inspected: dict) -> dict:
     else:
         curriculum_text = "none (every element is quantized from the first step)"
     return {"labels_text": labels_text, "num_params_text": num_params_text, "curriculum_text": curriculum_text,
-            "kept_float_text": ", ".join(kept or ["no conv/linear layer"])
-            + "; BatchNorm, biases and other non-conv/linear operations stay float32"}
+            "kept_float_text": ", ".join(kept or ["no conv/linear layer"]) + (
+                "; the token embeddings, norms, biases and other non-Linear operations stay float as well"
+                if _task_of(config) == "text-generation" else
+                "; BatchNorm, biases and other non-conv/linear operations stay float32")}
 
 
 def _accuracy_texts(m: dict, accuracy, base_acc) -> dict:
@@ -451,6 +467,8 @@ def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *,
     accuracy = m.get("accuracy") if _measured(m.get("accuracy")) else None
     base_acc = _base_accuracy(m, m.get("base_model"), anchors) if accuracy is not None else None
     num_test = m.get("num_test")
+    if task == "text-generation":
+        return _lm_card(ckpt, config, m, q, inspected, ds, (base_id, base_text), title, repo_id, metrics is not None)
     variables = dict(
         title=title, has_metrics=metrics is not None, quantized=q["quantized"], bits_label=q["bits_label"],
         w_bits=q["w_bits"], a_bits=q["a_bits"], estimator=q["estimator"],
@@ -466,6 +484,63 @@ def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *,
         raise ImportError("model cards need jinja2: pip install 'pege-hf[hub]'")
     card_data = _card_data(q, task, accuracy, ds, base_id, num_test, title)
     return ModelCard.from_template(card_data, template_path=str(template_path()), **variables)
+
+
+def _lm_card_data(q: dict, perplexity, ds: tuple, base_id, title):
+    """The YAML metadata of a causal LM's card: pipeline_tag text-generation, perplexity as an eval result."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    ds_id, _, ds_name = ds
+    tags = ["pege", "pege-hf", "text-generation", "causal-lm"]
+    tags += (["quantization", "qat", q["bits_label"].lower(), f"{q['w_bits']}-bit"] + (
+        [q["estimator"]] if q["estimator"] != "pege" else [])) if q["quantized"] else ["full-precision"]
+    results = [EvalResult(task_type="text-generation", dataset_type=ds_id or ds_name, dataset_name=ds_name,
+                          dataset_split="validation", metric_type="perplexity", metric_name="Perplexity",
+                          metric_value=float(perplexity))] if perplexity is not None else None
+    return ModelCardData(
+        library_name=LIBRARY_NAME, license=LICENSE, tags=tags, pipeline_tag="text-generation",
+        datasets=[ds_id] if ds_id else None, base_model=base_id,
+        base_model_relation="quantized" if (base_id and q["quantized"]) else None,
+        metrics=["perplexity"] if results else None, model_name=title if results else None, eval_results=results)
+
+
+def _base_perplexity(m: dict, anchors) -> dict | None:
+    """The float base's perplexity from its own metrics.json (a local `pege train-lm` run), else None."""
+    base = _base_run_metrics(m.get("base_model"), anchors)
+    if base is None or not isinstance(base.get("perplexity"), (int, float)):
+        return None
+    same = all(base.get(k) == m.get(k) for k in ("dataset", "validation_split", "block_size", "validation_tokens"))
+    source = ("the base model's own training run (its metrics.json"
+              + ("; the same validation tokens)" if same else "; other validation tokens, so the rows are not "
+                 "directly comparable)"))
+    return {"loss": _number(base["loss"]), "perplexity": f"{base['perplexity']:.3f}", "source": source}
+
+
+def _lm_card(ckpt: Path, config: dict, m: dict, q: dict, inspected: dict, ds: tuple, base: tuple, title: str,
+             repo_id: str | None, has_metrics: bool):
+    """The ModelCard of a causal language model (template model_card_template_lm.md)."""
+    from huggingface_hub import ModelCard
+
+    perplexity = m.get("perplexity") if isinstance(m.get("perplexity"), (int, float)) else None
+    base_ppl = _base_perplexity(m, (ckpt, ckpt.parent, Path.cwd())) if perplexity is not None else None
+    tokens = m.get("validation_tokens")
+    variables = dict(
+        title=title, has_metrics=has_metrics, quantized=q["quantized"], bits_label=q["bits_label"],
+        w_bits=q["w_bits"], a_bits=q["a_bits"], estimator=q["estimator"], group_size=q["qc"].get("group_size"),
+        estimator_long=ESTIMATORS.get(q["estimator"], q["estimator"]),
+        w_quantizer=q["qc"].get("w_quantizer"), a_quantizer=q["qc"].get("a_quantizer"),
+        arch_name=_arch_name(config), base_model_text=base[1], dataset_text=ds[1],
+        eval_text=f"the validation split of {ds[1]}" + (f" ({tokens:,} predicted tokens)" if tokens else ""),
+        perplexity=f"{perplexity:.3f}" if perplexity is not None else None,
+        loss=_number(m["loss"]) if perplexity is not None else None,
+        base_perplexity=base_ppl["perplexity"] if base_ppl else None, base_loss=base_ppl["loss"] if base_ppl else None,
+        base_source=base_ppl["source"] if base_ppl else None,
+        model_ref=repo_id or str(ckpt), command=command_text(m.get("command")), training_facts=_training_facts(m),
+        pege_hf_version=__version__, **_model_texts(config, q, inspected), **_sizes(ckpt, m, inspected, q["quantized"]))
+    if not can_render_cards():
+        raise ImportError("model cards need jinja2: pip install 'pege-hf[hub]'")
+    card_data = _lm_card_data(q, perplexity, ds, base[0], title)
+    return ModelCard.from_template(card_data, template_path=str(template_path("text-generation")), **variables)
 
 
 def can_render_cards() -> bool:

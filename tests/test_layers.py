@@ -20,8 +20,8 @@ LAYERS = (
     ("data", ("pege_hf.data",)),
     ("hub and export", ("pege_hf.hub", "pege_hf.export")),
     ("training", ("pege_hf.training",)),
-    ("commands", ("pege_hf.train", "pege_hf.evaluate", "pege_hf.demo", "pege_hf.bench", "pege_hf.cli",
-                  "pege_hf.deploy")),
+    ("commands", ("pege_hf.train", "pege_hf.train_lm", "pege_hf.evaluate", "pege_hf.demo", "pege_hf.bench",
+                  "pege_hf.cli", "pege_hf.deploy")),
     ("package", ("pege_hf",)),
 )
 

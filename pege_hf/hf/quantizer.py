@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from ..quant.modules import QuantLayer, layers_to_skip, set_progress, unquantized_weights
 from ..quant.modules import quantize as quantize_module
-from ..quant.quantizers import fake_quantize
+from ..quant.quantizers import DynamicQuantizer, fake_quantize
 from . import conv1d  # noqa: F401  (registers transformers' Conv1D with the layer swap)
 
 logger = logging.get_logger(__name__)
@@ -185,7 +185,7 @@ def check_loaded_layer(name: str, layer: QuantLayer) -> None:
                          f"{layer.weight_quantizer.quantizer.bits}-bit weight of shape {tuple(layer._weight_shape)} "
                          f"needs {expected} uint8 bytes: the checkpoint does not match its quantization_config")
     for qname, fq in (("weight_quantizer", layer.weight_quantizer), ("input_quantizer", layer.input_quantizer)):
-        if fq is None:
+        if fq is None or isinstance(fq.quantizer, DynamicQuantizer):  # dynamic: nothing stored to check
             continue
         scale = fq.quantizer.scale_tensor()
         if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):

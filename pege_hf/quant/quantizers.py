@@ -326,7 +326,8 @@ class DynamicQuantizer(UniformQuantizer):
     @torch.no_grad()
     def initialize(self, x) -> None:
         self._set_state(*qrange(self.bits, True), initialized=True)
-        self._mark_ready()
+        if not self.qstate.is_meta:  # built on the meta device (from_pretrained): ready when reset on real memory
+            self._mark_ready()
 
     def reset(self, signed: bool = True) -> None:
         self.initialize(None)

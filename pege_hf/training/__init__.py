@@ -1,4 +1,4 @@
-"""Training: ``pege train`` / ``accelerate launch -m pege_hf.train``.
+"""Training: ``pege train`` / ``accelerate launch -m pege_hf.train``, and ``pege train-lm`` for causal LMs.
 
 args        the command line (PEGEConfig options generated from the config's field metadata) and its checks
 loop        the training loop in named steps (``train``)
@@ -10,6 +10,9 @@ loaders     sampler, per-batch seeds, label checks
 model       loading or building the model
 recipes     tuned recipes as dicts
 quickstart  `pege train` with no arguments
+lm_args     `pege train-lm` arguments (the same generated PEGEConfig options) and their checks
+lm_loop     the causal-LM loop (``train_lm``), built from loop's and state's shared steps
+text        text data for causal LMs: datasets' loaders, tokenize, pack into blocks
 """
 
 from __future__ import annotations

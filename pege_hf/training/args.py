@@ -127,37 +127,47 @@ def _add_model_and_data(parser) -> None:
     g.add_argument("--max-test", type=int, default=None, metavar="N", help="evaluate on a random subset of N images")
 
 
-def _add_optimisation(parser) -> None:
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help=f"epochs (default {DEFAULT_EPOCHS}; quickstart: 3 QAT)")
-    g.add_argument("--batch-size", type=int, default=128, metavar="N", help="batch size per process (default 128)")
-    g.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="evaluation batch size per process")
+def add_optimisation_options(g, *, batch_size: int, optimizer: str, weight_decay: float, lr_help: str,
+                             epochs_help: str) -> None:
+    """The optimisation options `pege train` and `pege train-lm` share (their defaults differ)."""
+    g.add_argument("--epochs", type=int, default=None, help=epochs_help)
+    g.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                   help=f"batch size per process (default {batch_size})")
+    g.add_argument("--eval-batch-size", type=int, default=2 * batch_size, metavar="N",
+                   help="evaluation batch size per process")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="N",
                    help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="sgd (momentum, Nesterov) or adam (AdamW)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: sgd 0.1 from scratch / 0.01 from --model; adam 1e-3 / 1e-4)")
+    g.add_argument("--optimizer", default=optimizer, choices=OPTIMIZERS,
+                   help=f"sgd (momentum, Nesterov) or adam (AdamW) (default {optimizer})")
+    g.add_argument("--lr", type=float, default=None, help=lr_help)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="on conv/linear weights only, never on BN, biases or quantizer scales (default 5e-4)")
+    g.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help=f"on conv/linear weights only, never on norms, biases or quantizer scales (default {weight_decay:g})")
     g.add_argument("--quantizer-lr-scale", type=float, default=1.0,
                    help="lr of quantizer parameters (step sizes) relative to --lr (default 1, benchmarks/tuning.md)")
     g.add_argument("--scheduler", default="cosine", choices=SCHEDULERS, help="lr schedule after the warmup")
     g.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps with linear lr warmup (default 0.05)")
+    g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
+                   help="default: as configured for accelerate (no)")
+
+
+def _add_optimisation(parser) -> None:
+    g = parser.add_argument_group("optimisation")
+    add_optimisation_options(
+        g, batch_size=128, optimizer="sgd", weight_decay=5e-4,
+        lr_help="learning rate (default: sgd 0.1 from scratch / 0.01 from --model; adam 1e-3 / 1e-4)",
+        epochs_help=f"epochs (default {DEFAULT_EPOCHS}; quickstart: 3 QAT)")
     g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default 0)")
     g.add_argument("--reestimate-bn", type=int, default=0, metavar="N",
                    help="after the last epoch, replace the BatchNorm moving averages by a plain average over N "
                         "augmented training batches, before saving and the final evaluation (default 0: off)")
-    g.add_argument("--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
-                   help="default: as configured for accelerate (no)")
 
 
-def _add_run(parser) -> None:
-    g = parser.add_argument_group("run")
+def add_run_options(g, *, default_output: str) -> None:
+    """The run options `pege train` and `pege train-lm` share."""
     g.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="where the model, metrics.json, logs and checkpoints go (default runs/<model>-<quant>; "
-                        "quickstart runs/quickstart)")
+                   help=f"where the model, metrics.json, logs and checkpoints go (default {default_output})")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order, augmentation and masks")
     g.add_argument("--checkpointing-steps", type=_checkpointing_steps, default=None, metavar="N|epoch",
                    help="save a resumable checkpoint every N optimizer steps (or every epoch)")
@@ -168,11 +178,16 @@ def _add_run(parser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --output-dir that holds an earlier run (its checkpoints are deleted)")
     g.add_argument("--log-every", type=int, default=10, metavar="N", help="log train loss/lr every N optimizer steps")
-    g.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers (data is in memory)")
     g.add_argument("--no-tensorboard", action="store_true", help="do not log to TensorBoard")
     g.add_argument("--compile-kernels", action="store_true",
                    help="run the quantizers' elementwise kernels through torch.compile (faster QAT steps; the "
                         "first step compiles)")
+
+
+def _add_run(parser) -> None:
+    g = parser.add_argument_group("run")
+    add_run_options(g, default_output="runs/<model>-<quant>; quickstart runs/quickstart")
+    g.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers (data is in memory)")
     g.add_argument("--channels-last", action="store_true",
                    help="channels-last weights, so convolutions run channels-last (faster on CPUs)")
 
@@ -251,10 +266,10 @@ _RULES = (
 def check_training_options(args) -> None:
     """ValueError naming the first option whose value the run cannot honour."""
     for name, ok, what in _RULES:
-        value = getattr(args, name)
-        if not ok(value):
+        value = getattr(args, name, None)
+        if hasattr(args, name) and not ok(value):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}; got {value}")
-    if args.model and args.arch:
+    if args.model and getattr(args, "arch", None):
         raise ValueError(f"--arch {args.arch} builds a fresh model, but --model {args.model} loads one: pass one of them")
     if args.resume and args.resume_from:
         raise ValueError("--resume and --resume-from both say where to continue from: pass one of them")

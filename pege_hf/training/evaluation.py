@@ -70,14 +70,15 @@ def sync_buffers(accelerator, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, images: torch.Tensor) -> None:
+def calibrate(model: nn.Module, images: torch.Tensor | None = None, **inputs) -> None:
     """Initialise every fake quantizer that has not seen data yet (activation step sizes) with one
-    eval-mode forward. Under DDP every rank must call it (the initialisation all-reduces)."""
+    eval-mode forward on ``images`` (as pixel_values) or on ``inputs`` (input_ids=... for a language
+    model). Under DDP every rank must call it (the initialisation all-reduces)."""
     if not any(isinstance(m, FakeQuantizer) and not m.quantizer.is_initialized() for m in model.modules()):
         return
     was_training = model.training
     model.eval()
-    model(pixel_values=images)
+    model(**({"pixel_values": images} if images is not None else inputs))
     model.train(was_training)
 
 

@@ -45,8 +45,24 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite; ``output_dir/diverged.json`` records where."""
 
 
+class RunAccess:
+    """What the shared steps read from a run (an image or a causal-LM run): the unwrapped model, whether
+    this is the main process, the training time so far (a resumed run's included)."""
+
+    @property
+    def raw_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def elapsed(self) -> float:
+        return self.state.elapsed_s + time.time() - self.started
+
+
 @dataclass
-class Run:
+class Run(RunAccess):
     """Everything one training run holds while it trains."""
 
     args: Any
@@ -70,17 +86,6 @@ class Run:
     previous_codes: Any = None  # weight codes at the last epoch end
     started: float = field(default_factory=time.time)
     progress: Any = None
-
-    @property
-    def raw_model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def elapsed(self) -> float:
-        return self.state.elapsed_s + time.time() - self.started
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -209,13 +214,32 @@ def start_logging(run: Run) -> None:
 # --------------------------------------------------------------------------------------------- one epoch
 
 
-def train_epoch(run: Run, epoch: int) -> None:
-    """One pass over the training data (the rest of it, for the epoch a resumed run stopped in)."""
+def epoch_batches(run, epoch: int):
+    """(loader, batches skipped) of one epoch: the whole epoch, or the rest of the one a resumed run stopped
+    in; the model in training mode. Shared with the causal-LM loop."""
     run.model.train()
     skip = run.state.batch_in_epoch if epoch == run.state.epoch else 0
     run.train_loader.set_epoch(epoch)
     run.sampler.set_epoch(epoch)
-    loader = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    return (run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader), skip
+
+
+def optimizer_step(run, loss: torch.Tensor) -> None:
+    """Backward, and at the end of an accumulation clipping (--max-grad-norm), the optimizer and lr steps;
+    inside ``accelerator.accumulate``. Shared with the causal-LM loop."""
+    accelerator = run.accelerator
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and run.args.max_grad_norm:
+        accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+    run.optimizer.step()
+    if accelerator.sync_gradients:
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """One pass over the training data (the rest of it, for the epoch a resumed run stopped in)."""
+    loader, skip = epoch_batches(run, epoch)
     if not skip:
         run.sums.zero_()
     generator = torch.Generator(device=run.accelerator.device)
@@ -239,13 +263,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, generator: 
         pixels = normalize(random_crop_flip(images, generator=generator), run.mean, run.std)
         logits = run.model(pixel_values=pixels).logits.float()
         loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm:
-            accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
-        run.optimizer.step()
-        if accelerator.sync_gradients:
-            run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(run, loss)
     with torch.no_grad():
         loss = loss.detach().to(run.sums.dtype)
         correct = (logits.argmax(-1) == labels).sum().to(run.sums.dtype)
