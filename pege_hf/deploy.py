@@ -154,7 +154,8 @@ def initializer_bytes(tensor) -> int:
 def onnx_memory_bytes(path: str | os.PathLike) -> int:
     """Bytes of the weights ONNX Runtime holds for ``path``: the initializers of the graph its CPU provider
     runs after its optimisations (constant Casts folded, e.g. INT4 codes widened to the int8 its integer
-    kernels read), read back from SessionOptions.optimized_model_filepath."""
+    kernels read), read back from SessionOptions.optimized_model_filepath. int64 initializers are not weights
+    (shapes, axes and the im2col convolutions' Gather indices: docs/export.md) and are left out."""
     import onnx
     import onnxruntime as ort
 
@@ -164,7 +165,7 @@ def onnx_memory_bytes(path: str | os.PathLike) -> int:
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         graph = onnx.load(opts.optimized_model_filepath).graph
-    return sum(initializer_bytes(t) for t in graph.initializer)
+    return sum(initializer_bytes(t) for t in graph.initializer if t.data_type != onnx.TensorProto.INT64)
 
 
 def module_bytes(model: nn.Module) -> int:
