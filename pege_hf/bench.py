@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -357,7 +358,8 @@ def speed_plot(result: dict, path: Path) -> None:
         ax.legend(loc="upper left", fontsize=8)
     kernels = "torch.compile" if result["compile"] else "eager"
     layout = ", channels-last weights" if result.get("channels_last") else ""
-    fig.suptitle(f"training step, {_speed_heading(result)}, {result['device']}, {kernels} kernels{layout}", fontsize=8)
+    title = f"training step, {_speed_heading(result)}, {result['device']}, {kernels} kernels{layout}"
+    fig.suptitle(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
