@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .config import PEGEConfig
 from .data import DEFAULT_DATASET
 from .deploy import SHIPPED, bench_deploy, deploy_plot, deploy_table, onnxruntime_missing
 from .hf.cifar import cifar_resnet
-from .quant.modules import quantize, set_progress
+from .quant.modules import layers_to_skip, quantize, set_progress
 from .sources import SHIPPED_MODELS_DIR, check_checkpoint_dir, is_hub_id
 
 DEFAULT_OUT = Path("benchmarks")
@@ -50,21 +51,92 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-def _speed_variants(bits: int, progress: float):
-    """name -> (config or None, progress)."""
+SPEED_MODELS = ("resnet20", "distilbert")
+GROUP_SIZE = 32  # the LLM recipe's weight group (torchao's int4 QAT default)
+
+
+def _speed_variants(bits: int, progress: float, **options):
+    """name -> (config or None, progress); ``options``: further PEGEConfig fields of every quantized variant
+    (the LLM recipe: group_size, a_bits, a_quantizer)."""
+    options = {"w_bits": bits, "a_bits": bits, **options}
     return {
         "fp": (None, None),
-        "ste": (PEGEConfig(w_bits=bits, a_bits=bits, estimator="ste"), None),
-        "pege": (PEGEConfig(w_bits=bits, a_bits=bits, estimator="pege"), progress),
-        "pege_r1": (PEGEConfig(w_bits=bits, a_bits=bits, estimator="pege"), 1.0),
+        "ste": (PEGEConfig(**options, estimator="ste"), None),
+        "pege": (PEGEConfig(**options, estimator="pege"), progress),
+        "pege_r1": (PEGEConfig(**options, estimator="pege"), 1.0),
     }
 
 
-def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progress=0.3, device=None,
+def image_task(batch_size: int, bits: int, progress: float, model_fn=None, device="cpu") -> dict:
+    """The CNN speed benchmark: a CIFAR ResNet-20 at W{bits}A{bits} on a random image batch."""
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    return dict(model="cifar_resnet20", label="CIFAR ResNet-20", scheme=f"W{bits}A{bits}", model_fn=model_fn or resnet20,
+                batch=(x, y), variants=_speed_variants(bits, progress), peers={})
+
+
+def distilbert(dim=256, layers=4, heads=4, hidden=1024, vocab=30522, seq_len=128, num_labels=2):
+    """A randomly initialised DistilBERT sequence classifier built from its config (nothing downloaded)."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, hidden_dim=hidden,
+                              max_position_embeddings=max(512, seq_len), num_labels=num_labels)
+    return DistilBertForSequenceClassification(config)
+
+
+def token_task(batch_size: int, bits: int, progress: float, seq_len=128, device="cpu", dim=256, layers=4, heads=4,
+               hidden=1024, vocab=30522) -> dict:
+    """The transformer speed benchmark: a DistilBERT classifier on random token ids and labels, quantized with
+    the LLM recipe (W{bits} group-32 weights, 8-bit per-token dynamic activations); torchao's QAT of the same
+    scheme as the peer when torchao is importable."""
+    x = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+    y = torch.randint(0, 2, (batch_size,), device=device)
+    variants = _speed_variants(bits, progress, group_size=GROUP_SIZE, a_bits=8, a_quantizer="dynamic_token")
+    peer = torchao_prepare(bits, variants["ste"][0])
+    return dict(model="distilbert", label=f"DistilBERT (dim {dim}, {layers} layers, {heads} heads, hidden {hidden}, "
+                                          f"vocab {vocab})", scheme=f"W{bits} g{GROUP_SIZE}, A8 per-token dynamic",
+                seq_len=seq_len, batch=(x, y), step_target=1.2,
+                model_fn=lambda: distilbert(dim, layers, heads, hidden, vocab, seq_len),
+                variants={**variants, **({"torchao": (peer, None)} if peer else {})},
+                peers={"torchao": torchao_version()})
+
+
+def torchao_version() -> str | None:
+    """torchao's version when it is importable (an optional peer, never a dependency), else None."""
+    try:
+        import torchao
+    except ImportError:
+        return None
+    return torchao.__version__
+
+
+def torchao_prepare(bits: int, config: PEGEConfig):
+    """torchao's QAT fake quantizers (int8 per-token dynamic activations, int{bits} group-32 symmetric weights) on
+    the same Linears pege_hf quantizes with ``config``; None when torchao is not importable."""
+    if torchao_version() is None:
+        return None
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    weight = IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), group_size=GROUP_SIZE, is_symmetric=True)
+    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+
+    def prepare(model):
+        skip = layers_to_skip(model, config)
+        quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn not in skip)
+        return model
+
+    return prepare
+
+
+def bench_speed(model_fn=None, *, task=None, batch_size=128, bits=2, steps=20, warmup=3, progress=0.3, device=None,
                 compile=False, channels_last=False, seed=0) -> dict:
     """Median time of one training step (forward + backward + SGD step) per variant, interleaved:
-    every round runs one step of each variant, so machine noise hits them alike. `channels_last`: the
-    models' 4-D weights in channels-last memory format (`pege train --channels-last`)."""
+    every round runs one step of each variant, so machine noise hits them alike. ``task`` (from
+    :func:`image_task` / :func:`token_task`) holds the model, batch and variants; default: the CIFAR
+    ResNet-20 (``model_fn``) at W{bits}A{bits}. `channels_last`: the models' 4-D weights in channels-last
+    memory format (`pege train --channels-last`)."""
     from tqdm.auto import tqdm
 
     from .quant.kernels import use_compiled_kernels
@@ -72,10 +144,10 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     use_compiled_kernels(compile)
     torch.manual_seed(seed)
-    x = torch.randn(batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    runs = {name: _speed_run(model_fn, cfg, p, x, y, device, channels_last, seed)
-            for name, (cfg, p) in _speed_variants(bits, progress).items()}
+    task = task or image_task(batch_size, bits, progress, model_fn, device)
+    x, y = task["batch"]
+    runs = {name: _speed_run(task["model_fn"], cfg, p, x, y, device, channels_last, seed)
+            for name, (cfg, p) in task["variants"].items()}
 
     def step(run):
         if device.type == "cuda":
@@ -94,20 +166,24 @@ def bench_speed(model_fn, *, batch_size=128, bits=2, steps=20, warmup=3, progres
             t = step(run)
             if i >= warmup:
                 run["times"].append(t)
-    settings = {"benchmark": "speed", "model": "cifar_resnet20", "batch_size": batch_size, "bits": bits,
+    settings = {"benchmark": "speed", "model": task["model"], "model_label": task["label"], "scheme": task["scheme"],
+                "batch_size": len(x), **({"seq_len": task["seq_len"]} if "seq_len" in task else {}), "bits": bits,
                 "pege_progress": progress, "steps": steps, "device": str(device), "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "machine": platform.machine(), "compile": compile,
-                "channels_last": channels_last}
+                "channels_last": channels_last, "peers": task["peers"], "step_target": task.get("step_target", 1.3)}
     return {**settings, "variants": _speed_summary(runs)}
 
 
 def _speed_run(model_fn, cfg, progress, x, y, device, channels_last: bool, seed: int) -> dict:
-    """One variant's model (quantized with ``cfg``, at ``progress``), optimiser and saved-activation bytes."""
+    """One variant's model (quantized with ``cfg``, a PEGEConfig, or prepared by ``cfg``, a peer's hook, at
+    ``progress``), optimiser and saved-activation bytes."""
     torch.manual_seed(seed)
     model = model_fn().to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg is not None:
+    if callable(cfg):
+        model = cfg(model)
+    elif cfg is not None:
         quantize(model, cfg)
         model(x[:8])  # initialise activation scales from data
         if progress is not None:
@@ -128,15 +204,26 @@ def _speed_summary(runs: dict) -> dict:
     return out
 
 
+def _speed_heading(result: dict) -> str:
+    """What was timed (results written before the transformer model existed lack model_label and scheme)."""
+    model = result.get("model_label", "CIFAR ResNet-20")
+    scheme = result.get("scheme", f"W{result['bits']}A{result['bits']}")
+    shape = f"batch {result['batch_size']}" + (f" x seq {result['seq_len']}" if "seq_len" in result else "")
+    return f"{model}, {shape}, {scheme}"
+
+
 def speed_table(result: dict) -> str:
-    lines = [f"Training step, CIFAR ResNet-20, batch {result['batch_size']}, W{result['bits']}A{result['bits']}, "
+    lines = [f"Training step, {_speed_heading(result)}, "
              f"{result['device']} ({result['threads']} threads), median of {result['steps']} interleaved steps, "
              f"quantizer kernels {'torch.compile' if result['compile'] else 'eager'}"
              f"{', channels-last weights' if result.get('channels_last') else ''}; "
-             f"`pege` runs mid-ramp (progress {result['pege_progress']}), `pege_r1` at r = 1.",
-             "",
-             "| variant | median step (s) | vs FP | vs STE | saved activations (MB) | memory vs FP |",
-             "|---|---|---|---|---|---|"]
+             f"`pege` runs mid-ramp (progress {result['pege_progress']}), `pege_r1` at r = 1."]
+    for peer, version in result.get("peers", {}).items():
+        lines.append(f"Peer `{peer}` ({version}): its QAT fake quantizers on the same layers." if version else
+                     f"Peer `{peer}` not importable in this run: its row is missing.")
+    lines += ["",
+              "| variant | median step (s) | vs FP | vs STE | saved activations (MB) | memory vs FP |",
+              "|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         lines.append(f"| {name} | {v['median_step_s']:.4f} | {v['ratio_vs_fp']:.2f}x | {v['ratio_vs_ste']:.2f}x | "
                      f"{v['saved_activation_mb']:.1f} | {v['memory_ratio_vs_fp']:.2f}x |")
@@ -258,18 +345,21 @@ def speed_plot(result: dict, path: Path) -> None:
     plt = pyplot()
 
     names = list(result["variants"])
+    colors = ["#888" if n == "fp" else "#37c" if n in result.get("peers", {}) else "#2a7" for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, key, label in zip(axes, ("ratio_vs_fp", "memory_ratio_vs_fp"), ("step time vs FP", "saved activations vs FP")):
+    targets = (result.get("step_target", 1.3), 1.3)
+    for ax, key, label, target in zip(axes, ("ratio_vs_fp", "memory_ratio_vs_fp"),
+                                      ("step time vs FP", "saved activations vs FP"), targets):
         values = [result["variants"][n][key] for n in names]
-        ax.bar(names, values, color=["#888"] + ["#2a7"] * (len(names) - 1))
-        ax.axhline(1.3, color="#c33", linestyle="--", linewidth=1, label="1.3x target")
-        ax.set_ylim(0, 1.3 * max(values + [1.3]))  # room for the legend above the bars
+        ax.bar(names, values, color=colors)
+        ax.axhline(target, color="#c33", linestyle="--", linewidth=1, label=f"{target}x target")
+        ax.set_ylim(0, 1.3 * max(values + [target]))  # room for the legend above the bars
         ax.set_ylabel(label)
         ax.legend(loc="upper left", fontsize=8)
     kernels = "torch.compile" if result["compile"] else "eager"
     layout = ", channels-last weights" if result.get("channels_last") else ""
-    fig.suptitle(f"CIFAR ResNet-20 training step, W{result['bits']}A{result['bits']}, batch "
-                 f"{result['batch_size']}, {result['device']}, {kernels} kernels{layout}", fontsize=9)
+    title = f"training step, {_speed_heading(result)}, {result['device']}, {kernels} kernels{layout}"
+    fig.suptitle(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -287,10 +377,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "research benchmarks (accuracy matrix, tuning, grid, ship, latency): python -m benchmarks.pege_bench --help"
     sub = parser.add_subparsers(dest="bench", required=True, metavar="{speed,size,init,deploy}")
     sp = sub.add_parser("speed", help="time per training step of FP, STE and PEGE (interleaved, one process)",
-                        description="Median training-step time and saved-activation memory of a CIFAR ResNet-20 "
-                                    "in full precision, with STE and with PEGE, interleaved in one process.")
-    sp.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per step (default 128)")
-    sp.add_argument("--bits", type=int, default=2, help="weight and activation bits (default 2)")
+                        description="Median training-step time and saved-activation memory of a model in full "
+                                    "precision, with STE and with PEGE, interleaved in one process: a CIFAR ResNet-20 "
+                                    "at W{bits}A{bits}, or a DistilBERT classifier (built from its config, random "
+                                    "tokens) with the LLM recipe, W{bits} group-32 weights and 8-bit per-token dynamic "
+                                    "activations, beside torchao's QAT of the same scheme when torchao is importable.")
+    sp.add_argument("--model", default="resnet20", choices=SPEED_MODELS,
+                    help="resnet20 (default; writes speed.*) or distilbert (writes speed_distilbert.*)")
+    sp.add_argument("--batch-size", type=int, default=None, metavar="N",
+                    help="examples per step (default 128 images, 16 sequences)")
+    sp.add_argument("--seq-len", type=int, default=128, metavar="N", help="distilbert: tokens per sequence (default 128)")
+    sp.add_argument("--bits", type=int, default=None,
+                    help="weight bits (resnet20: and activation bits; default 2); distilbert: 4 or 2, default 4")
     sp.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
     sp.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps per variant first (default 3)")
     sp.add_argument("--progress", type=float, default=0.3, help="PEGE training progress for the mid-ramp variant")
@@ -345,13 +443,30 @@ def check_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the option, before anything runs."""
     if args.bench == "deploy":
         return check_deploy_arguments(args)
-    positive = {"speed": ("batch_size", "steps"), "init": ("repeats",), "size": ()}[args.bench]
+    if args.bench == "speed":
+        return check_speed_arguments(args)
+    positive = {"init": ("repeats",), "size": ()}[args.bench]
     for name in positive:
         if getattr(args, name, 1) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     for bits in (args.bits if isinstance(args.bits, list) else [args.bits]):
         PEGEConfig(w_bits=bits, a_bits=bits)  # the bit widths PEGEConfig allows, with its message
-    if args.bench == "speed" and not 0 <= args.progress <= 1:
+
+
+def check_speed_arguments(args: argparse.Namespace) -> None:
+    """Fill the per-model defaults of `pege bench speed` and check its options (ValueError naming the option)."""
+    if args.model not in SPEED_MODELS:  # argparse checks the CLI; this guards programmatic Namespaces
+        raise ValueError(f"--model must be one of {', '.join(SPEED_MODELS)}; got {args.model!r}")
+    transformer = args.model == "distilbert"
+    args.batch_size = args.batch_size or (16 if transformer else 128)
+    args.bits = args.bits or (4 if transformer else 2)
+    for name in ("batch_size", "steps", "seq_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if transformer and args.bits not in (2, 4):  # torchao's and the packed group-wise widths of the LLM recipe
+        raise ValueError(f"--bits must be 4 or 2 with --model distilbert (W{{bits}} group-32 weights); got {args.bits}")
+    PEGEConfig(w_bits=args.bits, a_bits=args.bits)  # the bit widths PEGEConfig allows, with its message
+    if not 0 <= args.progress <= 1:
         raise ValueError(f"--progress must be in [0, 1]; got {args.progress}")
 
 
@@ -371,6 +486,15 @@ def check_deploy_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"`pege bench deploy` needs ONNX Runtime: {missing}")
 
 
+def speed_task(args: argparse.Namespace) -> dict:
+    """The model, batch and variants `pege bench speed --model` times."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    if args.model == "distilbert":
+        return token_task(args.batch_size, args.bits, args.progress, args.seq_len, device)
+    return image_task(args.batch_size, args.bits, args.progress, device=device)
+
+
 def plot(draw, result: dict, path: Path) -> None:
     """``draw(result, path)`` when matplotlib (the `bench` extra) is installed; else say so."""
     try:
@@ -384,10 +508,11 @@ def plot(draw, result: dict, path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     check_arguments(args)
     if args.bench == "speed":
-        result = bench_speed(resnet20, batch_size=args.batch_size, bits=args.bits, steps=args.steps,
-                             warmup=args.warmup, progress=args.progress, device=args.device, compile=args.compile,
+        result = bench_speed(task=speed_task(args), bits=args.bits, steps=args.steps, warmup=args.warmup,
+                             progress=args.progress, device=args.device, compile=args.compile,
                              channels_last=args.channels_last)
-        stem = ("speed_compiled" if args.compile else "speed") + ("_channels_last" if args.channels_last else "")
+        stem = ("speed" + ("_distilbert" if args.model == "distilbert" else "") + ("_compiled" if args.compile else "")
+                + ("_channels_last" if args.channels_last else ""))
         write_result(result, speed_table(result), args.out, stem)
         plot(speed_plot, result, args.out / f"{stem}.png")
     elif args.bench == "size":

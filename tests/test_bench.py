@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,49 @@ def test_speed_cli_channels_last_writes_its_own_files(tmp_path, capsys):
     assert result["channels_last"] is True and set(result["variants"]) == {"fp", "ste", "pege", "pege_r1"}
     assert "quantizer kernels eager, channels-last weights;" in (tmp_path / "speed_channels_last.md").read_text()
     assert (tmp_path / "speed_channels_last.png").is_file() and not (tmp_path / "speed.json").exists()
+
+
+def test_speed_benchmark_on_a_transformer_writes_ratios_of_its_own_medians(tmp_path, monkeypatch):
+    """`--model distilbert`'s task (tiny sizes): the LLM recipe on every quantized variant, torchao's row exactly when
+    torchao is importable, and ratios in the JSON recomputable from the step times it stores."""
+    tiny = dict(seq_len=8, dim=32, layers=1, heads=2, hidden=64, vocab=100)
+    task = bench.token_task(2, 4, 0.3, **tiny)
+    cfg = task["variants"]["pege"][0]
+    assert (cfg.w_bits, cfg.group_size, cfg.a_bits, cfg.a_quantizer) == (4, 32, 8, "dynamic_token")
+    assert ("torchao" in task["variants"]) == (bench.torchao_version() is not None)
+    result = bench.bench_speed(task=task, bits=4, steps=2, warmup=1, device="cpu")
+    bench.write_result(result, bench.speed_table(result), tmp_path, "speed_distilbert")
+    saved = json.loads((tmp_path / "speed_distilbert.json").read_text())
+    assert saved["model"] == "distilbert" and saved["seq_len"] == 8 and saved["batch_size"] == 2
+    variants = saved["variants"]
+    assert set(variants) == {"fp", "ste", "pege", "pege_r1"} | ({"torchao"} if "torchao" in task["variants"] else set())
+    fp = statistics.median(variants["fp"]["step_times_s"])
+    for name, v in variants.items():
+        assert len(v["step_times_s"]) == 2
+        assert v["median_step_s"] == statistics.median(v["step_times_s"])
+        assert v["ratio_vs_fp"] == pytest.approx(v["median_step_s"] / fp, rel=1e-12)
+        assert f"| {name} | {v['median_step_s']:.4f} | {v['ratio_vs_fp']:.2f}x |" in (tmp_path / "speed_distilbert.md").read_text()
+    # quantized variants really are quantized: the fake-quantizers add saved tensors to the backward pass
+    assert variants["ste"]["memory_ratio_vs_fp"] > 1
+
+    monkeypatch.setattr(bench, "torchao_version", lambda: None)  # without torchao: no peer row, and the table says so
+    task = bench.token_task(2, 4, 0.3, **tiny)
+    assert "torchao" not in task["variants"] and task["peers"] == {"torchao": None}
+    result = {**saved, "peers": task["peers"], "variants": {k: v for k, v in variants.items() if k != "torchao"}}
+    assert "Peer `torchao` not importable in this run" in bench.speed_table(result)
+
+
+def test_speed_cli_rejects_bad_input_before_running(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # an unknown model: argparse's one-line error, exit 2
+        cli.main(["bench", "speed", "--model", "bert-large"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pege bench speed: error: argument --model: invalid choice: 'bert-large'")
+    assert cli.main(["bench", "speed", "--model", "distilbert", "--bits", "3"]) == 2
+    assert capsys.readouterr().err.strip() == ("pege bench: error: --bits must be 4 or 2 with --model distilbert "
+                                               "(W{bits} group-32 weights); got 3")
+    assert cli.main(["bench", "speed", "--model", "distilbert", "--seq-len", "0"]) == 2
+    assert "--seq-len must be >= 1; got 0" in capsys.readouterr().err
 
 
 def test_speed_plot_writes_a_png(tmp_path):

@@ -804,6 +804,28 @@ def test_kernels_take_a_uint8_view_of_the_mask():
     assert torch.equal(kernels.mixed_forward(x, s, qmin, qmax, mask.view(torch.uint8)), ref_mixed)
 
 
+def test_ste_backward_skips_the_ewgs_factor_bit_identically():
+    """uniform_backward at delta = 0 (STE) skips EWGS's factor; the general formula with the factor (1 + 0 * ...)
+    gives the same bits, inside, below and above the clip range, per tensor and per token step sizes."""
+    from pege_hf.quant import kernels
+
+    torch.manual_seed(0)
+    x, g = torch.randn(4, 6, 32) * 3, torch.randn(4, 6, 32)
+    qmin, qmax = torch.tensor(-8.0), torch.tensor(7.0)
+    for s in (torch.tensor(0.3), x.abs().amax(-1, keepdim=True) / 12):  # per token: every row clips
+        v = x / s
+        vc = torch.clamp(v, qmin, qmax)
+        r = torch.round(vc)
+        factor = 1 + 0.0 * torch.sign(g) * (vc - r) / (qmax - qmin)
+        inside = (v >= qmin) & (v <= qmax)
+        assert inside.any() and not inside.all()
+        grad_x, grad_s = kernels.uniform_backward(g, x, s, qmin, qmax, 0.0)
+        assert torch.equal(grad_x, torch.where(inside, g * factor, 0.0))
+        assert torch.equal(grad_s, g * torch.where(inside, r - factor * v, r))
+        ewgs_x, _ = kernels.uniform_backward(g, x, s, qmin, qmax, 0.2)  # EWGS still scales the gradient
+        assert not torch.equal(ewgs_x, grad_x)
+
+
 @pytest.mark.slow
 def test_compiled_kernels_match_eager():
     """torch.compile'd kernels (the fast training path) agree with the eager formulas and keep the input's

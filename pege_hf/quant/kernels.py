@@ -31,12 +31,15 @@ def mixed_forward(x, s, qmin, qmax, mask):
 
 def uniform_backward(g, x, s, qmin, qmax, delta: float):
     """Gradients of Q with d round(v) / dv = 1 + delta * sign(g) * (v - round(v)) / (qmax - qmin) inside
-    the clip range (STE when delta = 0, EWGS otherwise): to x, and to s elementwise (LSQ's rule)."""
+    the clip range (STE when delta = 0, EWGS otherwise): to x, and to s elementwise (LSQ's rule).
+    STE skips the factor's five passes over memory: it is exactly 1 there, so the result is bit-identical."""
     v = x / s
     vc = torch.clamp(v, qmin, qmax)
     r = torch.round(vc)
-    factor = 1 + delta * torch.sign(g) * (vc - r) / (qmax - qmin)
     inside = (v >= qmin) & (v <= qmax)
+    if delta == 0:
+        return torch.where(inside, g, 0.0), g * torch.where(inside, r - v, r)
+    factor = 1 + delta * torch.sign(g) * (vc - r) / (qmax - qmin)
     return torch.where(inside, g * factor, 0.0), g * torch.where(inside, r - factor * v, r)
 
 
