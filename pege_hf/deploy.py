@@ -29,6 +29,7 @@ from torch import nn
 
 from .data import DEFAULT_DATASET, load_image_dataset, normalize, to_tensors
 from .export import export_onnx
+from .export import onnx as onnx_exporter
 from .export.onnx import example_input, torch_to_onnx
 from .hf.loading import from_pretrained
 from .sources import SHIPPED_MODELS_DIR
@@ -59,10 +60,11 @@ def default_cache_dir() -> Path:
 
 
 def checkpoint_key(folder: str | os.PathLike, kind: str = "integer") -> str:
-    """A hash of the checkpoint's config.json and *.safetensors contents, the export kind and the pege_hf
-    version: the same files give the same key, any change a new one."""
+    """A hash of the checkpoint's config.json and *.safetensors contents, the export kind, the pege_hf
+    version and the exporter's source: the same files and exporter give the same key, any change a new one."""
     folder = Path(folder)
     digest = hashlib.sha256(f"{kind}:{__version__}".encode())
+    digest.update(Path(onnx_exporter.__file__).read_bytes())
     files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
     for file in files:
         if not file.is_file():

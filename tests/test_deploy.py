@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,12 @@ def test_exports_are_cached_by_the_checkpoint_files(tmp_path, monkeypatch):
     assert deploy.checkpoint_key(copy, "fp32") == deploy.checkpoint_key(folder, "fp32")
     (copy / "config.json").write_text((folder / "config.json").read_text().replace("}", ' , "x": 1}', 1))
     assert deploy.checkpoint_key(copy, "fp32") != deploy.checkpoint_key(folder, "fp32")
+    # a changed exporter (here: its source file) is a new key, so a stale export is never reused
+    exporter = tmp_path / "onnx.py"
+    exporter.write_text(Path(deploy.onnx_exporter.__file__).read_text() + "\n# changed\n")
+    before = deploy.checkpoint_key(folder, "fp32")
+    monkeypatch.setattr(deploy.onnx_exporter, "__file__", str(exporter))
+    assert deploy.checkpoint_key(folder, "fp32") != before
 
 
 def test_top1_agreement_and_interleaved_latency():
