@@ -32,7 +32,7 @@ from ..version import __version__
 from .evaluation import acc_dtype, calibrate, sync_buffers
 from .lm_args import resolve_lm
 from .loaders import EpochShuffleSampler, batch_seed, main_process_first
-from .loop import checkpoint, claim_output_dir, default_output_dir, epoch_batches, log_training, make_accelerator
+from .loop import checkpoint, claim_output_dir, count_step, default_output_dir, epoch_batches, make_accelerator
 from .loop import RunAccess, optimizer_step, resume
 from .model import load_model
 from .optim import make_optimizer, make_scheduler
@@ -189,11 +189,7 @@ def train_step(run: LMRun, ids: torch.Tensor) -> None:
 
 
 def after_optimizer_step(run: LMRun, epoch: int, batch_index: int) -> None:
-    run.state.global_step += 1
-    run.progress.update(1)
-    step, args = run.state.global_step, run.args
-    if step % args.log_every == 0 or step == run.state.total_steps:
-        log_training(run, epoch)
+    step, args = count_step(run, epoch), run.args
     if args.eval_steps and step % args.eval_steps == 0 and step < run.state.total_steps:
         record_evaluation(run)
     if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:

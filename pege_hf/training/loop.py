@@ -272,13 +272,19 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, generator: 
         run.log_batches += 1
 
 
-def after_optimizer_step(run: Run, epoch: int, batch_index: int) -> None:
-    """Count the step; log every --log-every steps (stopping on a non-finite loss); checkpoint."""
+def count_step(run, epoch: int) -> int:
+    """Count the optimizer step and log every --log-every steps (stopping on a non-finite loss); the step."""
     run.state.global_step += 1
     run.progress.update(1)
-    step, args = run.state.global_step, run.args
-    if step % args.log_every == 0 or step == run.state.total_steps:
+    step = run.state.global_step
+    if step % run.args.log_every == 0 or step == run.state.total_steps:
         log_training(run, epoch)
+    return step
+
+
+def after_optimizer_step(run: Run, epoch: int, batch_index: int) -> None:
+    """Count the step (logging it); checkpoint every --checkpointing-steps."""
+    step, args = count_step(run, epoch), run.args
     if isinstance(args.checkpointing_steps, int) and step % args.checkpointing_steps == 0:
         sums = run.accelerator.reduce(run.sums.clone(), reduction="sum").tolist()
         checkpoint(run, epoch, batch_index, sums)
