@@ -419,7 +419,9 @@ def add_deploy_arguments(sub) -> None:
                                        "(integer kernels) vs PyTorch",
                         description="The shipped CIFAR-10 ResNet-20 checkpoints as deployed: PyTorch FP, ONNX Runtime "
                                     "fp32, ONNX Runtime integer W2A2/W3A3/W4A4 (pege export) and pege_hf's "
-                                    "fake-quantized models. Latency at each batch size (median of interleaved runs), "
+                                    "fake-quantized models, with ONNX Runtime's own static int8 quantization of the FP "
+                                    "model as the reference for its integer kernels. Latency at each batch size "
+                                    "(median of interleaved runs), "
                                     "weight bytes on disk and in memory, top-1 agreement and accuracy on the test "
                                     "images. Writes deploy.json, deploy.md and deploy.png. Needs the deploy extra.")
     dp.add_argument("--data", default=DEFAULT_DATASET, metavar="PATH",
@@ -432,6 +434,9 @@ def add_deploy_arguments(sub) -> None:
                     help="batch sizes to time (default 1 64)")
     dp.add_argument("--repeats", type=int, default=30, help="interleaved timed runs per batch size (default 30)")
     dp.add_argument("--threads", type=int, default=2, help="intra-op threads, ONNX Runtime and torch (default 2)")
+    dp.add_argument("--calibration", type=int, default=512, metavar="N",
+                    help="training images that calibrate ONNX Runtime's own static int8 quantization of the FP model, "
+                         "timed beside the others as the reference for its integer kernels (default 512; 0 leaves it out)")
     dp.add_argument("--models", type=Path, default=SHIPPED_MODELS_DIR, metavar="DIR",
                     help="folder holding resnet20-fp and resnet20-pege-w{2,3,4}a{2,3,4} (default: the shipped models)")
     dp.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
@@ -475,6 +480,8 @@ def check_deploy_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1; got {value}")
+    if args.calibration < 0:
+        raise ValueError(f"--calibration must be >= 0; got {args.calibration}")
     if min(args.batches) < 1:
         raise ValueError(f"--batches must all be >= 1; got {' '.join(map(str, args.batches))}")
     if not Path(args.data).exists() and not is_hub_id(str(args.data)):
@@ -525,7 +532,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.bench == "deploy":
         result = bench_deploy(data=args.data, images=args.images, models_dir=args.models, bits=args.bits,
                               batches=args.batches, repeats=args.repeats, threads=args.threads,
-                              cache_dir=args.cache_dir)
+                              cache_dir=args.cache_dir, calibration=args.calibration)
         write_result(result, deploy_table(result), args.out, "deploy")
         plot(deploy_plot, result, args.out / "deploy.png")
     return 0

@@ -37,6 +37,7 @@ from .version import __version__
 
 #: the shipped checkpoints `pege bench deploy` measures, by bit width (the float one under None)
 SHIPPED = {None: "resnet20-fp", 4: "resnet20-pege-w4a4", 3: "resnet20-pege-w3a3", 2: "resnet20-pege-w2a2"}
+QDQ = "ort-qdq-int8"  # ONNX Runtime's own static int8 quantization of the FP model: the reference
 INSTALL_HINT = "pip install 'pege-hf[deploy]'"
 Runner = Callable[[np.ndarray], np.ndarray]  # a float32 N x C x H x W batch -> N x classes logits
 
@@ -106,6 +107,43 @@ def cached_onnx_export(folder: str | os.PathLike, cache_dir: str | os.PathLike |
         export_onnx(model, path)
     except FileExistsError:  # another process wrote the same export meanwhile: the same bytes
         pass
+    return path
+
+
+def qdq_reference_export(fp32_path: str | os.PathLike, calibration: np.ndarray, cache_dir: str | os.PathLike | None = None) -> Path:
+    """ONNX Runtime's own static int8 quantization of the float graph at ``fp32_path`` (the reference point of
+    what its integer kernels give: QDQ format, per-channel int8 weights, uint8 activations with MinMax ranges
+    from the ``calibration`` images, every conv and add on int8 kernels). Approximate by design: its 8-bit
+    activations and residual adds are not the PEGE model. Cached by the float file's name, the calibration
+    images and the onnxruntime version."""
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(calibration) == 0:
+        raise ValueError("the int8 reference needs at least one calibration image")
+    digest = hashlib.sha256(f"qdq:{onnxruntime.__version__}:{Path(fp32_path).name}".encode())
+    digest.update(np.ascontiguousarray(calibration, dtype=np.float32).tobytes())
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / f"{Path(fp32_path).stem}-qdq-int8-{digest.hexdigest()[:20]}.onnx"
+    if path.is_file():
+        return path
+    batches = [{"pixel_values": calibration[i:i + 64]} for i in range(0, len(calibration), 64)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, out = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, "qdq.onnx")
+        quant_pre_process(str(fp32_path), prepared)
+        quantize_static(prepared, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.replace(out, path)
     return path
 
 
@@ -232,9 +270,11 @@ class Deployed:
 
 
 def deployed_models(models_dir: str | os.PathLike = SHIPPED_MODELS_DIR, bits: Sequence[int] = (2, 3, 4),
-                    threads: int = 2, cache_dir: str | os.PathLike | None = None) -> dict[str, Deployed]:
-    """PyTorch FP, ONNX Runtime fp32 of the same FP model, and per bit width ONNX Runtime integer and
-    pege_hf's fake-quantized model, from the checkpoints SHIPPED names inside ``models_dir``."""
+                    threads: int = 2, cache_dir: str | os.PathLike | None = None,
+                    calibration: np.ndarray | None = None) -> dict[str, Deployed]:
+    """PyTorch FP, ONNX Runtime fp32 of the same FP model, ONNX Runtime's own int8 quantization of it
+    (`qdq_reference_export`, when ``calibration`` images are given), and per bit width ONNX Runtime integer
+    and pege_hf's fake-quantized model, from the checkpoints SHIPPED names inside ``models_dir``."""
     from tqdm.auto import tqdm
 
     out: dict[str, Deployed] = {}
@@ -247,16 +287,21 @@ def deployed_models(models_dir: str | os.PathLike = SHIPPED_MODELS_DIR, bits: Se
         out[torch_name] = Deployed(torch_name, torch_runner(model), checkpoint_bytes(folder), module_bytes(model))
         out[onnx_name] = Deployed(onnx_name, onnx_runner(onnx_path, threads), onnx_path.stat().st_size,
                                   onnx_memory_bytes(onnx_path))
-    order = ["pytorch-fp", "ort-fp32"] + [f"{k}-w{b}a{b}" for b in bits for k in ("ort-int", "pytorch-fakequant")]
+        if b is None and calibration is not None:
+            qdq = qdq_reference_export(onnx_path, calibration, cache_dir)
+            out[QDQ] = Deployed(QDQ, onnx_runner(qdq, threads), qdq.stat().st_size, onnx_memory_bytes(qdq))
+    order = ["pytorch-fp", "ort-fp32", *([QDQ] if QDQ in out else [])] + [f"{k}-w{b}a{b}" for b in bits for k in ("ort-int", "pytorch-fakequant")]
     return {name: out[name] for name in order}
 
 
 def load_test_images(data: str | os.PathLike = DEFAULT_DATASET, limit: int | None = None,
-                     image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised float32 images, labels) of the data set's test split; the first ``limit`` when given."""
+                     image_size: int = 32, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """(normalised float32 images, labels) of the data set's test split (or ``split="train"``); the first
+    ``limit`` when given."""
     ds = load_image_dataset(data)
-    test = ds.test.select(range(min(limit, len(ds.test)))) if limit else ds.test
-    images, labels = to_tensors(test, ds.image_column, ds.label_column, image_size=image_size)
+    table = ds.test if split == "test" else ds.train
+    table = table.select(range(min(limit, len(table)))) if limit else table
+    images, labels = to_tensors(table, ds.image_column, ds.label_column, image_size=image_size)
     return normalize(images).numpy(), labels.numpy()
 
 
@@ -273,6 +318,9 @@ def accuracy_and_agreement(models: Mapping[str, Deployed], images: np.ndarray, l
         out[f"w{b}a{b}"] = {"agreement": top1_agreement(ref, got), "accuracy_ort": float(np.mean(got == labels)),
                             "accuracy_fakequant": float(np.mean(ref == labels)),
                             "agreement_with_fp": top1_agreement(preds["pytorch-fp"], got)}
+    if QDQ in preds:
+        out["int8_reference"] = {"accuracy": float(np.mean(preds[QDQ] == labels)),
+                                 "agreement_with_fp": top1_agreement(preds["pytorch-fp"], preds[QDQ])}
     out["fp"] = {"accuracy_pytorch": float(np.mean(preds["pytorch-fp"] == labels)),
                  "accuracy_ort_fp32": float(np.mean(preds["ort-fp32"] == labels)),
                  "agreement": top1_agreement(preds["pytorch-fp"], preds["ort-fp32"])}
@@ -282,10 +330,12 @@ def accuracy_and_agreement(models: Mapping[str, Deployed], images: np.ndarray, l
 def bench_deploy(*, data: str | os.PathLike = DEFAULT_DATASET, images: int | None = None,
                  models_dir: str | os.PathLike = SHIPPED_MODELS_DIR, bits: Sequence[int] = (2, 3, 4),
                  batches: Sequence[int] = (1, 64), repeats: int = 30, threads: int = 2,
-                 cache_dir: str | os.PathLike | None = None) -> dict:
+                 cache_dir: str | os.PathLike | None = None, calibration: int = 512) -> dict:
     """The deployment benchmark (`pege bench deploy`): latency at each batch size (median of ``repeats``
     interleaved runs, ``threads`` intra-op threads for ONNX Runtime and torch alike), bytes on disk and in
-    memory, and top-1 agreement/accuracy on the test images."""
+    memory, and top-1 agreement/accuracy on the test images. ``calibration``: training images that calibrate
+    ONNX Runtime's own int8 quantization of the FP model, timed beside the others as the reference for what
+    its integer kernels give (0: left out)."""
     missing = onnxruntime_missing()
     if missing:
         raise ValueError(f"`pege bench deploy` needs ONNX Runtime: {missing}")
@@ -293,14 +343,15 @@ def bench_deploy(*, data: str | os.PathLike = DEFAULT_DATASET, images: int | Non
     torch.set_num_threads(threads)
     try:
         x, y = load_test_images(data, images)
-        models = deployed_models(models_dir, bits, threads, cache_dir)
+        calib = load_test_images(data, calibration, split="train")[0] if calibration else None
+        models = deployed_models(models_dir, bits, threads, cache_dir, calib)
         quality = accuracy_and_agreement(models, x, y, bits)
         latency = {str(b): interleaved_latency({n: m.run for n, m in models.items()}, b, repeats) for b in batches}
     finally:
         torch.set_num_threads(before)
     load.append(_load_average())
     return {"benchmark": "deploy", "model": "cifar_resnet20", "data": Path(data).name, "images": int(len(y)),
-            "repeats": repeats, "threads": threads, "batches": [int(b) for b in batches], "bits": [int(b) for b in bits],
+            "repeats": repeats, "threads": threads, "calibration_images": int(calibration), "batches": [int(b) for b in batches], "bits": [int(b) for b in bits],
             "machine": platform.machine(), "torch": torch.__version__, "onnxruntime": _ort_version(),
             "load_average_1min": {"start": load[0], "end": load[1]},
             "bytes": {n: {"disk": m.disk_bytes, "memory": m.memory_bytes} for n, m in models.items()},
@@ -341,6 +392,10 @@ def deploy_table(result: dict) -> str:
         q = result["quality"][f"w{b}a{b}"]
         lines.append(f"| W{b}A{b} | {100 * q['agreement']:.2f}% | {100 * q['accuracy_ort']:.2f}% | "
                      f"{100 * q['accuracy_fakequant']:.2f}% | {100 * q['agreement_with_fp']:.2f}% |")
+    ref = result["quality"].get("int8_reference")
+    if ref:
+        lines.append(f"| {QDQ} (reference: ONNX Runtime's static int8 of the FP model) | | {100 * ref['accuracy']:.2f}% | "
+                     f"| {100 * ref['agreement_with_fp']:.2f}% |")
     fp = result["quality"]["fp"]
     lines.append(f"| FP (ORT fp32 vs PyTorch) | {100 * fp['agreement']:.2f}% | {100 * fp['accuracy_ort_fp32']:.2f}% | "
                  f"{100 * fp['accuracy_pytorch']:.2f}% | |")
@@ -366,8 +421,8 @@ def deploy_plot(result: dict, path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 3.8), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         names = list(result["latency_ms"][batch])
-        colors = ["#2a7" if n.startswith("ort-int") else "#888" if "fp" in n.split("-")[-1] else "#57c"
-                  for n in names]
+        colors = ["#2a7" if n.startswith("ort-int") else "#c93" if n == QDQ else
+                  "#888" if "fp" in n.split("-")[-1] else "#57c" for n in names]
         values = [result["latency_ms"][batch][n] for n in names]
         bars = ax.barh(names[::-1], values[::-1], color=colors[::-1])
         ax.bar_label(bars, [f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values[::-1]], padding=2, fontsize=7)
@@ -376,8 +431,8 @@ def deploy_plot(result: dict, path: str | os.PathLike) -> None:
         ax.set_xlim(right=max(values) * 4)  # room for the labels
         ax.set_xlabel("ms per call (median, log scale)")
         ax.set_title(f"batch {batch}")
-    fig.suptitle(f"CIFAR-10 ResNet-20 inference, cpu, {result['threads']} threads (dashed: ONNX Runtime fp32; "
-                 "green: integer ONNX, blue: pege_hf fake-quantized)", fontsize=10)
+    fig.suptitle(f"CIFAR-10 ResNet-20 inference, cpu, {result['threads']} threads\n(dashed: ONNX Runtime fp32; "
+                 "green: integer ONNX, orange: ONNX Runtime's own int8, blue: pege_hf fake-quantized)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import pege_hf
 from pege_hf import cli, deploy
+from pege_hf.export.onnx import optimized_ops
 from pege_hf.data import CIFAR10_MEAN, CIFAR10_STD, DEFAULT_DATASET
 from pege_hf.sources import SHIPPED_MODELS_DIR
 
@@ -45,11 +46,11 @@ def test_bench_deploy_cli_numbers_match_an_independent_run(tmp_path, capsys):
             "--threads", "1", "--out", str(out), "--cache-dir", str(cache)]
     assert cli.main(argv) == 0
     result = json.loads((out / "deploy.json").read_text())
-    names = ["pytorch-fp", "ort-fp32", "ort-int-w2a2", "pytorch-fakequant-w2a2"]
+    names = ["pytorch-fp", "ort-fp32", "ort-qdq-int8", "ort-int-w2a2", "pytorch-fakequant-w2a2"]
     assert (result["benchmark"], result["images"], result["batches"], result["bits"]) == ("deploy", N_IMAGES, [1, 4], [2])
     assert list(result["bytes"]) == names and set(result["latency_ms"]) == {"1", "4"}
     assert all(list(result["latency_ms"][b]) == names and min(result["latency_ms"][b].values()) > 0 for b in ("1", "4"))
-    assert set(result["quality"]) == {"w2a2", "fp"} and set(result["load_average_1min"]) == {"start", "end"}
+    assert set(result["quality"]) == {"w2a2", "int8_reference", "fp"} and set(result["load_average_1min"]) == {"start", "end"}
     table = (out / "deploy.md").read_text()
     assert "| ort-int-w2a2 |" in table and "| W2A2 |" in table and table in capsys.readouterr().out
     assert (out / "deploy.png").read_bytes()[:4] == b"\x89PNG"
@@ -67,6 +68,20 @@ def test_bench_deploy_cli_numbers_match_an_independent_run(tmp_path, capsys):
     assert q["accuracy_fakequant"] == pytest.approx(np.mean(fake_top1 == labels), abs=1e-12)
     assert q["agreement_with_fp"] == pytest.approx(np.mean(ort_top1 == fp_top1), abs=1e-12)
     assert result["quality"]["fp"]["accuracy_pytorch"] == pytest.approx(np.mean(fp_top1 == labels), abs=1e-12)
+    # the int8 reference: ONNX Runtime's own QDQ model, which it runs on QLinearConv, close to FP but not equal
+    [qdq] = cache.glob("*-qdq-int8-*.onnx")
+    assert {op for _, op in optimized_ops(qdq)} >= {"QLinearConv", "QLinearAdd"}
+    session = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
+    qdq_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    qdq_top1 = qdq_logits.argmax(1)
+    ref = result["quality"]["int8_reference"]
+    assert ref["agreement_with_fp"] == pytest.approx(np.mean(qdq_top1 == fp_top1), abs=1e-12)
+    assert ref["accuracy"] == pytest.approx(np.mean(qdq_top1 == labels), abs=1e-12)
+    assert ref["agreement_with_fp"] > 0.8
+    with torch.no_grad():  # 8-bit activations: near the FP logits, not equal to them
+        fp_logits = pege_hf.from_pretrained(str(fp)).eval()(torch.from_numpy(x)).logits.numpy()
+    gap = np.abs(qdq_logits - fp_logits).max()
+    assert gap > 1e-3
     # bytes: the files themselves; ONNX Runtime holds the W2A2 codes as int8, the float model as fp32
     sizes = result["bytes"]
     assert sizes["ort-int-w2a2"]["disk"] == report.bytes
@@ -130,7 +145,8 @@ def _tensor(data_type, dims):
 def test_bench_deploy_bad_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     base = ["bench", "deploy", "--out", str(tmp_path)]
     for extra, message in ((["--images", "0"], "--images must be >= 1"), (["--batches", "0"], "--batches"),
-                           (["--models", str(tmp_path)], "--models"), (["--data", str(tmp_path / "x")], "--data")):
+                           (["--models", str(tmp_path)], "--models"), (["--data", str(tmp_path / "x")], "--data"),
+                           (["--calibration", "-1"], "--calibration must be >= 0")):
         assert cli.main(base + extra) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
