@@ -7,7 +7,8 @@ import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # commands are shown relative to the repository root
-LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "torchao": "torchao QAT"}
+LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "pege_step": "PEGE, D on the step size (pege_hf)",
+          "torchao": "torchao QAT"}
 SCHEMES = {"FPcont": "FP + the QAT budget"}  # the control: FP trained on for as many steps as each QAT run
 
 

@@ -48,7 +48,12 @@ SCHEMES = {
                 (4, True)),
     "W3g32": (["--w-bits", "3", "--group-size", str(GROUP), "--a-bits", "none"], (3, False)),
 }
-METHODS = ("ste", "pege", "torchao")
+# method -> pege_hf estimator options; torchao runs through the prepare hook instead
+ESTIMATORS = {"ste": ["--estimator", "ste"], "pege": ["--estimator", "pege"],
+              # the best PEGE setting of the CIFAR screening (benchmarks/screen30): D's gradient on the step size only
+              "pege_step": ["--estimator", "pege", "--discretization-lambda", "0.1",
+                            "--discretization-target", "step_size"]}
+METHODS = ("ste", "pege", "pege_step", "torchao")
 
 
 def fp_args(work: Path, steps: int, lr: float) -> list[str]:
@@ -61,7 +66,7 @@ def qat_args(work: Path, scheme: str, method: str, steps: int, lr: float) -> lis
             "--lr", str(lr), *COMMON]
     if method in ("torchao", "fp"):
         return base + ["--estimator", "none"]
-    return base + ["--estimator", method, *SCHEMES[scheme][0]]
+    return base + [*ESTIMATORS[method], *SCHEMES[scheme][0]]
 
 
 def plan(args) -> list[tuple[str, list[str]]]:
@@ -147,14 +152,30 @@ def prepare(work: Path) -> dict:
     return info
 
 
+def check_settings(out: Path, argv: list[str]) -> None:
+    """A run folder remembers the arguments it started with (argv.json); ValueError naming the differences
+    when the plan now asks for others (a finished or half-trained run is never mixed with new settings)."""
+    saved = out / "argv.json"
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    if before != argv:
+        gone = [a for a in before if a not in argv]
+        new = [a for a in argv if a not in before]
+        raise ValueError(f"{out} was started with other settings ({' '.join(gone)} -> {' '.join(new)}); "
+                         "delete the folder to rerun it or choose another --work")
+
+
 def launch(work: Path, name: str, argv: list[str], threads: int) -> bool:
     out = work / "runs" / name
+    check_settings(out, argv)
     if (out / "metrics.json").is_file():
         return True
     if name.endswith("torchao") and torchao_version() is None:
         print(f"skip {name}: torchao is not importable (pip install --target .deps torchao)", flush=True)
         return False
     out.mkdir(parents=True, exist_ok=True)
+    (out / "argv.json").write_text(json.dumps(argv) + "\n")
     command = [sys.executable, "-m", "benchmarks.llm.run", "--one", name, "--",
                *argv, "--output-dir", str(out), "--resume"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -200,6 +221,12 @@ def main(argv=None) -> int:
     if not args.report_only:
         print(f"corpus: {prepare(args.work)}", flush=True)
         (fp_name, fp_argv), *qat = plan(args)
+        try:  # every run's settings, before any trains
+            for name, argv in plan(args):
+                check_settings(args.work / "runs" / name, argv)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if not launch(args.work, fp_name, fp_argv, args.threads):
             print(f"the full-precision run failed; see {args.work}/runs/fp/train.log", flush=True)
             return 1
