@@ -4,6 +4,8 @@
 # on a validation split (10% of CIFAR-10's training file, seed 0; the test set is never used).
 # Sequential and resumable: a finished run (metrics.json) is skipped, an interrupted one continues (from
 # benchmarks/in-progress/screen30/<run>/ in a fresh clone: benchmarks/in_progress.sh).
+# Second stage, `EPOCHS=15 bash benchmarks/screen30/run.sh`: only the finalists of the 3-epoch screening
+# (STE, the current PEGE and the two best new variants, by validation top-1 in screen.md) at 15 epochs.
 # Then: python benchmarks/screen30/report.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,8 +15,10 @@ out=benchmarks/screen30/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10/train.parquet --w-bits 2 --a-bits 2
         --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --channels-last --scale-init mse
         --quantizer-lr-scale 1 --checkpointing-steps 100 --checkpoints-total-limit 1 --no-tensorboard)
+FINALISTS=" ste pege pege-stepsize pege-lambda0 "
 run() {  # name, extra args...
   local name=$1; shift
+  if [ "$EPOCHS" != 3 ] && [[ "$FINALISTS" != *" $name "* ]]; then return; fi
   local dir=$out/$name-e$EPOCHS
   if [ -f "$dir/metrics.json" ]; then echo "$name: finished"; return; fi
   mkdir -p "$dir"
