@@ -26,6 +26,12 @@ def uniform_forward(x, s, qmin, qmax):
     return torch.div(x, s).clamp_(qmin, qmax).round_().mul_(s)
 
 
+def dynamic_step(x, qmax, per_token: bool):
+    """max|x| / qmax per token (each row of the last dimension) or per tensor, at least 1e-8."""
+    xmax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
+    return (xmax / qmax).clamp_min(1e-8)
+
+
 def as_weight(mask, like):
     """The mask as 0.0 / 1.0 in ``like``'s dtype, from a bool mask (through its uint8 view: no bool
     load) or a uint8 one (any nonzero byte is 1, as for a bool)."""
@@ -38,12 +44,11 @@ def mixed_forward(x, s, qmin, qmax, mask):
 
 
 def _normalized(x, s, qmin, qmax):
-    """(v, round(clamp(v)), inside) for v = x / s: inside is 1.0 where qmin <= v <= qmax (clamp(v) == v,
-    false for NaN as the comparisons are), else 0.0."""
+    """(v, clamp(v), inside) for v = x / s: inside is 1.0 where qmin <= v <= qmax (clamp(v) == v, false
+    for NaN as the comparisons are), else 0.0."""
     v = torch.div(x, s)
-    r = torch.clamp(v, qmin, qmax)
-    inside = torch.eq(r, v, out=torch.empty_like(v))
-    return v, r.round_(), inside
+    vc = torch.clamp(v, qmin, qmax)
+    return v, vc, torch.eq(vc, v, out=torch.empty_like(v))
 
 
 def _ewgs_backward(g, x, s, qmin, qmax, delta: float):
@@ -63,10 +68,10 @@ def uniform_backward(g, x, s, qmin, qmax, delta: float, need_s: bool = True):
     if delta != 0:
         grad_x, grad_s = _ewgs_backward(g, x, s, qmin, qmax, delta)
         return grad_x, (grad_s if need_s else None)
-    v, r, inside = _normalized(x, s, qmin, qmax)
+    v, vc, inside = _normalized(x, s, qmin, qmax)
     if not need_s:
         return inside.mul_(g), None
-    return torch.mul(inside, g), r.sub_(v.mul_(inside)).mul_(g)
+    return torch.mul(inside, g), vc.round_().sub_(v.mul_(inside)).mul_(g)
 
 
 def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool, pull_to_x: bool = True, pull_to_s: bool = False,
@@ -78,27 +83,30 @@ def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool, pull_to_
     mask=None: every element replaced; coef=None: no pull. Returns (grad_x, grad_s elementwise; None when
     not ``need_s``)."""
     v, r, inside = _normalized(x, s, qmin, qmax)
+    r = r.round_()
     m = None if mask is None else as_weight(mask, x)
     pull = None
     if coef is not None:
-        pull = torch.mul(r, s).neg_().add_(x).mul_(coef)  # coef * (x - Q(x))
+        pull = torch.mul(r, s)
+        pull = torch.sub(x, pull, out=pull).mul_(coef)  # coef * (x - Q(x))
         if replaced_only and m is not None:
             pull.mul_(m)
-    dq_ds = None
     if need_s:  # where(inside, r - v, r), then the replaced elements' share of g
         dq_ds = r.sub_(v.mul_(inside))
         grad_s = torch.mul(g, m).mul_(dq_ds) if m is not None else torch.mul(g, dq_ds)
         if pull is not None and pull_to_s:
             grad_s.sub_(dq_ds.mul_(pull))
-    # grad_x = g where an element is kept or replaced inside the range, else 0: g * (1 - M * (1 - inside))
-    keep = inside if m is None else inside.sub_(1).mul_(m).add_(1)
-    grad_x = keep.mul_(g)
+    # grad_x = g where an element is kept or replaced inside the range, else 0: keep = 1 - M (1 - inside),
+    # which is inside >= M for 0/1 values
+    keep = inside if m is None else inside.ge_(m)
     if pull is not None and pull_to_x:
-        grad_x.add_(pull)
+        grad_x = torch.addcmul(pull, keep, g)  # keep * g is exact (0 or g), so no fused rounding differs
+    else:
+        grad_x = keep.mul_(g)
     return grad_x, (grad_s if need_s else None)
 
 
-_EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backward, pege_backward)}
+_EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backward, pege_backward, dynamic_step)}
 impl = dict(_EAGER)
 
 

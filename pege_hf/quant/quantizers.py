@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from . import kernels
 from .estimators import round_ste
 
 WEIGHT_QUANTIZERS = ("lsq", "minmax")
@@ -176,7 +177,9 @@ class UniformQuantizer(nn.Module):
     def code_range(self) -> tuple[float, float]:
         """(qmin, qmax) as Python numbers, mirrored once the quantizer is ready (no device sync per call;
         the kernels clamp against numbers faster than against 1-element tensors)."""
-        return self._qn, self._qp
+        if self._ready or self.is_initialized():
+            return self._qn, self._qp
+        return float(self.qmin), float(self.qmax)
 
     def _load_from_state_dict(self, *args, **kwargs):
         """A loaded qstate may hold another code range: the Python mirror is refreshed on the next use."""
@@ -350,8 +353,7 @@ class DynamicQuantizer(UniformQuantizer):
 
     def step_size(self, x):
         with torch.no_grad():
-            xmax = x.abs().amax(dim=-1, keepdim=True) if self.per_token else x.abs().amax()
-            return (xmax / self.qmax).clamp_min(1e-8)
+            return kernels.impl["dynamic_step"](x, self.code_range()[1], self.per_token)
 
     def scale_tensor(self):
         raise ValueError("a dynamic activation quantizer has no stored step size (it is computed from each input)")
