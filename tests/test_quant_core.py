@@ -826,6 +826,112 @@ def test_ste_backward_skips_the_ewgs_factor_bit_identically():
         assert not torch.equal(ewgs_x, grad_x)
 
 
+def _plain_kernels(g, x, s, qmin, qmax, mask, coef, replaced_only, pull_to_x, pull_to_s):
+    """The kernels' formulas written plainly (torch.where on bool masks, new tensors at every step), float32."""
+    v = x / s
+    r = torch.round(torch.clamp(v, qmin, qmax))
+    inside = (v >= qmin) & (v <= qmax)
+    q = r * s
+    out = q if mask is None else torch.where(mask, q, x)
+    dq_ds = torch.where(inside, r - v, r)
+    m = torch.ones_like(inside) if mask is None else mask
+    grad_x = torch.where(m, torch.where(inside, g, 0.0), g)
+    grad_s = torch.where(m, g, 0.0) * dq_ds
+    if coef is not None:
+        pull = coef * (x - q)
+        pull = torch.where(m, pull, 0.0) if replaced_only else pull
+        grad_x = grad_x + pull if pull_to_x else grad_x
+        grad_s = grad_s - pull * dq_ds if pull_to_s else grad_s
+    return out, grad_x, grad_s
+
+
+def _float64_kernels(g, x, s, qmin, qmax, mask, coef, replaced_only, pull_to_x, pull_to_s):
+    """The same quantities in float64, written from the definitions (0/1 masks as numbers)."""
+    g, x, s = g.double(), x.double(), s.double()
+    v = x / s
+    inside = ((v >= qmin) & (v <= qmax)).double()
+    r = torch.round(v.clamp(qmin, qmax))
+    m = torch.ones_like(x) if mask is None else mask.double()
+    out = m * r * s + (1 - m) * x
+    dq_ds = r - v * inside
+    grad_x = g * (1 - m) + g * m * inside
+    grad_s = g * m * dq_ds
+    if coef is not None:
+        pull = coef.double() * (x - r * s) * (m if replaced_only else 1.0)
+        grad_x = grad_x + pull * pull_to_x
+        grad_s = grad_s - pull * dq_ds * pull_to_s
+    return out, grad_x, grad_s
+
+
+def test_kernels_equal_the_plain_formulas_and_float64():
+    """The in-place, 0/1-mask kernels give the values of the plain formulas (torch.equal: the same numbers; a
+    zero may carry the other sign) and agree with float64: per tensor, per token and per group step sizes,
+    elements inside, below and above the range and on rounding ties, the code range as numbers or tensors,
+    masks as bool or as bytes, with and without the pull and the step-size gradient."""
+    from pege_hf.quant import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 16, generator=gen) * 2
+    x[0, 0, :6] = torch.tensor([0.0, -0.0, 0.125, -0.375, 0.625, 100.0])  # ties at s = 0.25, and a clipped value
+    g = torch.randn(x.shape, generator=gen)
+    token = 2.0 ** torch.randint(-4, 0, (6, 5, 1), generator=gen).float()  # powers of two: x / s exact in float32
+    steps = {"tensor": torch.tensor(0.25), "token": token, "group": token.expand(6, 5, 4).reshape(6, 5, 4, 1)}
+    mask = torch.rand(x.shape, generator=gen) < 0.4
+    bytes_ = torch.where(mask, torch.randint(1, 256, x.shape, generator=gen, dtype=torch.uint8), 0)
+    for (kind, s), (qmin, qmax) in itertools.product(steps.items(), [(-8.0, 7.0), (0.0, 3.0)]):
+        xs, gs = (x.view(6, 5, 4, 4), g.view(6, 5, 4, 4)) if kind == "group" else (x, g)
+        ms, bs = (mask.view(xs.shape), bytes_.view(xs.shape))
+        coef = 0.02 / (s * s)
+        for lo, hi in ((qmin, qmax), (torch.tensor([qmin]), torch.tensor([qmax]))):
+            assert torch.equal(kernels.uniform_forward(xs, s, lo, hi), _plain_kernels(gs, xs, s, qmin, qmax, None, None,
+                                                                                     False, False, False)[0])
+            for m, c, replaced_only, to_x, to_s, need_s in itertools.product(
+                    (None, ms, bs), (None, coef), (False, True), (False, True), (False, True), (False, True)):
+                plain = _plain_kernels(gs, xs, s, qmin, qmax, None if m is None else ms, c, replaced_only, to_x, to_s)
+                wide = _float64_kernels(gs, xs, s, qmin, qmax, None if m is None else ms, c, replaced_only, to_x, to_s)
+                grad_x, grad_s = kernels.pege_backward(gs, xs, s, lo, hi, m, c, replaced_only, to_x, to_s, need_s)
+                got = [grad_x] + ([grad_s] if need_s else [])
+                if m is not None:
+                    got.append(kernels.mixed_forward(xs, s, lo, hi, m))
+                ref = [plain[1]] + ([plain[2]] if need_s else []) + ([plain[0]] if m is not None else [])
+                ref64 = [wide[1]] + ([wide[2]] if need_s else []) + ([wide[0]] if m is not None else [])
+                assert grad_s is None or need_s
+                for a, b, b64 in zip(got, ref, ref64):
+                    assert torch.equal(a, b), (kind, qmin, m is None, c is None, replaced_only, to_x, to_s)
+                    assert torch.allclose(a.double(), b64, rtol=1e-6, atol=1e-6)
+            for need_s in (False, True):
+                grad_x, grad_s = kernels.uniform_backward(gs, xs, s, lo, hi, 0.0, need_s)
+                plain = _plain_kernels(gs, xs, s, qmin, qmax, None, None, False, False, False)
+                assert torch.equal(grad_x, plain[1]) and (torch.equal(grad_s, plain[2]) if need_s else grad_s is None)
+
+
+def test_dynamic_step_is_absmax_over_qmax():
+    """Per token: max|x| over the last dimension / qmax (float64 reference), at least 1e-8; per tensor: one value."""
+    from pege_hf.quant import kernels
+
+    x = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
+    x[1, 2] = 0.0
+    ref = (x.double().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+    assert torch.allclose(kernels.dynamic_step(x, 127.0, True).double(), ref, rtol=1e-7, atol=0)
+    assert kernels.dynamic_step(x, 127.0, True)[1, 2, 0] == pytest.approx(1e-8)
+    assert kernels.dynamic_step(x, 7.0, False).item() == pytest.approx(x.abs().max().item() / 7, rel=1e-7)
+
+
+def test_code_range_follows_a_loaded_state():
+    """The fused kernels take (qmin, qmax) as numbers mirrored from the quantizer's buffer: after loading another
+    code range (an unsigned activation quantizer's state into a signed one) the next forward must use it."""
+    fq = make_fake_quantizer(PEGEConfig(a_bits=2, estimator="ste"), weight=False).train()
+    unsigned = make_quantizer("lsq", 2, weight=False)
+    fq.quantizer.initialize(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    unsigned.initialize(torch.rand(64, generator=torch.Generator().manual_seed(1)))
+    assert fq.quantizer.code_range() == (-2.0, 1.0) and unsigned.code_range() == (0.0, 3.0)
+    fq.quantizer.load_state_dict(unsigned.state_dict())
+    assert fq.quantizer.code_range() == (0.0, 3.0)
+    x = torch.linspace(-1, 1, 9)
+    expected = torch.round(torch.clamp(x / unsigned.scale, 0.0, 3.0)) * unsigned.scale
+    assert torch.equal(fq(x), expected) and expected.min() == 0
+
+
 @pytest.mark.slow
 def test_compiled_kernels_match_eager():
     """torch.compile'd kernels (the fast training path) agree with the eager formulas and keep the input's

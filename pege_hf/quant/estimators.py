@@ -92,29 +92,30 @@ class PEGEMix(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, s, qmin, qmax):
-        ctx.save_for_backward(x, s, qmin, qmax)
+    def forward(ctx, x, s, qmin: float, qmax: float):
+        ctx.save_for_backward(x, s)
+        ctx.qrange = qmin, qmax
         return kernels.impl["uniform_forward"](x, s, qmin, qmax)
 
     @staticmethod
     def backward(ctx, g):
-        x, s, qmin, qmax = ctx.saved_tensors
-        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, qmin, qmax, 0.0)
-        return grad_x, grad_s.sum_to_size(s.shape), None, None
+        x, s = ctx.saved_tensors
+        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, *ctx.qrange, 0.0, ctx.needs_input_grad[1])
+        return grad_x, _summed(grad_s, s), None, None
 
 
 class FakeQuantEWGS(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, s, qmin, qmax, delta: float):
-        ctx.save_for_backward(x, s, qmin, qmax)
-        ctx.delta = delta
+    def forward(ctx, x, s, qmin: float, qmax: float, delta: float):
+        ctx.save_for_backward(x, s)
+        ctx.qrange, ctx.delta = (qmin, qmax), delta
         return kernels.impl["uniform_forward"](x, s, qmin, qmax)
 
     @staticmethod
     def backward(ctx, g):
-        x, s, qmin, qmax = ctx.saved_tensors
-        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, qmin, qmax, ctx.delta)
-        return grad_x, grad_s.sum_to_size(s.shape), None, None, None
+        x, s = ctx.saved_tensors
+        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, *ctx.qrange, ctx.delta, ctx.needs_input_grad[1])
+        return grad_x, _summed(grad_s, s), None, None, None
 
 
 class FakeQuantPEGE(torch.autograd.Function):
@@ -122,8 +123,9 @@ class FakeQuantPEGE(torch.autograd.Function):
     coef * (x - Q(x)) to x and/or its share to the step size s (``target``: latent / step_size / both)."""
 
     @staticmethod
-    def forward(ctx, x, s, qmin, qmax, mask, coef, scope: str, target: str = "latent"):
-        ctx.save_for_backward(x, s, qmin, qmax, mask, coef)
+    def forward(ctx, x, s, qmin: float, qmax: float, mask, coef, scope: str, target: str = "latent"):
+        ctx.save_for_backward(x, s, mask, coef)
+        ctx.qrange = qmin, qmax
         ctx.replaced_only = scope == "replaced"
         ctx.pull_to_x, ctx.pull_to_s = target in ("latent", "both"), target in ("step_size", "both")
         if mask is None:
@@ -132,10 +134,15 @@ class FakeQuantPEGE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, s, qmin, qmax, mask, coef = ctx.saved_tensors
-        grad_x, grad_s = kernels.impl["pege_backward"](g, x, s, qmin, qmax, mask, coef, ctx.replaced_only,
-                                                       ctx.pull_to_x, ctx.pull_to_s)
-        return grad_x, grad_s.sum_to_size(s.shape), None, None, None, None, None, None
+        x, s, mask, coef = ctx.saved_tensors
+        grad_x, grad_s = kernels.impl["pege_backward"](g, x, s, *ctx.qrange, mask, coef, ctx.replaced_only,
+                                                       ctx.pull_to_x, ctx.pull_to_s, ctx.needs_input_grad[1])
+        return grad_x, _summed(grad_s, s), None, None, None, None, None, None
+
+
+def _summed(grad_s, s):
+    """The elementwise step-size gradient summed onto s's shape (None when s needs none)."""
+    return None if grad_s is None else grad_s.sum_to_size(s.shape)
 
 
 def round_ste(v: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,13 @@ Eager by default. `use_compiled_kernels()` swaps in torch.compile'd versions (dy
 one compilation serves every layer): each kernel then runs as one fused loop instead of several
 passes over memory. Same formulas, so results agree to rounding.
 
+The eager formulas are written for few, cheap passes over memory: one fresh output per kernel that
+the following steps update in place (a new large tensor per step costs its page faults as well), the
+code range as Python numbers (clamp against 1-element tensors is a slower kernel), and masks as
+0.0 / 1.0 float tensors that multiply (torch's CPU kernels read bool tensors element by element, 3-10x
+slower than floats or bytes). A product with a 0/1 mask equals torch.where on the mask exactly, except
+that a zeroed element may be -0.0 (a negative value times 0) and a non-finite value stays non-finite.
+
 Masks reach the compiled kernels as uint8 views of the bool mask (no copy): inductor's CPU code
 loads a bool tensor through a per-element path that a random mask makes ~3x slower than loading
 bytes and comparing them in the loop (`pege bench speed --compile`, PEGE mid-ramp).
@@ -16,60 +23,90 @@ import torch
 
 def uniform_forward(x, s, qmin, qmax):
     """Q(x) = s * round(clamp(x / s, qmin, qmax))."""
-    return torch.round(torch.clamp(x / s, qmin, qmax)) * s
+    return torch.div(x, s).clamp_(qmin, qmax).round_().mul_(s)
 
 
-def _as_bool(mask):
-    """A bool mask from a bool tensor or its uint8 view (see the module docstring)."""
-    return mask if mask is None or mask.dtype == torch.bool else mask.to(torch.int32) != 0
+def dynamic_step(x, qmax, per_token: bool):
+    """max|x| / qmax per token (each row of the last dimension) or per tensor, at least 1e-8."""
+    xmax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
+    return (xmax / qmax).clamp_min(1e-8)
+
+
+def as_weight(mask, like):
+    """The mask as 0.0 / 1.0 in ``like``'s dtype, from a bool mask (through its uint8 view: no bool
+    load) or a uint8 one (any nonzero byte is 1, as for a bool)."""
+    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask.clamp(max=1)).to(like.dtype)
 
 
 def mixed_forward(x, s, qmin, qmax, mask):
-    """where(M, Q(x), x)."""
-    return torch.where(_as_bool(mask), torch.round(torch.clamp(x / s, qmin, qmax)) * s, x)
+    """where(M, Q(x), x), as lerp(x, Q(x), M): exactly x where M = 0 and Q(x) where M = 1."""
+    return torch.lerp(x, uniform_forward(x, s, qmin, qmax), as_weight(mask, x))
 
 
-def uniform_backward(g, x, s, qmin, qmax, delta: float):
-    """Gradients of Q with d round(v) / dv = 1 + delta * sign(g) * (v - round(v)) / (qmax - qmin) inside
-    the clip range (STE when delta = 0, EWGS otherwise): to x, and to s elementwise (LSQ's rule).
-    STE skips the factor's five passes over memory: it is exactly 1 there, so the result is bit-identical."""
+def _normalized(x, s, qmin, qmax):
+    """(v, clamp(v), inside) for v = x / s: inside is 1.0 where qmin <= v <= qmax (clamp(v) == v, false
+    for NaN as the comparisons are), else 0.0."""
+    v = torch.div(x, s)
+    vc = torch.clamp(v, qmin, qmax)
+    return v, vc, torch.eq(vc, v, out=torch.empty_like(v))
+
+
+def _ewgs_backward(g, x, s, qmin, qmax, delta: float):
     v = x / s
     vc = torch.clamp(v, qmin, qmax)
     r = torch.round(vc)
     inside = (v >= qmin) & (v <= qmax)
-    if delta == 0:
-        return torch.where(inside, g, 0.0), g * torch.where(inside, r - v, r)
     factor = 1 + delta * torch.sign(g) * (vc - r) / (qmax - qmin)
     return torch.where(inside, g * factor, 0.0), g * torch.where(inside, r - factor * v, r)
 
 
-def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool, pull_to_x: bool = True, pull_to_s: bool = False):
+def uniform_backward(g, x, s, qmin, qmax, delta: float, need_s: bool = True):
+    """Gradients of Q with d round(v) / dv = 1 + delta * sign(g) * (v - round(v)) / (qmax - qmin) inside
+    the clip range (STE when delta = 0, EWGS otherwise): to x, and to s elementwise (LSQ's rule; None
+    when not ``need_s``, as for a dynamic step size, which carries no gradient).
+    STE skips the factor, exactly 1 there: grad_x = g * inside, grad_s = g * (r - v * inside)."""
+    if delta != 0:
+        grad_x, grad_s = _ewgs_backward(g, x, s, qmin, qmax, delta)
+        return grad_x, (grad_s if need_s else None)
+    v, vc, inside = _normalized(x, s, qmin, qmax)
+    if not need_s:
+        return inside.mul_(g), None
+    return torch.mul(inside, g), vc.round_().sub_(v.mul_(inside)).mul_(g)
+
+
+def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool, pull_to_x: bool = True, pull_to_s: bool = False,
+                  need_s: bool = True):
     """Gradients of where(M, Q(x), x) plus those of the discretization term D, whose gradient with
     respect to x is the pull coef * (x - Q(x)): to x (``pull_to_x``) and, through dQ/ds, to the step
     size (``pull_to_s``: dD/ds = -coef * (x - Q(x)) * dQ/ds, with LSQ's dQ/ds).
 
-    mask=None: every element replaced; coef=None: no pull. Returns (grad_x, grad_s elementwise)."""
-    mask = _as_bool(mask)
-    v = x / s
-    r = torch.round(torch.clamp(v, qmin, qmax))
-    inside = (v >= qmin) & (v <= qmax)
-    replaced = inside if mask is None else mask & inside
-    gm = g if mask is None else torch.where(mask, g, 0.0)
-    grad_x = torch.where(replaced, g, 0.0) if mask is None else torch.where(mask, torch.where(inside, g, 0.0), g)
-    dq_ds = torch.where(inside, r - v, r)
-    grad_s = gm * dq_ds
+    mask=None: every element replaced; coef=None: no pull. Returns (grad_x, grad_s elementwise; None when
+    not ``need_s``)."""
+    v, r, inside = _normalized(x, s, qmin, qmax)
+    r = r.round_()
+    m = None if mask is None else as_weight(mask, x)
+    pull = None
     if coef is not None:
-        pull = coef * (x - r * s)
-        if replaced_only and mask is not None:
-            pull = torch.where(mask, pull, 0.0)
-        if pull_to_x:
-            grad_x = grad_x + pull
-        if pull_to_s:
-            grad_s = grad_s - pull * dq_ds
-    return grad_x, grad_s
+        pull = torch.mul(r, s)
+        pull = torch.sub(x, pull, out=pull).mul_(coef)  # coef * (x - Q(x))
+        if replaced_only and m is not None:
+            pull.mul_(m)
+    if need_s:  # where(inside, r - v, r), then the replaced elements' share of g
+        dq_ds = r.sub_(v.mul_(inside))
+        grad_s = torch.mul(g, m).mul_(dq_ds) if m is not None else torch.mul(g, dq_ds)
+        if pull is not None and pull_to_s:
+            grad_s.sub_(dq_ds.mul_(pull))
+    # grad_x = g where an element is kept or replaced inside the range, else 0: keep = 1 - M (1 - inside),
+    # which is inside >= M for 0/1 values
+    keep = inside if m is None else inside.ge_(m)
+    if pull is not None and pull_to_x:
+        grad_x = torch.addcmul(pull, keep, g)  # keep * g is exact (0 or g), so no fused rounding differs
+    else:
+        grad_x = keep.mul_(g)
+    return grad_x, (grad_s if need_s else None)
 
 
-_EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backward, pege_backward)}
+_EAGER = {f.__name__: f for f in (uniform_forward, mixed_forward, uniform_backward, pege_backward, dynamic_step)}
 impl = dict(_EAGER)
 
 

@@ -63,9 +63,19 @@ class FakeQuantizer(nn.Module):
         such recipe (the composite path, or an output that is x itself). Half-precision tensors are
         quantized in float32 (codes exact, step sizes float32) and the output cast back to x's dtype."""
         if x.dtype in (torch.float16, torch.bfloat16):
-            out, rebuild = self._quantize(x.float())
+            out, rebuild = self._quantize_rows(x.float())
             return out.to(x.dtype), rebuild
-        return self._quantize(x)
+        return self._quantize_rows(x)
+
+    def _quantize_rows(self, x: torch.Tensor):
+        """A group-wise uniform quantizer works on rows(x), one group per row, so that the kernels broadcast
+        a (groups, 1) step size rather than one expanded to x's shape (group-wise tensors are weights: no
+        rebuild recipe is needed)."""
+        group = self.quantizer.group_size if self.fused else None
+        if group is None:
+            return self._quantize(x)
+        out, _ = self._quantize(x.reshape(-1, group))
+        return out.view(x.shape), None
 
     def _quantize(self, x: torch.Tensor):
         q = self.quantizer
@@ -74,12 +84,12 @@ class FakeQuantizer(nn.Module):
         if self.estimator == "ste":
             if self.fused:
                 s = q.step_size(x)
-                return FakeQuantSTE.apply(x, s, q.qmin, q.qmax), _uniform_rebuild(x, s, q)
+                return FakeQuantSTE.apply(x, s, *q.code_range()), _uniform_rebuild(x, s, q)
             return q(x, round_ste), None
         if self.estimator == "ewgs":
             if self.fused:
                 s = q.step_size(x)
-                return FakeQuantEWGS.apply(x, s, q.qmin, q.qmax, self.ewgs_delta), _uniform_rebuild(x, s, q)
+                return FakeQuantEWGS.apply(x, s, *q.code_range(), self.ewgs_delta), _uniform_rebuild(x, s, q)
             return q(x, partial(round_ewgs, delta=self.ewgs_delta, span=q.qmax - q.qmin)), None
         return self._pege(x)
 
@@ -95,12 +105,12 @@ class FakeQuantizer(nn.Module):
             s = q.step_size(x)
             mask = None
             if ratio < 1:
-                error = (x - FakeQuantSTE.apply(x.detach(), s.detach(), q.qmin, q.qmax)) if self.mask == "error" else None
+                error = (x - FakeQuantSTE.apply(x.detach(), s.detach(), *q.code_range())) if self.mask == "error" else None
                 mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
             if mask is None and not pull:
-                return FakeQuantSTE.apply(x, s, q.qmin, q.qmax), _uniform_rebuild(x, s, q)
+                return FakeQuantSTE.apply(x, s, *q.code_range()), _uniform_rebuild(x, s, q)
             coef = self._pull_coefficient(s.detach(), x.numel(), lam) if pull else None
-            return (FakeQuantPEGE.apply(x, s, q.qmin, q.qmax, mask, coef, self.scope, self.target),
+            return (FakeQuantPEGE.apply(x, s, *q.code_range(), mask, coef, self.scope, self.target),
                     _uniform_rebuild(x, s, q, mask))
         xq = q(x, round_ste)
         if ratio >= 1 and not pull:
@@ -127,20 +137,23 @@ class FakeQuantizer(nn.Module):
 
 
 class Rebuild:
-    """fn(*tensors), remembered instead of computed: what a layer saves for backward in place of its
+    """fn(*args), remembered instead of computed: what a layer saves for backward in place of its
     fake-quantized input. The tensors' versions are taken now, so an in-place change before
     backward is an error (as autograd's own saved tensors behave), never a silently wrong gradient."""
 
-    def __init__(self, fn, *tensors):
-        self.fn, self.tensors = fn, tensors
-        self.versions = [t._version for t in tensors]
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+        self.versions = self._versions()
+
+    def _versions(self) -> list[int]:
+        return [a._version for a in self.args if isinstance(a, torch.Tensor)]
 
     def __call__(self) -> torch.Tensor:
-        if [t._version for t in self.tensors] != self.versions:
+        if self._versions() != self.versions:
             raise RuntimeError("a quantized layer's input was modified in place after the layer read it; "
                                "its fake-quantized value cannot be rebuilt for the backward pass (avoid the "
                                "in-place operation, e.g. use inplace=False)")
-        return self.fn(*self.tensors)
+        return self.fn(*self.args)
 
 
 def _uniform_rebuild(x, s, q, mask=None) -> Rebuild | None:
@@ -149,8 +162,8 @@ def _uniform_rebuild(x, s, q, mask=None) -> Rebuild | None:
     if not torch.is_grad_enabled():
         return None
     if mask is None:
-        return Rebuild(kernels.impl["uniform_forward"], x.detach(), s.detach(), q.qmin, q.qmax)
-    return Rebuild(kernels.impl["mixed_forward"], x.detach(), s.detach(), q.qmin, q.qmax, mask)
+        return Rebuild(kernels.impl["uniform_forward"], x.detach(), s.detach(), *q.code_range())
+    return Rebuild(kernels.impl["mixed_forward"], x.detach(), s.detach(), *q.code_range(), mask)
 
 
 @contextmanager

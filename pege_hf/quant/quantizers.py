@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from . import kernels
 from .estimators import round_ste
 
 WEIGHT_QUANTIZERS = ("lsq", "minmax")
@@ -171,7 +172,19 @@ class UniformQuantizer(nn.Module):
         return self._ready
 
     def _mark_ready(self) -> None:
-        self._ready, self._qp = True, float(self.qmax)
+        self._ready, self._qn, self._qp = True, float(self.qmin), float(self.qmax)
+
+    def code_range(self) -> tuple[float, float]:
+        """(qmin, qmax) as Python numbers, mirrored once the quantizer is ready (no device sync per call;
+        the kernels clamp against numbers faster than against 1-element tensors)."""
+        if self._ready or self.is_initialized():
+            return self._qn, self._qp
+        return float(self.qmin), float(self.qmax)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        """A loaded qstate may hold another code range: the Python mirror is refreshed on the next use."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False
 
     @torch.no_grad()
     def reset(self, signed: bool = False) -> None:
@@ -211,9 +224,12 @@ class UniformQuantizer(nn.Module):
         return x.reshape(-1, self.group_size), 0
 
     def broadcast_scale(self, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The (n_scales,) step sizes laid out to broadcast against x (expanded per group when group-wise)."""
+        """The (n_scales,) step sizes laid out to broadcast against x (expanded per group when group-wise;
+        a (groups, 1) view when x is already laid out as ``rows(x)``, one group per row)."""
         if self.group_size is None:
             return broadcast_to(scale, x, self.axis)
+        if x.dim() == 2 and x.shape[1] == self.group_size:
+            return scale.view(-1, 1)
         return scale.view(-1, 1).expand(-1, self.group_size).reshape(x.shape)
 
     # -- subclass interface ----------------------------------------------------------------------
@@ -337,8 +353,7 @@ class DynamicQuantizer(UniformQuantizer):
 
     def step_size(self, x):
         with torch.no_grad():
-            xmax = x.abs().amax(dim=-1, keepdim=True) if self.per_token else x.abs().amax()
-            return (xmax / self.qmax).clamp_min(1e-8)
+            return kernels.impl["dynamic_step"](x, self.code_range()[1], self.per_token)
 
     def scale_tensor(self):
         raise ValueError("a dynamic activation quantizer has no stored step size (it is computed from each input)")
