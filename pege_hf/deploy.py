@@ -153,6 +153,10 @@ def onnx_session(path: str | os.PathLike, threads: int = 1):
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = max(0, threads), 1
+    # no busy-waiting between runs: several sessions take turns here (the benchmark interleaves them, the demo
+    # runs three per request), and one's spinning threads would steal the cores from the next (measured: ONNX
+    # Runtime fp32 at batch 64 took 50 ms spinning beside three other sessions, 26 ms without)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -259,6 +263,20 @@ def interleaved_latency(runners: Mapping[str, Runner], batch: int, repeats: int,
 # --------------------------------------------------------------------------------------------- pege bench deploy
 
 
+def runtime_latency(models: Mapping[str, "Deployed"], batch: int, repeats: int) -> dict[str, float]:
+    """`interleaved_latency` of the ONNX Runtime models among themselves, then of the PyTorch models among
+    themselves (in ``models``' order): PyTorch's OpenMP threads busy-wait after a call and would slow the ONNX
+    Runtime session timed right after it (measured: ONNX Runtime fp32 at batch 64 took 49 ms after a PyTorch
+    model, 26 ms after another ONNX Runtime session)."""
+    groups = [{n: m.run for n, m in models.items() if n.startswith("ort-")},
+              {n: m.run for n, m in models.items() if not n.startswith("ort-")}]
+    times = {}
+    for group in groups:
+        if group:
+            times.update(interleaved_latency(group, batch, repeats))
+    return {name: times[name] for name in models}
+
+
 @dataclass
 class Deployed:
     """One model as a runtime runs it: its runner and its weight bytes on disk and in memory."""
@@ -346,7 +364,7 @@ def bench_deploy(*, data: str | os.PathLike = DEFAULT_DATASET, images: int | Non
         calib = load_test_images(data, calibration, split="train")[0] if calibration else None
         models = deployed_models(models_dir, bits, threads, cache_dir, calib)
         quality = accuracy_and_agreement(models, x, y, bits)
-        latency = {str(b): interleaved_latency({n: m.run for n, m in models.items()}, b, repeats) for b in batches}
+        latency = {str(b): runtime_latency(models, b, repeats) for b in batches}
     finally:
         torch.set_num_threads(before)
     load.append(_load_average())

@@ -69,6 +69,9 @@ def test_bench_deploy_cli_numbers_match_an_independent_run(tmp_path, capsys):
     assert q["agreement_with_fp"] == pytest.approx(np.mean(ort_top1 == fp_top1), abs=1e-12)
     assert result["quality"]["fp"]["accuracy_pytorch"] == pytest.approx(np.mean(fp_top1 == labels), abs=1e-12)
     # the int8 reference: ONNX Runtime's own QDQ model, which it runs on QLinearConv, close to FP but not equal
+    # sessions take turns without busy-waiting (the spinning threads of one would slow the next)
+    options = deploy.onnx_session(report.path).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     [qdq] = cache.glob("*-qdq-int8-*.onnx")
     assert {op for _, op in optimized_ops(qdq)} >= {"QLinearConv", "QLinearAdd"}
     session = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
