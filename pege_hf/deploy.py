@@ -154,8 +154,7 @@ def onnx_session(path: str | os.PathLike, threads: int = 1):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = max(0, threads), 1
     # no busy-waiting between runs: several sessions take turns here (the benchmark interleaves them, the demo
-    # runs three per request), and one's spinning threads would steal the cores from the next (measured: ONNX
-    # Runtime fp32 at batch 64 took 50 ms spinning beside three other sessions, 26 ms without)
+    # runs three per request), and one's spinning threads would steal the cores from the next
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -266,8 +265,7 @@ def interleaved_latency(runners: Mapping[str, Runner], batch: int, repeats: int,
 def runtime_latency(models: Mapping[str, "Deployed"], batch: int, repeats: int) -> dict[str, float]:
     """`interleaved_latency` of the ONNX Runtime models among themselves, then of the PyTorch models among
     themselves (in ``models``' order): PyTorch's OpenMP threads busy-wait after a call and would slow the ONNX
-    Runtime session timed right after it (measured: ONNX Runtime fp32 at batch 64 took 49 ms after a PyTorch
-    model, 26 ms after another ONNX Runtime session)."""
+    Runtime session timed right after it."""
     groups = [{n: m.run for n, m in models.items() if n.startswith("ort-")},
               {n: m.run for n, m in models.items() if not n.startswith("ort-")}]
     times = {}
