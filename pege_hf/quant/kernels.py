@@ -48,6 +48,8 @@ def _normalized(x, s, qmin, qmax):
     for NaN as the comparisons are), else 0.0."""
     v = torch.div(x, s)
     vc = torch.clamp(v, qmin, qmax)
+    if torch.compiler.is_compiling():  # torch.compile cannot trace out= on channels-last tensors: a graph break
+        return v, vc, (vc == v).to(v.dtype)
     return v, vc, torch.eq(vc, v, out=torch.empty_like(v))
 
 
@@ -88,7 +90,7 @@ def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool, pull_to_
     pull = None
     if coef is not None:
         pull = torch.mul(r, s)
-        pull = torch.sub(x, pull, out=pull).mul_(coef)  # coef * (x - Q(x))
+        pull = (x - pull if torch.compiler.is_compiling() else torch.sub(x, pull, out=pull)).mul_(coef)  # coef (x - Q)
         if replaced_only and m is not None:
             pull.mul_(m)
     if need_s:  # where(inside, r - v, r), then the replaced elements' share of g
