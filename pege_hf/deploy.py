@@ -110,7 +110,8 @@ def cached_onnx_export(folder: str | os.PathLike, cache_dir: str | os.PathLike |
     return path
 
 
-def qdq_reference_export(fp32_path: str | os.PathLike, calibration: np.ndarray, cache_dir: str | os.PathLike | None = None) -> Path:
+def qdq_reference_export(fp32_path: str | os.PathLike, calibration: np.ndarray,
+                         cache_dir: str | os.PathLike | None = None) -> Path:
     """ONNX Runtime's own static int8 quantization of the float graph at ``fp32_path`` (the reference point of
     what its integer kernels give: QDQ format, per-channel int8 weights, uint8 activations with MinMax ranges
     from the ``calibration`` images, every conv and add on int8 kernels). Approximate by design: its 8-bit
@@ -306,7 +307,8 @@ def deployed_models(models_dir: str | os.PathLike = SHIPPED_MODELS_DIR, bits: Se
         if b is None and calibration is not None:
             qdq = qdq_reference_export(onnx_path, calibration, cache_dir)
             out[QDQ] = Deployed(QDQ, onnx_runner(qdq, threads), qdq.stat().st_size, onnx_memory_bytes(qdq))
-    order = ["pytorch-fp", "ort-fp32", *([QDQ] if QDQ in out else [])] + [f"{k}-w{b}a{b}" for b in bits for k in ("ort-int", "pytorch-fakequant")]
+    order = ["pytorch-fp", "ort-fp32", *([QDQ] if QDQ in out else []),
+             *(f"{k}-w{b}a{b}" for b in bits for k in ("ort-int", "pytorch-fakequant"))]
     return {name: out[name] for name in order}
 
 
@@ -367,7 +369,8 @@ def bench_deploy(*, data: str | os.PathLike = DEFAULT_DATASET, images: int | Non
         torch.set_num_threads(before)
     load.append(_load_average())
     return {"benchmark": "deploy", "model": "cifar_resnet20", "data": Path(data).name, "images": int(len(y)),
-            "repeats": repeats, "threads": threads, "calibration_images": int(calibration), "batches": [int(b) for b in batches], "bits": [int(b) for b in bits],
+            "repeats": repeats, "threads": threads, "calibration_images": int(calibration),
+            "batches": [int(b) for b in batches], "bits": [int(b) for b in bits],
             "machine": platform.machine(), "torch": torch.__version__, "onnxruntime": _ort_version(),
             "load_average_1min": {"start": load[0], "end": load[1]},
             "bytes": {n: {"disk": m.disk_bytes, "memory": m.memory_bytes} for n, m in models.items()},
@@ -410,7 +413,8 @@ def deploy_table(result: dict) -> str:
                      f"{100 * q['accuracy_fakequant']:.2f}% | {100 * q['agreement_with_fp']:.2f}% |")
     ref = result["quality"].get("int8_reference")
     if ref:
-        lines.append(f"| {QDQ} (reference: ONNX Runtime's static int8 of the FP model) | | {100 * ref['accuracy']:.2f}% | "
+        lines.append(f"| {QDQ} (reference: ONNX Runtime's static int8 of the FP model) | | "
+                     f"{100 * ref['accuracy']:.2f}% | "
                      f"| {100 * ref['agreement_with_fp']:.2f}% |")
     fp = result["quality"]["fp"]
     lines.append(f"| FP (ORT fp32 vs PyTorch) | {100 * fp['agreement']:.2f}% | {100 * fp['accuracy_ort_fp32']:.2f}% | "
