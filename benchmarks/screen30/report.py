@@ -28,7 +28,8 @@ def finished_runs(runs_dir: Path) -> dict[str, dict]:
 def markdown(runs: dict[str, dict]) -> str:
     ste = {r["epochs"]: r["accuracy"] for name, r in runs.items() if name.startswith("ste-")}
     lines = ["W2A2 ResNet-20 from the shipped 200-epoch FP model, seed 0, on a validation split (10% of the training "
-             "file, seed 0); same recipe for every run (benchmarks/screen30/run.sh).", "",
+             "file, seed 0; the shipped FP model was trained on these images too, so accuracies near FP read high); "
+             "same recipe for every run (benchmarks/screen30/run.sh).", "",
              "| run | epochs | validation top-1 (%) | vs STE | error term |", "|---|---|---|---|---|"]
     for name, r in sorted(runs.items(), key=lambda kv: -kv[1]["accuracy"]):
         c = r["config"]
