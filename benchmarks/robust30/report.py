@@ -57,7 +57,7 @@ def markdown(table: list[dict]) -> str:
              "(5,000 images carved from the training file with the run's seed; the test set is never used). "
              "Per seed, last epoch (benchmarks/robust30/run.sh). The shipped FP model was trained on all 50,000 "
              "training images, these 5,000 among them, so the accuracies read high where the quantized model stays "
-             "close to FP (W4A4 with the MSE init: 96%, against 88.6% for FP on the test set); STE and PEGE see the "
+             "close to FP (above FP's test accuracy); STE and PEGE see the "
              "same images, so their difference is the comparison.", "",
              "| W/A | step-size init | QAT epochs | seeds | STE top-1 (%) | PEGE top-1 (%) | PEGE - STE (mean, points) |",
              "|---|---|---|---|---|---|---|"]
