@@ -33,9 +33,8 @@ from .evaluation import acc_dtype, calibrate, sync_buffers
 from .lm_args import resolve_lm
 from .loaders import EpochShuffleSampler, batch_seed, main_process_first
 from .loop import checkpoint, claim_output_dir, count_step, default_output_dir, epoch_batches, make_accelerator
-from .loop import RunAccess, optimizer_step, resume
+from .loop import RunAccess, optimizer_step, prepare_optimization, resume
 from .model import load_model
-from .optim import make_optimizer, make_scheduler
 from .state import TrainerState, resume_checkpoint
 from .text import TextData, pack, read_text_dataset, subset, text_column_of, train_and_validation
 from .tracking import flat_hparams
@@ -119,13 +118,7 @@ def setup(run: LMRun, data: TextData, model: nn.Module) -> None:
     batches_per_epoch = len(run.train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup = int(round(args.warmup_ratio * total_steps))
-    optimizer = make_optimizer(model, args, run.quant_config is not None)
-    scheduler = make_scheduler(optimizer, args.scheduler, warmup, total_steps)
-    run.model, run.optimizer, run.scheduler = accelerator.prepare(model, optimizer, scheduler)
-    run.state = TrainerState(total_steps=total_steps, batches_per_epoch=batches_per_epoch,
-                             world_size=accelerator.num_processes, batch_size=args.batch_size,
-                             gradient_accumulation_steps=args.gradient_accumulation_steps)
+    warmup = prepare_optimization(accelerator, run, model, args, total_steps, batches_per_epoch)
     run.info = run_info(args, run.quant_config, data, accelerator.num_processes, warmup, total_steps)
     run.info["epochs"] = total_steps / steps_per_epoch
 

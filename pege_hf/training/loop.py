@@ -148,6 +148,15 @@ def setup(run: Run, data, model: nn.Module) -> None:
     run.train_loader, run.test_loader = accelerator.prepare(train_loader, test_loader)
     batches_per_epoch = len(run.train_loader)  # per process, after accelerate's sharding
     total_steps = args.epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    warmup = prepare_optimization(accelerator, run, model, args, total_steps, batches_per_epoch)
+    run.info = run_info(args, run.quant_config, data, accelerator.num_processes, warmup, total_steps)
+    run.info.update(num_train=len(run.x_train), num_test=len(x_test), class_names=data.class_names)
+
+
+def prepare_optimization(accelerator, run, model, args, total_steps: int, batches_per_epoch: int) -> int:
+    """Optimiser and lr schedule (linear warmup over ``args.warmup_ratio`` of ``total_steps``) prepared with the
+    model by accelerate into ``run``, and a fresh TrainerState; returns the warmup steps. Shared by the image
+    and causal-LM loops."""
     warmup = int(round(args.warmup_ratio * total_steps))
     optimizer = make_optimizer(model, args, run.quant_config is not None)
     scheduler = make_scheduler(optimizer, args.scheduler, warmup, total_steps)
@@ -155,8 +164,7 @@ def setup(run: Run, data, model: nn.Module) -> None:
     run.state = TrainerState(total_steps=total_steps, batches_per_epoch=batches_per_epoch,
                              world_size=accelerator.num_processes, batch_size=args.batch_size,
                              gradient_accumulation_steps=args.gradient_accumulation_steps)
-    run.info = run_info(args, run.quant_config, data, accelerator.num_processes, warmup, total_steps)
-    run.info.update(num_train=len(run.x_train), num_test=len(x_test), class_names=data.class_names)
+    return warmup
 
 
 def run_info(args, quant_config, data, world_size: int, warmup: int, total_steps: int) -> dict:
