@@ -97,6 +97,20 @@ def test_random_bytes_are_uniform():
         assert b[k::8].double().mean().item() == pytest.approx(127.5, abs=1.2)
 
 
+def test_bytes_below_is_the_comparison_as_a_bool_tensor():
+    from pege_hf.quant.curriculum import bytes_below
+
+    every = torch.arange(256, dtype=torch.uint8)
+    for threshold in (0, 1, 77, 255):
+        m = bytes_below(every, threshold)
+        assert m.dtype == torch.bool and m.tolist() == [v < threshold for v in range(256)]
+        assert int(m.sum()) == threshold  # the viewed bytes are 0/1: bool arithmetic counts them right
+    cl = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    m = bytes_below(cl, 100)
+    assert m.is_contiguous(memory_format=torch.channels_last) and torch.equal(m, cl < 100)
+    assert torch.equal(torch.where(m, 1.0, 0.0), (cl < 100).float())
+
+
 def test_masks_follow_the_memory_layout():
     x = torch.randn(64, 16, 8, 8)
     cl = x.contiguous(memory_format=torch.channels_last)

@@ -6,7 +6,8 @@
 # the training file with seed 0; the test set is never used. The screening's ste-e3 and pege-e3 runs are
 # the W2A2 / mse / 3 epochs / seed 0 cells and are not run again here.
 # Sequential and resumable (a finished run is skipped; an interrupted one continues, also from
-# benchmarks/in-progress/robust30/<run>/ in a fresh clone). Cheapest cells first.
+# benchmarks/in-progress/robust30/<run>/ in a fresh clone). Cheapest cells first. Start a second copy to
+# train two cells at once (one thread each): a cell that another copy is training is skipped.
 # Then: python benchmarks/robust30/report.py
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +23,7 @@ run() {  # bits epochs estimator init seed
   if [ -f "$dir/metrics.json" ]; then echo "$name: finished"; return; fi
   if [ "$bits/$epochs/$init/$seed" = "2/3/mse/0" ]; then echo "$name: the screening's $est-e3 run"; return; fi
   mkdir -p "$dir"
+  if ! flock -n "$dir/.train.lock" true; then echo "$name: in training elsewhere"; return; fi
   echo "$(date -u +%H:%M) $name"
   OMP_NUM_THREADS=${THREADS:-1} nice -n 10 pege train "${common[@]}" --w-bits "$bits" --a-bits "$bits" \
       --epochs "$epochs" --estimator "$est" --scale-init "$init" --seed "$seed" \

@@ -109,6 +109,16 @@ def in_layout_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(x.shape, torch.empty_like(x, device="meta").stride())
 
 
+def bytes_below(b: torch.Tensor, threshold: int) -> torch.Tensor:
+    """b < threshold for a uint8 tensor, as a bool tensor in b's layout: written as uint8 0/1 and viewed as
+    bool, since torch's CPU kernel for uint8 < int with a bool output is ~15x slower than with a uint8 one
+    (2M elements, one thread: 1.6 ms against 0.1 ms). Plain ``<`` under torch.compile, which fuses it anyway
+    and cannot trace out= on channels-last tensors."""
+    if torch.compiler.is_compiling():
+        return b < threshold
+    return torch.lt(b, threshold, out=torch.empty_like(b)).view(torch.bool)
+
+
 def replacement_mask(
     x: torch.Tensor,
     ratio: float,
@@ -134,7 +144,7 @@ def replacement_mask(
         threshold = int(round(ratio * 256))
         if threshold >= 256:
             return torch.ones_like(x, dtype=torch.bool)
-        return in_layout_of(random_bytes(x.numel(), x.device), x) < threshold
+        return bytes_below(in_layout_of(random_bytes(x.numel(), x.device), x), threshold)
     if policy == "error":
         if error is None:
             raise ValueError("mask policy 'error' needs the quantization error |x - Q(x)|")
