@@ -63,6 +63,7 @@ def _speed_variants(bits: int, progress: float, **options):
         "fp": (None, None),
         "ste": (PEGEConfig(**options, estimator="ste"), None),
         "pege": (PEGEConfig(**options, estimator="pege"), progress),
+        "pege_counter": (PEGEConfig(**options, estimator="pege", a_mask="counter"), progress),
         "pege_r1": (PEGEConfig(**options, estimator="pege"), 1.0),
     }
 
@@ -131,17 +132,20 @@ def torchao_prepare(bits: int, config: PEGEConfig):
 
 
 def bench_speed(model_fn=None, *, task=None, batch_size=128, bits=2, steps=20, warmup=3, progress=0.3, device=None,
-                compile=False, channels_last=False, seed=0) -> dict:
+                compile=False, channels_last=False, seed=0, threads=None) -> dict:
     """Median time of one training step (forward + backward + SGD step) per variant, interleaved:
     every round runs one step of each variant, so machine noise hits them alike. ``task`` (from
     :func:`image_task` / :func:`token_task`) holds the model, batch and variants; default: the CIFAR
     ResNet-20 (``model_fn``) at W{bits}A{bits}. `channels_last`: the models' 4-D weights in channels-last
-    memory format (`pege train --channels-last`)."""
+    memory format (`pege train --channels-last`). `threads`: torch's intra-op threads for the run (default:
+    torch's own choice)."""
     from tqdm.auto import tqdm
 
     from .quant.kernels import use_compiled_kernels
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads is not None:
+        torch.set_num_threads(threads)
     use_compiled_kernels(compile)
     torch.manual_seed(seed)
     task = task or image_task(batch_size, bits, progress, model_fn, device)
@@ -217,7 +221,9 @@ def speed_table(result: dict) -> str:
              f"{result['device']} ({result['threads']} threads), median of {result['steps']} interleaved steps, "
              f"quantizer kernels {'torch.compile' if result['compile'] else 'eager'}"
              f"{', channels-last weights' if result.get('channels_last') else ''}; "
-             f"`pege` runs mid-ramp (progress {result['pege_progress']}), `pege_r1` at r = 1."]
+             f"`pege` runs mid-ramp (progress {result['pege_progress']}), "
+             + ("`pege_counter` too, with counter activation masks (`--a-mask counter`), " if "pege_counter" in
+                result["variants"] else "") + "`pege_r1` at r = 1."]
     for peer, version in result.get("peers", {}).items():
         lines.append(f"Peer `{peer}` ({version}): its QAT fake quantizers on the same layers." if version else
                      f"Peer `{peer}` not importable in this run: its row is missing.")
@@ -397,6 +403,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="run the quantizers' elementwise kernels through torch.compile (the FP model has none)")
     sp.add_argument("--channels-last", action="store_true",
                     help="every model's 4-D weights channels-last (`pege train --channels-last`)")
+    sp.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="torch's intra-op threads (default: torch's choice, OMP_NUM_THREADS or the cores)")
     sp.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./benchmarks)")
     sz = sub.add_parser("size", help="packed checkpoint bytes vs the float safetensors, per bit width",
                         description="Save a CIFAR ResNet-20 as float and as packed PEGE checkpoints; compare bytes.")
@@ -465,8 +473,8 @@ def check_speed_arguments(args: argparse.Namespace) -> None:
     transformer = args.model == "distilbert"
     args.batch_size = args.batch_size or (16 if transformer else 128)
     args.bits = args.bits or (4 if transformer else 2)
-    for name in ("batch_size", "steps", "seq_len"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "steps", "seq_len", "threads"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if transformer and args.bits not in (2, 4):  # torchao's and the packed group-wise widths of the LLM recipe
         raise ValueError(f"--bits must be 4 or 2 with --model distilbert (W{{bits}} group-32 weights); got {args.bits}")
@@ -517,7 +525,7 @@ def main(args: argparse.Namespace) -> int:
     if args.bench == "speed":
         result = bench_speed(task=speed_task(args), bits=args.bits, steps=args.steps, warmup=args.warmup,
                              progress=args.progress, device=args.device, compile=args.compile,
-                             channels_last=args.channels_last)
+                             channels_last=args.channels_last, threads=args.threads)
         stem = ("speed" + ("_distilbert" if args.model == "distilbert" else "") + ("_compiled" if args.compile else "")
                 + ("_channels_last" if args.channels_last else ""))
         write_result(result, speed_table(result), args.out, stem)

@@ -40,13 +40,15 @@ def test_saved_activation_bytes_counts_distinct_storages():
 def test_speed_benchmark_structure():
     result = bench.bench_speed(lambda: cifar_resnet(20), batch_size=4, steps=2, warmup=1)
     variants = result["variants"]
-    assert set(variants) == {"fp", "ste", "pege", "pege_r1"}
+    assert set(variants) == {"fp", "ste", "pege", "pege_counter", "pege_r1"}
     assert variants["fp"]["ratio_vs_fp"] == 1.0
     for v in variants.values():
         assert len(v["step_times_s"]) == 2 and v["median_step_s"] > 0
     # a quant layer keeps no float copy of its quantized input; PEGE's ramp adds a 1-byte mask per element
     assert variants["ste"]["memory_ratio_vs_fp"] <= variants["pege"]["memory_ratio_vs_fp"] <= 1.3
     assert variants["pege"]["saved_activation_mb"] > variants["pege_r1"]["saved_activation_mb"]
+    # eager kernels get a counter mask materialised (as bool, the same bytes as a Bernoulli mask)
+    assert variants["pege_counter"]["saved_activation_mb"] == variants["pege"]["saved_activation_mb"]
 
 
 def test_speed_cli_channels_last_writes_its_own_files(tmp_path, capsys):
@@ -57,7 +59,7 @@ def test_speed_cli_channels_last_writes_its_own_files(tmp_path, capsys):
     assert cli.main(["bench", "speed", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--channels-last",
                      "--device", "cpu", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "speed_channels_last.json").read_text())
-    assert result["channels_last"] is True and set(result["variants"]) == {"fp", "ste", "pege", "pege_r1"}
+    assert result["channels_last"] is True and set(result["variants"]) == {"fp", "ste", "pege", "pege_counter", "pege_r1"}
     assert "quantizer kernels eager, channels-last weights;" in (tmp_path / "speed_channels_last.md").read_text()
     assert (tmp_path / "speed_channels_last.png").is_file() and not (tmp_path / "speed.json").exists()
 
@@ -75,7 +77,7 @@ def test_speed_benchmark_on_a_transformer_writes_ratios_of_its_own_medians(tmp_p
     saved = json.loads((tmp_path / "speed_distilbert.json").read_text())
     assert saved["model"] == "distilbert" and saved["seq_len"] == 8 and saved["batch_size"] == 2
     variants = saved["variants"]
-    assert set(variants) == {"fp", "ste", "pege", "pege_r1"} | ({"torchao"} if "torchao" in task["variants"] else set())
+    assert set(variants) == {"fp", "ste", "pege", "pege_counter", "pege_r1"} | ({"torchao"} if "torchao" in task["variants"] else set())
     fp = statistics.median(variants["fp"]["step_times_s"])
     for name, v in variants.items():
         assert len(v["step_times_s"]) == 2

@@ -111,6 +111,76 @@ def test_bytes_below_is_the_comparison_as_a_bool_tensor():
     assert torch.equal(torch.where(m, 1.0, 0.0), (cl < 100).float())
 
 
+def _lowbias32_byte(index: int, key: int) -> int:
+    """The low byte of C. Wellons' lowbias32 hash of index ^ key, in Python's unbounded integers."""
+    v = (index ^ key) & 0xFFFFFFFF
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & 0xFFFFFFFF
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & 0xFFFFFFFF
+    v ^= v >> 16
+    return v & 255
+
+
+def test_counter_bytes_are_lowbias32_of_the_memory_position():
+    from pege_hf.quant.curriculum import counter_bytes
+
+    like = torch.empty(3, 5, 7, 9)
+    for key in (0, 12345, 2**31 - 1):
+        got = counter_bytes(like, key).flatten().tolist()
+        assert got == [_lowbias32_byte(i, key) for i in range(like.numel())]
+    cl = like.contiguous(memory_format=torch.channels_last)
+    got = counter_bytes(cl, 7)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert got.permute(0, 2, 3, 1).flatten().tolist() == [_lowbias32_byte(i, 7) for i in range(like.numel())]
+    every = counter_bytes(torch.empty(1 << 20), 99)  # 2^20 indices: 4096 per byte value when uniform
+    freq = torch.bincount(every.long(), minlength=256).double() / 4096
+    assert (freq - 1).abs().max() < 0.07  # ~4.5 sigma of a uniform byte's count
+
+
+def test_counter_masks_are_fresh_bernoulli_draws_from_torch_seed():
+    from pege_hf.quant.curriculum import CounterMask
+
+    x = torch.randn(100_000)
+    torch.manual_seed(3)
+    recipe = replacement_mask(x, 0.3, "counter", lazy=True)
+    torch.manual_seed(3)
+    m = replacement_mask(x, 0.3, "counter")
+    assert isinstance(recipe, CounterMask) and recipe.threshold == round(0.3 * 256)
+    assert m.dtype == torch.bool and torch.equal(m, recipe.materialize(x))
+    assert abs(m.float().mean().item() - 77 / 256) < 0.005
+    assert not torch.equal(m, replacement_mask(x, 0.3, "counter"))  # a new key per call
+    assert bool(replacement_mask(x, 1.0, "counter", lazy=True).all())  # r = 1: every element, no recipe
+    assert not replacement_mask(x, 0.0, "counter").any()
+
+
+def test_kernels_take_a_counter_recipe_as_its_materialised_mask():
+    """mixed_forward, pege_backward and FakeQuantPEGE give the same bits for a counter mask's recipe (computed in
+    the kernel) and for the bool mask it materialises."""
+    from pege_hf.quant import kernels
+    from pege_hf.quant.curriculum import CounterMask
+    from pege_hf.quant.estimators import FakeQuantPEGE
+
+    torch.manual_seed(0)
+    x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    s, coef = torch.tensor(0.3), torch.tensor(0.01)
+    recipe = CounterMask(key=424242, threshold=100)
+    mask = recipe.materialize(x)
+    assert 0.3 < mask.float().mean() < 0.5
+    assert torch.equal(kernels.mixed_forward(x, s, -2.0, 1.0, recipe), kernels.mixed_forward(x, s, -2.0, 1.0, mask))
+    for replaced_only in (False, True):
+        got = kernels.pege_backward(g, x, s, -2.0, 1.0, recipe, coef, replaced_only, True, True)
+        ref = kernels.pege_backward(g, x, s, -2.0, 1.0, mask, coef, replaced_only, True, True)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    grads = []
+    for m in (recipe, mask):
+        xx, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+        out = FakeQuantPEGE.apply(xx, ss, -2.0, 1.0, m, coef, "all", "both")
+        (out * g).sum().backward()
+        grads.append((out.detach(), xx.grad, ss.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_masks_follow_the_memory_layout():
     x = torch.randn(64, 16, 8, 8)
     cl = x.contiguous(memory_format=torch.channels_last)
@@ -959,12 +1029,14 @@ def test_compiled_kernels_match_eager():
     try:
         for compiled in (False, True):
             kernels.use_compiled_kernels(compiled)
-            for est, weight, layout in itertools.product(("ste", "ewgs", "pege"), (False, True),
+            for est, weight, layout in itertools.product(("ste", "ewgs", "pege", "pege_counter"), (False, True),
                                                          (torch.contiguous_format, torch.channels_last)):
-                fq = make_fake_quantizer(PEGEConfig(**{**cfg.to_dict(), "estimator": est}), weight=weight,
+                options = {"estimator": "pege", "a_mask": "counter"} if est == "pege_counter" else {"estimator": est}
+                fq = make_fake_quantizer(PEGEConfig(**{**cfg.to_dict(), **options}), weight=weight,
                                          channels=6 if weight else None, seed=1).train()
                 fq.set_progress(0.3)
                 x = inputs[weight].clone().contiguous(memory_format=layout).requires_grad_()
+                torch.manual_seed(0)  # the counter mask's key: compiled, a recipe; eager, the mask it makes
                 out = fq(x)
                 assert out.is_contiguous(memory_format=layout), (est, weight, layout)
                 (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
@@ -975,6 +1047,34 @@ def test_compiled_kernels_match_eager():
         if compiled:
             for a, b in zip(results[(False, *case)], values):
                 assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), case
+
+
+@pytest.mark.slow
+def test_counter_masks_cost_no_memory_under_compiled_kernels():
+    """With compiled kernels a counter mask stays a recipe: PEGE mid-ramp saves what PEGE at r = 1 saves (no
+    mask), where Bernoulli and progressive masks keep one byte per element; eager kernels keep the
+    materialised mask."""
+    from pege_hf import bench
+    from pege_hf.hf.cifar import cifar_resnet
+    from pege_hf.quant import kernels
+    from pege_hf.quant.modules import set_progress
+
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    variants = {"r1": ({}, 1.0), "pege": ({}, 0.3), "counter": ({"a_mask": "counter", "w_mask": "counter"}, 0.3)}
+    saved = {}
+    try:
+        for compiled in (False, True):
+            kernels.use_compiled_kernels(compiled)
+            for name, (options, progress) in variants.items():
+                model = cifar_resnet(8)
+                pege_hf.quantize(model, PEGEConfig(w_bits=2, a_bits=2, **options))
+                model(x)
+                set_progress(model, progress)
+                saved[compiled, name] = bench.saved_activation_bytes(model, (x, y))
+    finally:
+        kernels.use_compiled_kernels(False)
+    assert saved[True, "counter"] == saved[True, "r1"] < saved[True, "pege"] == saved[False, "pege"]
+    assert saved[False, "counter"] == saved[False, "pege"]
 
 
 def test_kernels_trace_without_graph_breaks_on_channels_last_tensors():
@@ -988,9 +1088,12 @@ def test_kernels_trace_without_graph_breaks_on_channels_last_tensors():
     x = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)
     g, s, coef = torch.randn_like(x), torch.tensor(0.1), torch.tensor(1e-3)
     mask = (torch.rand_like(x) < 0.3).view(torch.uint8)
+    from pege_hf.quant.curriculum import CounterMask
+
     calls = {"uniform_forward": (x, s, 0.0, 3.0), "mixed_forward": (x, s, 0.0, 3.0, mask),
+             "mixed_forward, counter mask": (x, s, 0.0, 3.0, CounterMask(12345, 77)),
              "uniform_backward": (g, x, s, 0.0, 3.0, 0.0),
              "pege_backward": (g, x, s, 0.0, 3.0, mask, coef, True, True, True)}
     for name, args in calls.items():
-        explained = dynamo.explain(getattr(kernels, name))(*args)
+        explained = dynamo.explain(getattr(kernels, name.split(",")[0]))(*args)
         assert explained.graph_break_count == 0, (name, explained.break_reasons)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
 
 SCHEDULES = ("log", "linear", "cosine", "instant")
-MASK_POLICIES = ("progressive", "bernoulli", "error")
+MASK_POLICIES = ("progressive", "bernoulli", "error", "counter")
 LAMBDA_SCHEDULES = ("constant", "follow", "ramp", "log", "exp")
 
 _MASK32 = 0xFFFFFFFF
@@ -119,6 +120,33 @@ def bytes_below(b: torch.Tensor, threshold: int) -> torch.Tensor:
     return torch.lt(b, threshold, out=torch.empty_like(b)).view(torch.bool)
 
 
+def counter_bytes(like: torch.Tensor, key: int) -> torch.Tensor:
+    """A pseudo-random byte (0..255, int32) per element of ``like``, in its memory order: the low byte of
+    lowbias32(index ^ key) (C. Wellons' 32-bit integer hash), in int32 arithmetic that wraps as uint32's does
+    (shifts masked to be logical). Pure elementwise integer work from the index alone, so torch.compile fuses
+    it into the kernel that uses it: a mask that is never stored or drawn element by element."""
+    v = in_layout_of(torch.arange(like.numel(), device=like.device, dtype=torch.int32), like) ^ key
+    v = v ^ ((v >> 16) & 0xFFFF)
+    v = v * 0x7FEB352D
+    v = v ^ ((v >> 15) & 0x1FFFF)
+    v = v * -0x7B935975  # 0x846CA68B as a signed 32-bit integer
+    v = v ^ ((v >> 16) & 0xFFFF)
+    return v & 255
+
+
+class CounterMask(NamedTuple):
+    """The recipe of a "counter" mask, M = counter_bytes(x, key) < threshold: Bernoulli(threshold / 256) per
+    element, fresh with every key. Kernels compute M where they read it (kernels.as_weight); ``materialize``
+    writes it out as a bool tensor (for code that needs one, and for eager kernels, where the hash costs
+    more passes than it saves)."""
+
+    key: int
+    threshold: int
+
+    def materialize(self, like: torch.Tensor) -> torch.Tensor:
+        return counter_bytes(like, self.key) < self.threshold
+
+
 def replacement_mask(
     x: torch.Tensor,
     ratio: float,
@@ -126,7 +154,8 @@ def replacement_mask(
     *,
     seed: int = 0,
     error: torch.Tensor | None = None,
-) -> torch.Tensor:
+    lazy: bool = False,
+) -> torch.Tensor | CounterMask:
     """Boolean mask M (True = use the quantized value) with mean(M) ~= ratio.
 
     progressive: M = priority(seed, index) < ratio; monotone in ratio and fixed across steps.
@@ -134,6 +163,10 @@ def replacement_mask(
                  random byte per element: the cheapest fresh randomness, 2-4x faster than torch.rand),
                  drawn in x's memory order.
     error:       the round(ratio * numel) elements with the smallest |x - Q(x)| (``error``).
+    counter:     M ~ Bernoulli(ratio') as bernoulli, from a hash of each element's index and one random
+                 31-bit key per call (torch's generator): with ``lazy``, the CounterMask recipe instead of a
+                 tensor, which compiled kernels evaluate inside their one loop (no mask in memory, no
+                 random draw per element); else the materialised mask.
     Progressive and Bernoulli masks have x's memory layout (channels-last for a channels-last x); a
     progressive mask is the same logical mask in every layout.
     """
@@ -145,6 +178,12 @@ def replacement_mask(
         if threshold >= 256:
             return torch.ones_like(x, dtype=torch.bool)
         return bytes_below(in_layout_of(random_bytes(x.numel(), x.device), x), threshold)
+    if policy == "counter":
+        threshold = int(round(ratio * 256))
+        if threshold >= 256:
+            return torch.ones_like(x, dtype=torch.bool)
+        recipe = CounterMask(int(torch.randint(2**31, ()).item()), threshold)
+        return recipe if lazy else recipe.materialize(x)
     if policy == "error":
         if error is None:
             raise ValueError("mask policy 'error' needs the quantization error |x - Q(x)|")

@@ -120,11 +120,14 @@ class FakeQuantEWGS(torch.autograd.Function):
 
 class FakeQuantPEGE(torch.autograd.Function):
     """where(M, Q(x), x) for a uniform Q, with the discretization term's gradient in backward: the pull
-    coef * (x - Q(x)) to x and/or its share to the step size s (``target``: latent / step_size / both)."""
+    coef * (x - Q(x)) to x and/or its share to the step size s (``target``: latent / step_size / both).
+    ``mask``: a bool tensor, None (every element replaced) or a counter mask's recipe (kept as is)."""
 
     @staticmethod
     def forward(ctx, x, s, qmin: float, qmax: float, mask, coef, scope: str, target: str = "latent"):
-        ctx.save_for_backward(x, s, mask, coef)
+        recipe = not isinstance(mask, torch.Tensor) and mask is not None  # a counter mask's (key, threshold)
+        ctx.save_for_backward(x, s, None if recipe else mask, coef)
+        ctx.recipe = mask if recipe else None
         ctx.qrange = qmin, qmax
         ctx.replaced_only = scope == "replaced"
         ctx.pull_to_x, ctx.pull_to_s = target in ("latent", "both"), target in ("step_size", "both")
@@ -135,6 +138,7 @@ class FakeQuantPEGE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, s, mask, coef = ctx.saved_tensors
+        mask = ctx.recipe if ctx.recipe is not None else mask
         grad_x, grad_s = kernels.impl["pege_backward"](g, x, s, *ctx.qrange, mask, coef, ctx.replaced_only,
                                                        ctx.pull_to_x, ctx.pull_to_s, ctx.needs_input_grad[1])
         return grad_x, _summed(grad_s, s), None, None, None, None, None, None

@@ -13,12 +13,17 @@ that a zeroed element may be -0.0 (a negative value times 0) and a non-finite va
 
 Masks reach the compiled kernels as uint8 views of the bool mask (no copy): inductor's CPU code
 loads a bool tensor through a per-element path that a random mask makes ~3x slower than loading
-bytes and comparing them in the loop (`pege bench speed --compile`, PEGE mid-ramp).
+bytes and comparing them in the loop (`pege bench speed --compile`, PEGE mid-ramp). Loading the bytes
+is still a partial vector load (8 bytes per 8-float AVX2 vector): a mask kernel took 3.5x the time of
+the same kernel without one. A counter mask's recipe (two ints) avoids the load: the kernel hashes the
+element indices itself, at 1.6x the time of no mask.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .curriculum import counter_bytes
 
 
 def uniform_forward(x, s, qmin, qmax):
@@ -34,7 +39,11 @@ def dynamic_step(x, qmax, per_token: bool):
 
 def as_weight(mask, like):
     """The mask as 0.0 / 1.0 in ``like``'s dtype, from a bool mask (through its uint8 view: no bool
-    load) or a uint8 one (any nonzero byte is 1, as for a bool)."""
+    load), a uint8 one (any nonzero byte is 1, as for a bool) or a counter mask's (key, threshold) recipe
+    (curriculum.CounterMask), computed here from the element indices."""
+    if isinstance(mask, tuple):
+        key, threshold = mask
+        return (counter_bytes(like, key) < threshold).to(like.dtype)
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask.clamp(max=1)).to(like.dtype)
 
 
@@ -113,11 +122,19 @@ impl = dict(_EAGER)
 
 
 def _compiled(fn):
+    """fn through torch.compile. Tensors go in detached (the kernels need no autograd) and bool masks as uint8
+    views: dynamo guards on requires_grad and gives parameters static shapes, so a weight's kernel would
+    otherwise compile once per weight shape and again per requires_grad, and a model with a few layer widths
+    runs past dynamo's recompile limit (8), after which the kernel silently runs eager."""
     compiled = torch.compile(fn, dynamic=True)
 
+    def arg(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return a.detach().view(torch.uint8) if a.dtype == torch.bool else a.detach()
+
     def run(*args):
-        return compiled(*(a.view(torch.uint8) if isinstance(a, torch.Tensor) and a.dtype == torch.bool else a
-                          for a in args))
+        return compiled(*map(arg, args))
 
     run.__name__ = fn.__name__
     return run

@@ -106,7 +106,9 @@ class FakeQuantizer(nn.Module):
             mask = None
             if ratio < 1:
                 error = (x - FakeQuantSTE.apply(x.detach(), s.detach(), *q.code_range())) if self.mask == "error" else None
-                mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
+                # a counter mask stays a recipe for compiled kernels, which compute it in their loop
+                mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error,
+                                        lazy=kernels.compiled_kernels_enabled())
             if mask is None and not pull:
                 return FakeQuantSTE.apply(x, s, *q.code_range()), _uniform_rebuild(x, s, q)
             coef = self._pull_coefficient(s.detach(), x.numel(), lam) if pull else None
