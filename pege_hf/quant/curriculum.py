@@ -125,13 +125,26 @@ def counter_bytes(like: torch.Tensor, key: int) -> torch.Tensor:
     lowbias32(index ^ key) (C. Wellons' 32-bit integer hash), in int32 arithmetic that wraps as uint32's does
     (shifts masked to be logical). Pure elementwise integer work from the index alone, so torch.compile fuses
     it into the kernel that uses it: a mask that is never stored or drawn element by element."""
-    v = in_layout_of(torch.arange(like.numel(), device=like.device, dtype=torch.int32), like) ^ key
+    v = _memory_positions(like) ^ key
     v = v ^ ((v >> 16) & 0xFFFF)
     v = v * 0x7FEB352D
     v = v ^ ((v >> 15) & 0x1FFFF)
     v = v * -0x7B935975  # 0x846CA68B as a signed 32-bit integer
     v = v ^ ((v >> 16) & 0xFFFF)
     return v & 255
+
+
+def _memory_positions(like: torch.Tensor) -> torch.Tensor:
+    """Each element's position in ``like``'s memory order (int32), as a view or permutation of one arange
+    where the layout allows (contiguous, channels-last), which torch.compile folds into index arithmetic;
+    in_layout_of's as_strided otherwise, which makes it write the positions out first."""
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int32)
+    if like.is_contiguous():
+        return index.view(like.shape)
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = like.shape
+        return index.view(n, h, w, c).permute(0, 3, 1, 2)
+    return in_layout_of(index, like)
 
 
 class CounterMask(NamedTuple):
