@@ -361,6 +361,7 @@ def speed_plot(result: dict, path: Path) -> None:
         ax.axhline(target, color="#c33", linestyle="--", linewidth=1, label=f"{target}x target")
         ax.set_ylim(0, 1.3 * max(values + [target]))  # room for the legend above the bars
         ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.legend(loc="upper left", fontsize=8)
     kernels = "torch.compile" if result["compile"] else "eager"
     layout = ", channels-last weights" if result.get("channels_last") else ""
