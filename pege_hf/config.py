@@ -82,7 +82,9 @@ class PEGEConfig(QuantizationConfigMixin):
     alpha: float = _option(9.0, "curvature of the log curriculum", low=0.0, open_low=True)
     ramp_fraction: float = _option(0.75, "share of training spent ramping r(t) to 1", low=0.0, high=1.0)
     w_mask: str = _option("progressive", "which weight elements are replaced first", choices=MASK_POLICIES)
-    a_mask: str = _option("bernoulli", "which activation elements are replaced", choices=MASK_POLICIES)
+    a_mask: str = _option("bernoulli", "which activation elements are replaced (bernoulli: fresh random bytes per "
+                          "step; counter: a Bernoulli mask hashed from the element index, which compiled kernels "
+                          "compute in their loop: the fast choice with --compile-kernels)", choices=MASK_POLICIES)
     discretization_lambda: float = _option(0.1, "weight of the discretization-error term D (the final value "
                                            "for the log/exp schedules)", low=0.0)
     lambda_schedule: str = _option("constant", "lambda(t): constant, follow (lambda r(t)), ramp (0 once r = 1), "
