@@ -22,7 +22,7 @@ def _tiny_llama(seed=0):
                                         num_key_value_heads=4, vocab_size=96, max_position_embeddings=32))
 
 
-@pytest.mark.parametrize("quantizer", ["lsq", "minmax"])
+@pytest.mark.parametrize("quantizer", ["lsq", "minmax", "symmetric"])
 def test_group_wise_weights_match_float64_per_group(quantizer):
     torch.manual_seed(0)
     layer = QuantLinear.from_float(torch.nn.Linear(64, 8), PEGEConfig(w_bits=3, a_bits=None, group_size=16,
@@ -33,13 +33,22 @@ def test_group_wise_weights_match_float64_per_group(quantizer):
     qp = 3.0
     if quantizer == "lsq":  # LSQ's init 2 mean|w| / sqrt(qmax), per group
         ref_s = 2 * groups.abs().mean(-1) / math.sqrt(qp)
-    else:
+    elif quantizer == "minmax":
         ref_s = groups.abs().amax(-1) / qp
+    else:  # PyTorch's / torchao's symmetric scale: max|w| / ((qmax - qmin) / 2), codes [-4, 3]
+        ref_s = groups.abs().amax(-1) / 3.5
     assert q.scale.shape == (32,) and torch.allclose(q.scale.detach().double().view(8, 4), ref_s, rtol=1e-6)
     s = q.scale.detach().double().view(8, 4, 1)
     ref_wq = (torch.clamp(torch.round(groups / s), -4, 3) * s).reshape(8, 64)
     layer.eval()
-    assert torch.allclose(layer.quantized_weight().double(), ref_wq, atol=1e-6)
+    # a group's largest magnitude sits on a rounding tie under the symmetric scale (max|w| / s = 3.5): float32
+    # may land either side of it, so there either neighbouring level is right
+    tie = ((groups / s).abs() - 3.5).abs().reshape(8, 64) < 1e-5
+    got = layer.quantized_weight().double()
+    step = s.expand(8, 4, 16).reshape(8, 64)
+    assert torch.allclose(got[~tie], ref_wq[~tie], atol=1e-6)
+    assert ((got[tie] - ref_wq[tie]).abs() <= step[tie] + 1e-6).all()
+    assert int(tie.sum()) == (32 if quantizer == "symmetric" else 0)  # one per group: its largest magnitude
     if quantizer == "lsq":  # the step-size gradient sums over each group, times LSQ's 1 / sqrt(G qmax)
         layer.train()
         layer.weight_quantizer.estimator = "ste"
@@ -109,8 +118,44 @@ def test_dynamic_activation_quantizers_with_pege_mixing_match_float64(name, per_
 
 
 def test_dynamic_quantizers_are_for_activations_only():
-    with pytest.raises(ValueError, match="PEGEConfig.w_quantizer must be one of 'lsq', 'minmax'; got 'dynamic_token'"):
+    with pytest.raises(ValueError, match="PEGEConfig.w_quantizer must be one of 'lsq', 'minmax', 'symmetric'; got "
+                                         "'dynamic_token'"):
         PEGEConfig(w_quantizer="dynamic_token")
+
+
+def test_symmetric_quantizer_is_for_weights_only():
+    from pege_hf.quant.quantizers import make_quantizer
+
+    with pytest.raises(ValueError, match="PEGEConfig.a_quantizer must be one of .*; got 'symmetric'"):
+        PEGEConfig(a_quantizer="symmetric")
+    with pytest.raises(ValueError, match="quantizer 'symmetric' is for weights"):
+        make_quantizer("symmetric", 4, weight=False)
+
+
+def test_symmetric_weights_follow_the_latent_weights_like_torchaos_fake_quantizer():
+    """w_quantizer="symmetric" at W2 group 32: the step size is recomputed from the current weights on every
+    training forward (nothing learned), s = max|w| / 1.5 per group, as torchao's IntxFakeQuantizer computes
+    it (MappingType.SYMMETRIC); compared with a float64 formula and, where torchao is importable, with it."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(64, 4), PEGEConfig(w_bits=2, a_bits=None, group_size=32,
+                                                                      w_quantizer="symmetric", estimator="ste"))
+    layer.train()
+    assert not list(layer.weight_quantizer.parameters())
+    for _ in range(2):  # after a change of the latent weights too
+        w = layer.weight.detach().double().reshape(4, 2, 32)
+        s = w.abs().amax(-1, keepdim=True) / 1.5
+        ref = (torch.clamp(torch.round(w / s), -2, 1) * s).reshape(4, 64)
+        got = layer.quantized_weight()
+        assert torch.allclose(got.double(), ref, atol=1e-6)
+        with torch.no_grad():
+            layer.weight.mul_(torch.rand_like(layer.weight) + 0.5)
+    try:
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+    except ImportError:
+        return  # torchao is an optional peer (benchmarks' .deps), not a dependency
+    fq = IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int2, group_size=32, is_symmetric=True))
+    assert torch.allclose(layer.quantized_weight(), fq(layer.weight.detach()), atol=1e-6)
 
 
 def test_layer_overrides_are_validated_when_built():

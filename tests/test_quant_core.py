@@ -821,7 +821,7 @@ def test_packing_rejects_bad_input():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value,allowed", [
     ("w_bits", 1, "2 to 8"), ("w_bits", 9, "2 to 8"), ("a_bits", 0, "2 to 8"), ("w_bits", 2.5, "2 to 8"),
-    ("estimator", "lsq", "'pege', 'ste', 'ewgs'"), ("w_quantizer", "pact", "'lsq', 'minmax'"),
+    ("estimator", "lsq", "'pege', 'ste', 'ewgs'"), ("w_quantizer", "pact", "'lsq', 'minmax', 'symmetric'"),
     ("a_quantizer", "foo", "'lsq', 'minmax', 'pact'"), ("curriculum", "exp", "'log', 'linear', 'cosine', 'instant'"),
     ("w_mask", "random", "'progressive', 'bernoulli', 'error'"), ("discretization_lambda", -1e-3, ">= 0"),
     ("alpha", 0, "> 0"), ("ramp_fraction", 1.5, "<= 1.0"), ("lambda_schedule", "x", "'constant', 'follow', 'ramp'"),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # commands are shown relative to the repository root
 LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "pege_step": "PEGE, D on the step size (pege_hf)",
+          "ste_sym": "STE, torchao's weight quantizer (pege_hf)", "pege_sym": "PEGE, torchao's weight quantizer (pege_hf)",
+          "pege_step_sym": "PEGE, D on the step size, torchao's weight quantizer (pege_hf)",
           "torchao": "torchao QAT"}
 SCHEMES = {"FPcont": "FP + the QAT budget"}  # the control: FP trained on for as many steps as each QAT run
 
@@ -68,7 +70,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     schemes = [s for s in dict.fromkeys(r["scheme"] for r in rows) if s != "FP" and s not in SCHEMES.values()]
     methods = [m for m in LABELS if any(r["method"] == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / max(len(methods), 1)
     shown = [1.0]
     for i, method in enumerate(methods):
@@ -89,7 +91,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(schemes)), schemes)
     ax.set_ylabel("validation perplexity / FP (lower is better)")
     ax.set_title("Small Llama on the Python stdlib: QAT at the same budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,7 +12,8 @@
    group size 32, and W4 g32 + 8-bit per-token dynamic activations (W4A8); estimators STE and PEGE
    (pege_hf), and torchao's QAT fake quantizers (IntxFakeQuantizeConfig, symmetric int weights per
    group of 32, int8 asymmetric per-token activations) trained by the same loop through train_lm's
-   ``prepare_model`` hook.
+   ``prepare_model`` hook; and pege_hf's STE and PEGE on torchao's forward quantizer for weights
+   (``--w-quantizer symmetric``), so that the estimators are compared on the same quantizer.
 
 Each run is a child process writing into WORK/runs/NAME (not committed) with resumable
 checkpoints; a run with a metrics.json is finished and never redone, a cut-off one continues. The
@@ -52,8 +53,15 @@ SCHEMES = {
 ESTIMATORS = {"ste": ["--estimator", "ste"], "pege": ["--estimator", "pege"],
               # the best PEGE setting of the CIFAR screening (benchmarks/screen30): D's gradient on the step size only
               "pege_step": ["--estimator", "pege", "--discretization-lambda", "0.1",
-                            "--discretization-target", "step_size"]}
-METHODS = ("ste", "pege", "pege_step", "torchao")
+                            "--discretization-target", "step_size"],
+              # torchao's forward quantizer (min-max weights, s = max|w| / ((qmax - qmin) / 2) per group, from the
+              # current weights at every step) with pege_hf's estimators: STE, and PEGE at its defaults
+              "ste_sym": ["--estimator", "ste", "--w-quantizer", "symmetric"],
+              "pege_sym": ["--estimator", "pege", "--w-quantizer", "symmetric"]}
+# pege_step on that quantizer: its step size is not learned, so D's gradient reaches nothing and PEGE is the
+# progressive replacement alone
+ESTIMATORS["pege_step_sym"] = [*ESTIMATORS["pege_step"], "--w-quantizer", "symmetric"]
+METHODS = ("ste", "pege", "pege_step", "ste_sym", "pege_sym", "pege_step_sym", "torchao")
 
 
 def fp_args(work: Path, steps: int, lr: float) -> list[str]:

@@ -15,7 +15,8 @@ from torch import nn
 from . import kernels
 from .estimators import round_ste
 
-WEIGHT_QUANTIZERS = ("lsq", "minmax")
+# symmetric: min-max with the symmetric scale of PyTorch's MinMaxObserver and torchao's QAT (for weights only)
+WEIGHT_QUANTIZERS = ("lsq", "minmax", "symmetric")
 # dynamic_token / dynamic_tensor: activation step sizes from the current tensor (per token: the last
 # dimension's rows), recomputed every call, symmetric codes: the LLM recipe (torchao's int8 dynamic activations)
 QUANTIZERS = ("lsq", "minmax", "pact", "dynamic_token", "dynamic_tensor")
@@ -300,12 +301,15 @@ class PACTQuantizer(UniformQuantizer):
 
 
 class MinMaxQuantizer(UniformQuantizer):
-    """A fixed (not learned) uniform quantizer: s = max|x| / qmax. Weights re-observe their range on
-    every training forward; activations keep an exponential moving average of the batch maximum."""
+    """A fixed (not learned) uniform quantizer: s = max|x| / qmax, so the largest magnitude is a code.
+    ``full_span``: s = max|x| / ((qmax - qmin) / 2), the symmetric scale of PyTorch's MinMaxObserver and
+    torchao's QAT (MappingType.SYMMETRIC): the codes span 2 max|x|, which for 2-bit signed codes [-2, 1]
+    puts them at -4/3, -2/3, 0 and 2/3 of max|x|. Weights re-observe their range on every training
+    forward; activations keep an exponential moving average of the batch maximum."""
 
-    def __init__(self, bits, *, momentum: float = 0.1, dynamic: bool = False, **kw):
+    def __init__(self, bits, *, momentum: float = 0.1, dynamic: bool = False, full_span: bool = False, **kw):
         super().__init__(bits, **kw)
-        self.momentum, self.dynamic = momentum, dynamic
+        self.momentum, self.dynamic, self.full_span = momentum, dynamic, full_span
         self.register_buffer("scale", torch.ones(self.n_scales, dtype=torch.float32))
 
     def _initial_scale(self, x):
@@ -313,7 +317,8 @@ class MinMaxQuantizer(UniformQuantizer):
 
     def _observe(self, x):
         x, axis = self.rows(x)
-        return x.abs().amax(dim=_reduce_dims(x, axis)).clamp_min(1e-8) / self.qmax
+        span = (self.qmax - self.qmin) / 2 if self.full_span else self.qmax
+        return x.abs().amax(dim=_reduce_dims(x, axis)).clamp_min(1e-8) / span
 
     def _set_scale(self, scale):
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -366,8 +371,10 @@ def make_quantizer(name: str, bits: int, *, weight: bool, channels: int | None =
                    axis: int = 0, scale_init: str = "lsq", group_size: int | None = None) -> UniformQuantizer:
     """The factory from a quantizer name to a module: weights per output channel (or per group of
     ``group_size`` inputs) and signed, activations per tensor with automatic signedness (or dynamic)."""
-    if name not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)}")
+    if name not in QUANTIZERS + WEIGHT_QUANTIZERS:
+        raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(dict.fromkeys(QUANTIZERS + WEIGHT_QUANTIZERS))}")
+    if name == "symmetric" and not weight:
+        raise ValueError(f"quantizer 'symmetric' is for weights; activations take one of {', '.join(QUANTIZERS)}")
     if name.startswith("dynamic"):
         if weight:
             raise ValueError(f"quantizer {name!r} is for activations; weights take one of {', '.join(WEIGHT_QUANTIZERS)}")
@@ -377,4 +384,4 @@ def make_quantizer(name: str, bits: int, *, weight: bool, channels: int | None =
         return LSQQuantizer(bits, scale_init=scale_init, **kw)
     if name == "pact":
         return PACTQuantizer(bits, scale_init=scale_init, **kw)
-    return MinMaxQuantizer(bits, dynamic=weight, **kw)
+    return MinMaxQuantizer(bits, dynamic=weight, full_span=name == "symmetric", **kw)
