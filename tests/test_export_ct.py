@@ -204,11 +204,12 @@ def _tiny_llama_with(**config):
     return _qat(model, {"input_ids": ids, "labels": ids}), {"input_ids": ids}
 
 
-def test_group_wise_weights_run_in_plain_transformers_with_pege_logits(tmp_path):
+@pytest.mark.parametrize("w_quantizer", ["lsq", "symmetric"])
+def test_group_wise_weights_run_in_plain_transformers_with_pege_logits(w_quantizer, tmp_path):
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors.torch import load_file
 
-    model, inputs = _tiny_llama_with(w_bits=4, group_size=16, a_bits=8)
+    model, inputs = _tiny_llama_with(w_bits=4, group_size=16, a_bits=8, w_quantizer=w_quantizer)
     report = export_compressed_tensors(model, tmp_path / "out")
     q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert [g["weights"]["strategy"] for g in q["config_groups"].values()] == ["group"]
