@@ -135,6 +135,8 @@ def test_counter_bytes_are_lowbias32_of_the_memory_position():
     assert got.permute(0, 2, 3, 1).flatten().tolist() == [_lowbias32_byte(i, 7) for i in range(like.numel())]
     strided = torch.empty(4, 6)[:, ::2]  # not dense: positions in row-major order, as a tensor like it is laid out
     assert counter_bytes(strided, 5).flatten().tolist() == [_lowbias32_byte(i, 5) for i in range(12)]
+    with pytest.raises(ValueError, match="counter masks number elements in int32: a tensor of 2,147,483,648 elements"):
+        counter_bytes(torch.empty(2**31, device="meta"), 1)
     every = counter_bytes(torch.empty(1 << 20), 99)  # 2^20 indices: 4096 per byte value when uniform
     freq = torch.bincount(every.long(), minlength=256).double() / 4096
     assert (freq - 1).abs().max() < 0.07  # ~4.5 sigma of a uniform byte's count

@@ -125,6 +125,9 @@ def counter_bytes(like: torch.Tensor, key: int) -> torch.Tensor:
     lowbias32(index ^ key) (C. Wellons' 32-bit integer hash), in int32 arithmetic that wraps as uint32's does
     (shifts masked to be logical). Pure elementwise integer work from the index alone, so torch.compile fuses
     it into the kernel that uses it: a mask that is never stored or drawn element by element."""
+    if like.numel() >= 2**31:
+        raise ValueError(f"counter masks number elements in int32: a tensor of {like.numel():,} elements is too "
+                         "large; use the 'bernoulli' mask for it")
     v = _memory_positions(like) ^ key
     v = v ^ ((v >> 16) & 0xFFFF)
     v = v * 0x7FEB352D
