@@ -158,19 +158,28 @@ def test_counter_masks_are_fresh_bernoulli_draws_from_torch_seed():
     assert not replacement_mask(x, 0.0, "counter").any()
 
 
-def test_kernels_take_a_counter_recipe_as_its_materialised_mask():
-    """mixed_forward, pege_backward and FakeQuantPEGE give the same bits for a counter mask's recipe (computed in
-    the kernel) and for the bool mask it materialises."""
+@pytest.mark.parametrize("policy", ["counter", "progressive"])
+def test_kernels_take_a_mask_recipe_as_its_materialised_mask(policy):
+    """mixed_forward, pege_backward and FakeQuantPEGE give the same bits for a mask's recipe (evaluated in the
+    kernel) and for the bool mask replacement_mask materialises from it, in either memory layout."""
     from pege_hf.quant import kernels
-    from pege_hf.quant.curriculum import CounterMask
+    from pege_hf.quant.curriculum import CounterMask, ProgressiveMask
     from pege_hf.quant.estimators import FakeQuantPEGE
 
     torch.manual_seed(0)
     x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     s, coef = torch.tensor(0.3), torch.tensor(0.01)
-    recipe = CounterMask(key=424242, threshold=100)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = x.contiguous(memory_format=layout)
+        torch.manual_seed(1)
+        recipe = replacement_mask(x, 0.4, policy, seed=3, lazy=True)
+        torch.manual_seed(1)
+        mask = replacement_mask(x, 0.4, policy, seed=3)
+        assert isinstance(recipe, {"counter": CounterMask, "progressive": ProgressiveMask}[policy])
+        assert torch.equal(recipe.materialize(x), mask) and 0.3 < mask.float().mean() < 0.5
+        assert torch.equal(kernels.mixed_forward(x, s, -2.0, 1.0, recipe), kernels.mixed_forward(x, s, -2.0, 1.0, mask))
+    recipe = CounterMask(key=424242, threshold=100) if policy == "counter" else recipe
     mask = recipe.materialize(x)
-    assert 0.3 < mask.float().mean() < 0.5
     assert torch.equal(kernels.mixed_forward(x, s, -2.0, 1.0, recipe), kernels.mixed_forward(x, s, -2.0, 1.0, mask))
     for replaced_only in (False, True):
         got = kernels.pege_backward(g, x, s, -2.0, 1.0, recipe, coef, replaced_only, True, True)
@@ -1055,16 +1064,16 @@ def test_compiled_kernels_match_eager():
 
 @pytest.mark.slow
 def test_counter_masks_cost_no_memory_under_compiled_kernels():
-    """With compiled kernels a counter mask stays a recipe: PEGE mid-ramp saves what PEGE at r = 1 saves (no
-    mask), where Bernoulli and progressive masks keep one byte per element; eager kernels keep the
-    materialised mask."""
+    """With compiled kernels counter and progressive masks stay recipes: PEGE mid-ramp with counter activation
+    masks and (default) progressive weight masks saves what PEGE at r = 1 saves (no mask), where Bernoulli
+    activation masks keep one byte per element; eager kernels keep every materialised mask."""
     from pege_hf import bench
     from pege_hf.hf.cifar import cifar_resnet
     from pege_hf.quant import kernels
     from pege_hf.quant.modules import set_progress
 
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    variants = {"r1": ({}, 1.0), "pege": ({}, 0.3), "counter": ({"a_mask": "counter", "w_mask": "counter"}, 0.3)}
+    variants = {"r1": ({}, 1.0), "pege": ({}, 0.3), "counter": ({"a_mask": "counter"}, 0.3)}
     saved = {}
     try:
         for compiled in (False, True):
@@ -1077,8 +1086,10 @@ def test_counter_masks_cost_no_memory_under_compiled_kernels():
                 saved[compiled, name] = bench.saved_activation_bytes(model, (x, y))
     finally:
         kernels.use_compiled_kernels(False)
-    assert saved[True, "counter"] == saved[True, "r1"] < saved[True, "pege"] == saved[False, "pege"]
+    assert saved[True, "counter"] == saved[True, "r1"] < saved[True, "pege"] < saved[False, "pege"]
     assert saved[False, "counter"] == saved[False, "pege"]
+    weights = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight_quantizer"))
+    assert saved[False, "pege"] - saved[True, "pege"] == weights  # the weights' one-byte masks, eager only
 
 
 def test_kernels_trace_without_graph_breaks_on_channels_last_tensors():
@@ -1096,6 +1107,7 @@ def test_kernels_trace_without_graph_breaks_on_channels_last_tensors():
 
     calls = {"uniform_forward": (x, s, 0.0, 3.0), "mixed_forward": (x, s, 0.0, 3.0, mask),
              "mixed_forward, counter mask": (x, s, 0.0, 3.0, CounterMask(12345, 77)),
+             "mixed_forward, progressive mask": (x, s, 0.0, 3.0, replacement_mask(x, 0.3, "progressive", lazy=True)),
              "uniform_backward": (g, x, s, 0.0, 3.0, 0.0),
              "pege_backward": (g, x, s, 0.0, 3.0, mask, coef, True, True, True)}
     for name, args in calls.items():

@@ -163,6 +163,24 @@ class CounterMask(NamedTuple):
         return counter_bytes(like, self.key) < self.threshold
 
 
+@functools.lru_cache(maxsize=32)
+def _priority_in_layout(shape: tuple, seed: int, device: torch.device, stride: tuple) -> torch.Tensor:
+    """element_priority laid out with ``stride`` (a channels-last weight's, say); memoised, read-only."""
+    return torch.empty_strided(shape, stride, device=device).copy_(element_priority(shape, seed, device))
+
+
+class ProgressiveMask(NamedTuple):
+    """The recipe of a progressive mask, M = priority < ratio (``ratio`` a 0-d tensor, so that compiled kernels
+    take a new ratio without recompiling): compiled kernels compare the cached priorities where they read M
+    instead of loading a byte mask written out every step."""
+
+    priority: torch.Tensor
+    ratio: torch.Tensor
+
+    def materialize(self, like: torch.Tensor) -> torch.Tensor:
+        return self.priority < self.ratio
+
+
 def replacement_mask(
     x: torch.Tensor,
     ratio: float,
@@ -171,7 +189,7 @@ def replacement_mask(
     seed: int = 0,
     error: torch.Tensor | None = None,
     lazy: bool = False,
-) -> torch.Tensor | CounterMask:
+) -> torch.Tensor | CounterMask | ProgressiveMask:
     """Boolean mask M (True = use the quantized value) with mean(M) ~= ratio.
 
     progressive: M = priority(seed, index) < ratio; monotone in ratio and fixed across steps.
@@ -180,14 +198,19 @@ def replacement_mask(
                  drawn in x's memory order.
     error:       the round(ratio * numel) elements with the smallest |x - Q(x)| (``error``).
     counter:     M ~ Bernoulli(ratio') as bernoulli, from a hash of each element's index and one random
-                 31-bit key per call (torch's generator): with ``lazy``, the CounterMask recipe instead of a
-                 tensor, which compiled kernels evaluate inside their one loop (no mask in memory, no
-                 random draw per element); else the materialised mask.
+                 31-bit key per call (torch's generator).
+    With ``lazy``, progressive and counter masks come as their recipes (ProgressiveMask, CounterMask), which
+    compiled kernels evaluate inside their one loop (no mask in memory; for counter masks no random draw per
+    element either); else as the materialised bool tensor.
     Progressive and Bernoulli masks have x's memory layout (channels-last for a channels-last x); a
     progressive mask is the same logical mask in every layout.
     """
     if policy == "progressive":
-        mask = element_priority(x.shape, seed, x.device) < ratio
+        priority = element_priority(x.shape, seed, x.device)
+        if lazy:  # the priorities in x's layout, so that a kernel's output keeps it
+            priority = priority if x.is_contiguous() else _priority_in_layout(x.shape, seed, x.device, x.stride())
+            return ProgressiveMask(priority, torch.tensor(float(ratio), dtype=torch.float32, device=x.device))
+        mask = priority < ratio
         return mask if x.is_contiguous() else torch.empty_like(x, dtype=torch.bool).copy_(mask)
     if policy == "bernoulli":
         threshold = int(round(ratio * 256))

@@ -121,11 +121,12 @@ class FakeQuantEWGS(torch.autograd.Function):
 class FakeQuantPEGE(torch.autograd.Function):
     """where(M, Q(x), x) for a uniform Q, with the discretization term's gradient in backward: the pull
     coef * (x - Q(x)) to x and/or its share to the step size s (``target``: latent / step_size / both).
-    ``mask``: a bool tensor, None (every element replaced) or a counter mask's recipe (kept as is)."""
+    ``mask``: a bool tensor, None (every element replaced) or a mask's recipe (curriculum.CounterMask,
+    ProgressiveMask; kept as is, on ctx: a recipe's tensors are cached constants)."""
 
     @staticmethod
     def forward(ctx, x, s, qmin: float, qmax: float, mask, coef, scope: str, target: str = "latent"):
-        recipe = not isinstance(mask, torch.Tensor) and mask is not None  # a counter mask's (key, threshold)
+        recipe = not isinstance(mask, torch.Tensor) and mask is not None
         ctx.save_for_backward(x, s, None if recipe else mask, coef)
         ctx.recipe = mask if recipe else None
         ctx.qrange = qmin, qmax

@@ -15,15 +15,16 @@ Masks reach the compiled kernels as uint8 views of the bool mask (no copy): indu
 loads a bool tensor through a per-element path that a random mask makes ~3x slower than loading
 bytes and comparing them in the loop (`pege bench speed --compile`, PEGE mid-ramp). Loading the bytes
 is still a partial vector load (8 bytes per 8-float AVX2 vector): a mask kernel took 3.5x the time of
-the same kernel without one. A counter mask's recipe (two ints) avoids the load: the kernel hashes the
-element indices itself, at 1.6x the time of no mask.
+the same kernel without one. A mask's recipe avoids the load: for a counter mask (two ints) the kernel
+hashes the element indices itself, at 1.6x the time of no mask; for a progressive mask it compares the
+cached float priorities with the ratio (full vector loads).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .curriculum import counter_bytes
+from .curriculum import CounterMask, ProgressiveMask, counter_bytes
 
 
 def uniform_forward(x, s, qmin, qmax):
@@ -39,11 +40,12 @@ def dynamic_step(x, qmax, per_token: bool):
 
 def as_weight(mask, like):
     """The mask as 0.0 / 1.0 in ``like``'s dtype, from a bool mask (through its uint8 view: no bool
-    load), a uint8 one (any nonzero byte is 1, as for a bool) or a counter mask's (key, threshold) recipe
-    (curriculum.CounterMask), computed here from the element indices."""
-    if isinstance(mask, tuple):
-        key, threshold = mask
-        return (counter_bytes(like, key) < threshold).to(like.dtype)
+    load), a uint8 one (any nonzero byte is 1, as for a bool) or a mask's recipe, evaluated here: a counter
+    mask's (key, threshold) from the element indices, a progressive mask's (priority, ratio) by comparing."""
+    if isinstance(mask, CounterMask):
+        return (counter_bytes(like, mask.key) < mask.threshold).to(like.dtype)
+    if isinstance(mask, ProgressiveMask):
+        return (mask.priority < mask.ratio).to(like.dtype)
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask.clamp(max=1)).to(like.dtype)
 
 
