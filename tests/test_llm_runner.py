@@ -36,3 +36,19 @@ def test_a_run_started_with_other_settings_is_refused_before_anything_trains(tmp
     assert run.main(["--work", str(tmp_path), "--qat-lr", "0.001"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "0.0003 -> 0.001" in err and err.count("\n") == 1
+
+
+def test_a_second_qat_seed_runs_beside_the_first_from_the_same_fp_model(tmp_path):
+    from benchmarks.llm.report import split_name
+
+    first = dict(run.plan(run.parse(["--work", str(tmp_path)])))
+    second = dict(run.plan(run.parse(["--work", str(tmp_path), "--qat-seed", "1", "--schemes", "W2g32"])))
+    assert set(second) == {"fp", "FPcont-fp-s1"} | {f"W2g32-{m}-s1" for m in run.METHODS}
+    assert second["fp"] == first["fp"]  # the same FP model
+    for name in ("FPcont-fp", "W2g32-ste_sym", "W2g32-torchao"):
+        a, b = first[name], second[f"{name}-s1"]
+        assert parse_args(b + ["--output-dir", "o"]).seed == 1 and parse_args(a + ["--output-dir", "o"]).seed == 0
+        at = a.index("--seed") + 1
+        assert a[:at] + a[at + 1:] == b[:at] + b[at + 1:]  # nothing but the seed differs
+    assert split_name("W2g32-pege_step_sym-s1") == ("W2g32", "pege_step_sym", 1)
+    assert split_name("W2g32-torchao") == ("W2g32", "torchao", 0) and split_name("fp") == ("fp", "", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -14,12 +15,21 @@ LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "pege_step": "PEGE, 
 SCHEMES = {"FPcont": "FP + the QAT budget"}  # the control: FP trained on for as many steps as each QAT run
 
 
+def split_name(name: str) -> tuple[str, str, int]:
+    """A run's name -> (scheme, method, QAT seed): "W2g32-ste" -> ("W2g32", "ste", 0), "W2g32-ste-s1" ->
+    ("W2g32", "ste", 1), "fp" -> ("fp", "", 0)."""
+    scheme, _, method = name.partition("-")
+    seeded = re.fullmatch(r"(.+)-s(\d+)", method)
+    return (scheme, seeded[1], int(seeded[2])) if seeded else (scheme, method, 0)
+
+
 def collect(work: Path, planned) -> list[dict]:
     rows = []
     for name, argv in planned:
         metrics_file = work / "runs" / name / "metrics.json"
-        scheme, _, method = name.partition("-")
+        scheme, method, seed = split_name(name)
         row = {"run": name, "scheme": "FP" if name == "fp" else SCHEMES.get(scheme, scheme), "method": method or "fp",
+               "seed": seed,
                "command": "python -m benchmarks.llm.run --one " + shlex.join(
                    [name, "--", *(a.replace(f"{ROOT}/", "") for a in argv)])}
         if metrics_file.is_file():
@@ -82,7 +92,7 @@ def plot(rows: list[dict], path: Path) -> None:
         shown += [v for v in values if v]
     fp = next((r.get("perplexity") for r in rows if r["run"] == "fp"), None)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label=f"FP (perplexity {fp:.2f})" if fp else "FP")
-    control = next((r.get("ratio_to_fp") for r in rows if r["run"] == "FPcont-fp"), None)
+    control = next((r.get("ratio_to_fp") for r in rows if r["run"].startswith("FPcont-fp")), None)
     if control:
         ax.axhline(control, color="grey", linestyle=":", linewidth=1.5, label="FP trained on with the QAT budget")
         shown.append(control)

@@ -69,9 +69,9 @@ def fp_args(work: Path, steps: int, lr: float) -> list[str]:
             "--max-steps", str(steps), "--lr", str(lr), "--eval-steps", str(max(steps // 2, 1)), *COMMON]
 
 
-def qat_args(work: Path, scheme: str, method: str, steps: int, lr: float) -> list[str]:
+def qat_args(work: Path, scheme: str, method: str, steps: int, lr: float, seed: int = 0) -> list[str]:
     base = ["--model", str(work / "runs" / "fp"), "--dataset", str(work / "data"), "--max-steps", str(steps),
-            "--lr", str(lr), *COMMON]
+            "--lr", str(lr), *COMMON[:-1], str(seed)]
     if method in ("torchao", "fp"):
         return base + ["--estimator", "none"]
     return base + [*ESTIMATORS[method], *SCHEMES[scheme][0]]
@@ -81,10 +81,13 @@ def plan(args) -> list[tuple[str, list[str]]]:
     """(run name, train-lm arguments), in the order they run: FP, the FP control, then W4 (all methods),
     W2, W4A8, W3."""
     runs = [("fp", fp_args(args.work, args.fp_steps, args.fp_lr))]
+    seed = args.qat_seed
+    suffix = f"-s{seed}" if seed else ""  # seed 0 keeps the names of the first complete run
     # the control: the FP model trained on in full precision with the QAT runs' budget
-    runs.append(("FPcont-fp", qat_args(args.work, "FPcont", "fp", args.qat_steps, args.qat_lr)))
+    runs.append((f"FPcont-fp{suffix}", qat_args(args.work, "FPcont", "fp", args.qat_steps, args.qat_lr, seed)))
     for scheme in args.schemes:
-        runs += [(f"{scheme}-{m}", qat_args(args.work, scheme, m, args.qat_steps, args.qat_lr)) for m in args.methods]
+        runs += [(f"{scheme}-{m}{suffix}", qat_args(args.work, scheme, m, args.qat_steps, args.qat_lr, seed))
+                 for m in args.methods]
     return runs
 
 
@@ -127,8 +130,10 @@ def run_one(name: str, argv: list[str]) -> None:
     from pege_hf.train_lm import main
     from pege_hf.training.lm_args import parse_args
 
+    from .report import split_name
+
     hook = None
-    scheme, _, method = name.partition("-")
+    scheme, method, _ = split_name(name)
     if method == "torchao":
         hook = torchao_prepare(*SCHEMES[scheme][1])
     args = parse_args(argv)
@@ -175,11 +180,13 @@ def check_settings(out: Path, argv: list[str]) -> None:
 
 
 def launch(work: Path, name: str, argv: list[str], threads: int) -> bool:
+    from .report import split_name
+
     out = work / "runs" / name
     check_settings(out, argv)
     if (out / "metrics.json").is_file():
         return True
-    if name.endswith("torchao") and torchao_version() is None:
+    if split_name(name)[1] == "torchao" and torchao_version() is None:
         print(f"skip {name}: torchao is not importable (pip install --target .deps torchao)", flush=True)
         return False
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +213,9 @@ def parse(argv=None):
     p.add_argument("--qat-lr", type=float, default=3e-4, help="peak lr of every QAT run (default 3e-4)")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--qat-seed", type=int, default=0, metavar="S",
+                   help="seed of the QAT runs and the control (data order; default 0); S > 0 names the runs NAME-sS, "
+                        "beside the seed-0 runs, from the same FP model")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="QAT runs at a time (default 2; the FP run goes first, alone)")
     p.add_argument("--work", type=Path, default=WORK, help="runs, corpus and models (default benchmarks/llm/work400)")
