@@ -371,8 +371,9 @@ def make_quantizer(name: str, bits: int, *, weight: bool, channels: int | None =
                    axis: int = 0, scale_init: str = "lsq", group_size: int | None = None) -> UniformQuantizer:
     """The factory from a quantizer name to a module: weights per output channel (or per group of
     ``group_size`` inputs) and signed, activations per tensor with automatic signedness (or dynamic)."""
-    if name not in QUANTIZERS + WEIGHT_QUANTIZERS:
-        raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(dict.fromkeys(QUANTIZERS + WEIGHT_QUANTIZERS))}")
+    known = tuple(dict.fromkeys(QUANTIZERS + WEIGHT_QUANTIZERS))
+    if name not in known:
+        raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(known)}")
     if name == "symmetric" and not weight:
         raise ValueError(f"quantizer 'symmetric' is for weights; activations take one of {', '.join(QUANTIZERS)}")
     if name.startswith("dynamic"):
