@@ -1092,6 +1092,29 @@ def test_counter_masks_cost_no_memory_under_compiled_kernels():
     assert saved[False, "pege"] - saved[True, "pege"] == weights  # the weights' one-byte masks, eager only
 
 
+@pytest.mark.slow
+def test_compiled_kernels_compile_every_kind_of_call_past_dynamos_default_limit():
+    """Ten kinds of mixed_forward call (step sizes of five ranks, byte masks and counter recipes) each get their
+    own compiled graph: none falls back to eager after dynamo's default 8 compilations."""
+    from torch._dynamo.utils import counters
+
+    from pege_hf.quant import kernels
+    from pege_hf.quant.curriculum import CounterMask
+
+    try:
+        kernels.use_compiled_kernels(True)
+        before = counters["stats"]["unique_graphs"]
+        for rank in range(1, 6):  # float64: kinds no other test compiles, so each is new here
+            x = torch.randn(*[3] * rank, dtype=torch.float64)
+            s = torch.full([3] + [1] * (rank - 1), 0.2, dtype=torch.float64)
+            for mask in (x > 0, CounterMask(7, 100)):
+                got = kernels.impl["mixed_forward"](x, s, -2.0, 1.0, mask)
+                assert torch.equal(got, kernels.mixed_forward(x, s, -2.0, 1.0, mask))
+        assert counters["stats"]["unique_graphs"] - before == 10
+    finally:
+        kernels.use_compiled_kernels(False)
+
+
 def test_kernels_trace_without_graph_breaks_on_channels_last_tensors():
     """torch.compile must see each kernel whole (one graph) on channels-last activations, as
     `pege train --compile-kernels --channels-last` feeds them: a graph break splits the fused loop into

@@ -142,8 +142,21 @@ def _compiled(fn):
     return run
 
 
+RECOMPILE_LIMIT = 64
+
+
 def use_compiled_kernels(enabled: bool = True) -> None:
-    """Run the estimator kernels through torch.compile (first call compiles: ~30 s on 2 CPU cores)."""
+    """Run the estimator kernels through torch.compile (first call compiles: ~30 s on 2 CPU cores).
+
+    Each kernel compiles once per kind of call (the step size's rank: per tensor, per channel, per group or
+    per token; the mask's kind: a tensor, a recipe or none; with or without a step-size gradient), and a
+    model with convolutions and Linear layers in PEGE's ramp and after it can pass dynamo's default limit
+    of 8 compilations per function, after which the kernel runs eager without a word. Enabling raises
+    torch._dynamo.config.recompile_limit to at least RECOMPILE_LIMIT."""
+    if enabled:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for name, fn in _EAGER.items():
         impl[name] = _compiled(fn) if enabled else fn
 
