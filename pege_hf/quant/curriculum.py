@@ -112,8 +112,8 @@ def in_layout_of(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def bytes_below(b: torch.Tensor, threshold: int) -> torch.Tensor:
     """b < threshold for a uint8 tensor, as a bool tensor in b's layout: written as uint8 0/1 and viewed as
-    bool, since torch's CPU kernel for uint8 < int with a bool output is ~15x slower than with a uint8 one
-    (2M elements, one thread: 1.6 ms against 0.1 ms). Plain ``<`` under torch.compile, which fuses it anyway
+    bool, since torch's CPU kernel for uint8 < int with a bool output is ~10x slower than with a uint8 one
+    (benchmarks/mask_recipes_ab/ab.log). Plain ``<`` under torch.compile, which fuses it anyway
     and cannot trace out= on channels-last tensors."""
     if torch.compiler.is_compiling():
         return b < threshold

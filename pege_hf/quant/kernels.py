@@ -14,10 +14,10 @@ that a zeroed element may be -0.0 (a negative value times 0) and a non-finite va
 Masks reach the compiled kernels as uint8 views of the bool mask (no copy): inductor's CPU code
 loads a bool tensor through a per-element path that a random mask makes ~3x slower than loading
 bytes and comparing them in the loop (`pege bench speed --compile`, PEGE mid-ramp). Loading the bytes
-is still a partial vector load (8 bytes per 8-float AVX2 vector): a mask kernel took 3.5x the time of
+is still a partial vector load (8 bytes per 8-float AVX2 vector): a mask kernel took 3.0x the time of
 the same kernel without one. A mask's recipe avoids the load: for a counter mask (two ints) the kernel
-hashes the element indices itself, at 1.6x the time of no mask; for a progressive mask it compares the
-cached float priorities with the ratio (full vector loads).
+hashes the element indices itself, at 2.2x the time of no mask (benchmarks/mask_recipes_ab/ab.log); for a
+progressive mask it compares the cached float priorities with the ratio (full vector loads).
 """
 
 from __future__ import annotations
