@@ -107,6 +107,8 @@ def test_speed_cli_rejects_bad_input_before_running(capsys):
                                                "(W{bits} group-32 weights); got 3")
     assert cli.main(["bench", "speed", "--model", "distilbert", "--seq-len", "0"]) == 2
     assert "--seq-len must be >= 1; got 0" in capsys.readouterr().err
+    assert cli.main(["bench", "speed", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "pege bench: error: --threads must be >= 1; got 0"
 
 
 def test_speed_plot_writes_a_png(tmp_path):
