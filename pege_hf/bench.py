@@ -131,21 +131,29 @@ def torchao_prepare(bits: int, config: PEGEConfig):
     return prepare
 
 
-def bench_speed(model_fn=None, *, task=None, batch_size=128, bits=2, steps=20, warmup=3, progress=0.3, device=None,
-                compile=False, channels_last=False, seed=0, threads=None) -> dict:
+def bench_speed(model_fn=None, *, threads=None, **options) -> dict:
     """Median time of one training step (forward + backward + SGD step) per variant, interleaved:
     every round runs one step of each variant, so machine noise hits them alike. ``task`` (from
     :func:`image_task` / :func:`token_task`) holds the model, batch and variants; default: the CIFAR
     ResNet-20 (``model_fn``) at W{bits}A{bits}. `channels_last`: the models' 4-D weights in channels-last
-    memory format (`pege train --channels-last`). `threads`: torch's intra-op threads for the run (default:
-    torch's own choice)."""
+    memory format (`pege train --channels-last`). `threads`: torch's intra-op threads during the run
+    (default: torch's own choice; restored afterwards)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _timed_steps(model_fn, **options)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed_steps(model_fn=None, *, task=None, batch_size=128, bits=2, steps=20, warmup=3, progress=0.3, device=None,
+                 compile=False, channels_last=False, seed=0) -> dict:
     from tqdm.auto import tqdm
 
     from .quant.kernels import use_compiled_kernels
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if threads is not None:
-        torch.set_num_threads(threads)
     use_compiled_kernels(compile)
     torch.manual_seed(seed)
     task = task or image_task(batch_size, bits, progress, model_fn, device)

@@ -56,10 +56,12 @@ def test_speed_cli_channels_last_writes_its_own_files(tmp_path, capsys):
     contiguous ones instead of replacing them."""
     from pege_hf import cli
 
+    threads = torch.get_num_threads()
     assert cli.main(["bench", "speed", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--channels-last",
-                     "--device", "cpu", "--out", str(tmp_path)]) == 0
+                     "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # --threads holds for the run only
     result = json.loads((tmp_path / "speed_channels_last.json").read_text())
-    assert result["channels_last"] is True
+    assert result["channels_last"] is True and result["threads"] == 1
     assert set(result["variants"]) == {"fp", "ste", "pege", "pege_counter", "pege_r1"}
     assert "quantizer kernels eager, channels-last weights;" in (tmp_path / "speed_channels_last.md").read_text()
     assert (tmp_path / "speed_channels_last.png").is_file() and not (tmp_path / "speed.json").exists()
