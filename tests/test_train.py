@@ -562,3 +562,21 @@ def test_reestimate_batchnorm_averages_batch_statistics_of_the_quantized_forward
     with pytest.raises(ValueError, match="no batches"):
         evaluation.reestimate_batchnorm(model, [])
     assert model.training
+
+
+def test_compile_kernels_turns_the_kernels_on_and_names_counter_masks_for_pege():
+    from pege_hf.quant import kernels
+    from pege_hf.training.model import use_kernels
+
+    said = []
+    try:
+        use_kernels(None, True, said.append)  # a full-precision run: nothing to compile
+        assert not kernels.compiled_kernels_enabled() and not said
+        use_kernels(PEGEConfig(estimator="ste"), True, said.append)
+        assert kernels.compiled_kernels_enabled() and not said
+        use_kernels(PEGEConfig(a_mask="counter"), True, said.append)
+        assert not said
+        use_kernels(PEGEConfig(), True, said.append)
+        assert len(said) == 1 and "--a-mask counter" in said[0]
+    finally:
+        kernels.use_compiled_kernels(False)

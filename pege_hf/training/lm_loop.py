@@ -34,7 +34,7 @@ from .lm_args import resolve_lm
 from .loaders import EpochShuffleSampler, batch_seed, main_process_first
 from .loop import checkpoint, claim_output_dir, count_step, default_output_dir, epoch_batches, make_accelerator
 from .loop import RunAccess, optimizer_step, prepare_optimization, resume
-from .model import load_model
+from .model import load_model, use_kernels
 from .state import TrainerState, resume_checkpoint
 from .text import TextData, pack, read_text_dataset, subset, text_column_of, train_and_validation
 from .tracking import flat_hparams
@@ -254,10 +254,7 @@ def train_lm(args, prepare_model: Callable[[nn.Module], nn.Module | None] | None
     """Run one causal-LM training (full precision or QAT) as ``args`` (the `pege train-lm` namespace) say;
     returns the metrics dict that is also written to output_dir/metrics.json."""
     quant_config = resolve_lm(args)  # every argument checked before anything heavy is loaded
-    if quant_config is not None and args.compile_kernels:
-        from ..quant.kernels import use_compiled_kernels
-
-        use_compiled_kernels(True)
+    use_kernels(quant_config, args.compile_kernels, logger.info)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, quant_config)
     checkpoint_path = resume_checkpoint(output_dir, resume=args.resume, resume_from=args.resume_from,
                                         overwrite=args.overwrite)

@@ -31,7 +31,7 @@ from ..quant.modules import FakeQuantizer, set_progress
 from .args import resolve
 from .evaluation import acc_dtype, augmented_batches, calibrate, evaluate, reestimate_batchnorm, sync_buffers
 from .loaders import EpochShuffleSampler, batch_seed, eval_loader, load_data, split_tensors
-from .model import build_model, load_model, model_input_spec, normalization
+from .model import build_model, load_model, model_input_spec, normalization, use_kernels
 from .optim import make_optimizer, make_scheduler
 from .state import DIVERGED_FILE, TrainerState, clear_previous_run, lock_output_dir, remove_stale_checkpoint_parts
 from .state import resume_checkpoint, save_checkpoint
@@ -443,10 +443,7 @@ def train(args) -> dict[str, Any]:
     """Run one training (full precision or QAT) as ``args`` (the `pege train` namespace) describe;
     returns the metrics dict that is also written to output_dir/metrics.json."""
     quant_config = resolve(args)  # every argument checked before anything is loaded
-    if quant_config is not None and args.compile_kernels:
-        from ..quant.kernels import use_compiled_kernels
-
-        use_compiled_kernels(True)
+    use_kernels(quant_config, args.compile_kernels, logger.info)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, quant_config)
     checkpoint_path = resume_checkpoint(output_dir, resume=args.resume, resume_from=args.resume_from,
                                         overwrite=args.overwrite)

@@ -15,6 +15,19 @@ from ..sources import check_model_source
 ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg_small")
 
 
+def use_kernels(quant_config: PEGEConfig | None, compile_kernels: bool, log) -> None:
+    """`--compile-kernels`: the quantizers' kernels through torch.compile for a QAT run. PEGE with Bernoulli
+    activation masks is told that counter masks (`--a-mask counter`) are the fast choice there."""
+    if quant_config is None or not compile_kernels:
+        return
+    from ..quant.kernels import use_compiled_kernels
+
+    use_compiled_kernels(True)
+    if quant_config.estimator == "pege" and quant_config.a_mask == "bernoulli":
+        log("--compile-kernels with PEGE: `--a-mask counter` computes the activation masks inside the compiled "
+            "kernels (no mask stored or drawn per element; benchmarks/speed_compiled.md)")
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True when the model holds PEGE quant layers."""
     return any(isinstance(m, (QuantLayer, FakeQuantizer)) for m in model.modules())
