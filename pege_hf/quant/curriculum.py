@@ -170,12 +170,13 @@ def _priority_in_layout(shape: tuple, seed: int, device: torch.device, stride: t
 
 
 class ProgressiveMask(NamedTuple):
-    """The recipe of a progressive mask, M = priority < ratio (``ratio`` a 0-d tensor, so that compiled kernels
-    take a new ratio without recompiling): compiled kernels compare the cached priorities where they read M
-    instead of loading a byte mask written out every step."""
+    """The recipe of a progressive mask, M = priority < ratio: compiled kernels compare the cached priorities
+    where they read M instead of loading a byte mask written out every step. ``ratio`` stays a Python float:
+    dynamo does not specialise on floats, so a new ratio needs no recompilation, and no device tensor is made
+    per call."""
 
     priority: torch.Tensor
-    ratio: torch.Tensor
+    ratio: float
 
     def materialize(self, like: torch.Tensor) -> torch.Tensor:
         return self.priority < self.ratio
@@ -209,7 +210,7 @@ def replacement_mask(
         priority = element_priority(x.shape, seed, x.device)
         if lazy:  # the priorities in x's layout, so that a kernel's output keeps it
             priority = priority if x.is_contiguous() else _priority_in_layout(x.shape, seed, x.device, x.stride())
-            return ProgressiveMask(priority, torch.tensor(float(ratio), dtype=torch.float32, device=x.device))
+            return ProgressiveMask(priority, float(ratio))
         mask = priority < ratio
         return mask if x.is_contiguous() else torch.empty_like(x, dtype=torch.bool).copy_(mask)
     if policy == "bernoulli":
