@@ -213,15 +213,12 @@ def replacement_mask(
             return ProgressiveMask(priority, float(ratio))
         mask = priority < ratio
         return mask if x.is_contiguous() else torch.empty_like(x, dtype=torch.bool).copy_(mask)
-    if policy == "bernoulli":
+    if policy in ("bernoulli", "counter"):  # Bernoulli(ratio') from one byte per element
         threshold = int(round(ratio * 256))
         if threshold >= 256:
             return torch.ones_like(x, dtype=torch.bool)
-        return bytes_below(in_layout_of(random_bytes(x.numel(), x.device), x), threshold)
-    if policy == "counter":
-        threshold = int(round(ratio * 256))
-        if threshold >= 256:
-            return torch.ones_like(x, dtype=torch.bool)
+        if policy == "bernoulli":
+            return bytes_below(in_layout_of(random_bytes(x.numel(), x.device), x), threshold)
         recipe = CounterMask(int(torch.randint(2**31, ()).item()), threshold)
         return recipe if lazy else recipe.materialize(x)
     if policy == "error":
