@@ -1042,14 +1042,16 @@ def test_compiled_kernels_match_eager():
     try:
         for compiled in (False, True):
             kernels.use_compiled_kernels(compiled)
-            for est, weight, layout in itertools.product(("ste", "ewgs", "pege", "pege_counter"), (False, True),
-                                                         (torch.contiguous_format, torch.channels_last)):
-                options = {"estimator": "pege", "a_mask": "counter"} if est == "pege_counter" else {"estimator": est}
+            for est, weight, layout in itertools.product(("ste", "ewgs", "pege", "pege_counter", "pege_bernoulli"),
+                                                         (False, True), (torch.contiguous_format, torch.channels_last)):
+                masks = {"pege_counter": {"a_mask": "counter"}, "pege_bernoulli": {"a_mask": "bernoulli",
+                                                                                   "w_mask": "bernoulli"}}
+                options = {"estimator": "pege", **masks[est]} if est in masks else {"estimator": est}
                 fq = make_fake_quantizer(PEGEConfig(**{**cfg.to_dict(), **options}), weight=weight,
                                          channels=6 if weight else None, seed=1).train()
                 fq.set_progress(0.3)
                 x = inputs[weight].clone().contiguous(memory_format=layout).requires_grad_()
-                torch.manual_seed(0)  # the counter mask's key: compiled, a recipe; eager, the mask it makes
+                torch.manual_seed(0)  # the same Bernoulli mask, or counter mask key (compiled: a recipe; eager: its mask)
                 out = fq(x)
                 assert out.is_contiguous(memory_format=layout), (est, weight, layout)
                 (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()

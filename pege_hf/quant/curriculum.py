@@ -152,7 +152,7 @@ def _memory_positions(like: torch.Tensor) -> torch.Tensor:
 
 class CounterMask(NamedTuple):
     """The recipe of a "counter" mask, M = counter_bytes(x, key) < threshold: Bernoulli(threshold / 256) per
-    element, fresh with every key. Kernels compute M where they read it (kernels.as_weight); ``materialize``
+    element, fresh with every key. Kernels compute M where they read it (kernels.replaced); ``materialize``
     writes it out as a bool tensor (for code that needs one, and for eager kernels, where the hash costs
     more passes than it saves)."""
 

@@ -15,7 +15,8 @@ Masks reach the compiled kernels as uint8 views of the bool mask (no copy): indu
 loads a bool tensor through a per-element path that a random mask makes ~3x slower than loading
 bytes and comparing them in the loop (`pege bench speed --compile`, PEGE mid-ramp). Loading the bytes
 is still a partial vector load (8 bytes per 8-float AVX2 vector): a mask kernel took 3.0x the time of
-the same kernel without one. A mask's recipe avoids the load: for a counter mask (two ints) the kernel
+the same kernel without one. The selects compare the bytes widened to int32 (`replaced`): a uint8 comparison
+runs per element. A mask's recipe avoids the load: for a counter mask (two ints) the kernel
 hashes the element indices itself, at 2.2x the time of no mask (benchmarks/mask_recipes_ab/ab.log); for a
 progressive mask it compares the cached float priorities with the ratio (full vector loads).
 """
@@ -38,19 +39,32 @@ def dynamic_step(x, qmax, per_token: bool):
     return (xmax / qmax).clamp_min(1e-8)
 
 
-def as_weight(mask, like):
-    """The mask as 0.0 / 1.0 in ``like``'s dtype, from a bool mask (through its uint8 view: no bool
-    load), a uint8 one (any nonzero byte is 1, as for a bool) or a mask's recipe, evaluated here: a counter
-    mask's (key, threshold) from the element indices, a progressive mask's (priority, ratio) by comparing."""
+def replaced(mask, like):
+    """The mask as a bool condition on ``like``'s elements: a byte mask's nonzero bytes (compiled kernels get bool
+    masks as uint8 views), a counter mask's (key, threshold) from the element indices, a progressive mask's
+    (priority, ratio) by comparing. For compiled kernels, which fuse it into the loop that selects with it; the bytes
+    are widened before the comparison, as inductor's CPU code compares uint8 with a scalar per element (~4x slower)."""
     if isinstance(mask, CounterMask):
-        return (counter_bytes(like, mask.key) < mask.threshold).to(like.dtype)
+        return counter_bytes(like, mask.key) < mask.threshold
     if isinstance(mask, ProgressiveMask):
-        return (mask.priority < mask.ratio).to(like.dtype)
+        return mask.priority < mask.ratio
+    return mask.to(torch.int32) != 0
+
+
+def as_weight(mask, like):
+    """The mask as 0.0 / 1.0 in ``like``'s dtype, for eager kernels: a bool mask through its uint8 view (no bool
+    load), a uint8 one (any nonzero byte is 1, as for a bool), a mask's recipe evaluated here (`replaced`)."""
+    if not isinstance(mask, torch.Tensor):
+        return replaced(mask, like).to(like.dtype)
     return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask.clamp(max=1)).to(like.dtype)
 
 
 def mixed_forward(x, s, qmin, qmax, mask):
-    """where(M, Q(x), x), as lerp(x, Q(x), M): exactly x where M = 0 and Q(x) where M = 1."""
+    """where(M, Q(x), x). Compiled, as torch.where on the mask's condition: one select per element; inductor's
+    lerp takes ~25% longer (PEGE mid-ramp's fake quantizers: benchmarks/kernels_ab/ab_compiled.log). Eager, as
+    lerp(x, Q(x), M) with M as 0.0 / 1.0 (no bool load): exactly x where M = 0 and Q(x) where M = 1."""
+    if torch.compiler.is_compiling():
+        return torch.where(replaced(mask, x), uniform_forward(x, s, qmin, qmax), x)
     return torch.lerp(x, uniform_forward(x, s, qmin, qmax), as_weight(mask, x))
 
 
