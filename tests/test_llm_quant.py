@@ -158,6 +158,39 @@ def test_symmetric_weights_follow_the_latent_weights_like_torchaos_fake_quantize
     assert torch.allclose(layer.quantized_weight(), fq(layer.weight.detach()), atol=1e-6)
 
 
+@pytest.mark.parametrize("estimator", ["ste", "pege"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_symmetric_weights_pass_the_gradient_where_the_rounded_code_is_in_range(bits, estimator):
+    """The window of PyTorch's fake_quantize and torchao's QAT: d Q / d w = 1 where qmin <= round(w / s) <= qmax,
+    not only where qmin <= w / s <= qmax (LSQ's rule). Under the symmetric scale w / s reaches (qmax - qmin) / 2, so
+    LSQ's rule would stop the gradient of every weight between qmax s and that (17% of them at W2 group 32).
+    Compared with a float64 formula away from rounding ties (each group's largest magnitude sits on one), and,
+    where torchao is importable, with its fake quantizer's gradient."""
+    torch.manual_seed(bits)
+    config = PEGEConfig(w_bits=bits, a_bits=None, group_size=32, w_quantizer="symmetric", estimator=estimator,
+                        discretization_lambda=0.0)
+    layer = QuantLinear.from_float(torch.nn.Linear(128, 16), config).train()
+    layer.weight_quantizer.set_progress(1.0)
+    g = torch.randn(16, 128)
+    layer.quantized_weight().backward(g)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w = layer.weight.detach().double().reshape(16, 4, 32)
+    v = (w / (w.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2))).reshape(16, 128)
+    away = ((v - v.floor()) - 0.5).abs() > 1e-4
+    inside = (torch.round(v) >= qmin) & (torch.round(v) <= qmax)
+    assert torch.equal(layer.weight.grad[away], torch.where(inside, g, 0.0)[away])
+    assert ((v > qmax) & inside & away).float().mean() > {2: 0.1, 3: 0.03, 4: 0.01}[bits]  # LSQ's rule differs there
+    try:
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+    except ImportError:
+        return
+    w_ao = layer.weight.detach().clone().requires_grad_()
+    IntxFakeQuantizer(IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), group_size=32, is_symmetric=True))(
+        w_ao).backward(g)
+    assert torch.allclose(layer.weight.grad[away], w_ao.grad[away], rtol=1e-6, atol=1e-7)
+
+
 def test_layer_overrides_are_validated_when_built():
     with pytest.raises(ValueError, match=r"layer_overrides\['mlp'\]: PEGEConfig.w_bits must be an integer from 2 to 8; got 1"):
         PEGEConfig(layer_overrides={"mlp": {"w_bits": 1}})

@@ -91,31 +91,35 @@ class PEGEMix(torch.autograd.Function):
 # clip) stays outside, in autograd.
 # ---------------------------------------------------------------------------------------------
 class FakeQuantSTE(torch.autograd.Function):
+    """``rounded``: the gradient window of the quantizer (UniformQuantizer.rounded_window), in each Function."""
+
     @staticmethod
-    def forward(ctx, x, s, qmin: float, qmax: float):
+    def forward(ctx, x, s, qmin: float, qmax: float, rounded: bool = False):
         ctx.save_for_backward(x, s)
-        ctx.qrange = qmin, qmax
+        ctx.qrange, ctx.rounded = (qmin, qmax), rounded
         return kernels.impl["uniform_forward"](x, s, qmin, qmax)
 
     @staticmethod
     def backward(ctx, g):
         x, s = ctx.saved_tensors
-        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, *ctx.qrange, 0.0, ctx.needs_input_grad[1])
-        return grad_x, _summed(grad_s, s), None, None
+        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, *ctx.qrange, 0.0, ctx.needs_input_grad[1],
+                                                          ctx.rounded)
+        return grad_x, _summed(grad_s, s), None, None, None
 
 
 class FakeQuantEWGS(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, s, qmin: float, qmax: float, delta: float):
+    def forward(ctx, x, s, qmin: float, qmax: float, delta: float, rounded: bool = False):
         ctx.save_for_backward(x, s)
-        ctx.qrange, ctx.delta = (qmin, qmax), delta
+        ctx.qrange, ctx.delta, ctx.rounded = (qmin, qmax), delta, rounded
         return kernels.impl["uniform_forward"](x, s, qmin, qmax)
 
     @staticmethod
     def backward(ctx, g):
         x, s = ctx.saved_tensors
-        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, *ctx.qrange, ctx.delta, ctx.needs_input_grad[1])
-        return grad_x, _summed(grad_s, s), None, None, None
+        grad_x, grad_s = kernels.impl["uniform_backward"](g, x, s, *ctx.qrange, ctx.delta, ctx.needs_input_grad[1],
+                                                          ctx.rounded)
+        return grad_x, _summed(grad_s, s), None, None, None, None
 
 
 class FakeQuantPEGE(torch.autograd.Function):
@@ -125,11 +129,12 @@ class FakeQuantPEGE(torch.autograd.Function):
     ProgressiveMask; kept as is, on ctx: a recipe's tensors are cached constants)."""
 
     @staticmethod
-    def forward(ctx, x, s, qmin: float, qmax: float, mask, coef, scope: str, target: str = "latent"):
+    def forward(ctx, x, s, qmin: float, qmax: float, mask, coef, scope: str, target: str = "latent",
+                rounded: bool = False):
         recipe = not isinstance(mask, torch.Tensor) and mask is not None
         ctx.save_for_backward(x, s, None if recipe else mask, coef)
         ctx.recipe = mask if recipe else None
-        ctx.qrange = qmin, qmax
+        ctx.qrange, ctx.rounded = (qmin, qmax), rounded
         ctx.replaced_only = scope == "replaced"
         ctx.pull_to_x, ctx.pull_to_s = target in ("latent", "both"), target in ("step_size", "both")
         if mask is None:
@@ -141,8 +146,8 @@ class FakeQuantPEGE(torch.autograd.Function):
         x, s, mask, coef = ctx.saved_tensors
         mask = ctx.recipe if ctx.recipe is not None else mask
         grad_x, grad_s = kernels.impl["pege_backward"](g, x, s, *ctx.qrange, mask, coef, ctx.replaced_only,
-                                                       ctx.pull_to_x, ctx.pull_to_s, ctx.needs_input_grad[1])
-        return grad_x, _summed(grad_s, s), None, None, None, None, None, None
+                                                       ctx.pull_to_x, ctx.pull_to_s, ctx.needs_input_grad[1], ctx.rounded)
+        return grad_x, _summed(grad_s, s), None, None, None, None, None, None, None
 
 
 def _summed(grad_s, s):

@@ -68,48 +68,52 @@ def mixed_forward(x, s, qmin, qmax, mask):
     return torch.lerp(x, uniform_forward(x, s, qmin, qmax), as_weight(mask, x))
 
 
-def _normalized(x, s, qmin, qmax):
-    """(v, clamp(v), inside) for v = x / s: inside is 1.0 where qmin <= v <= qmax (clamp(v) == v, false
-    for NaN as the comparisons are), else 0.0."""
+def _normalized(x, s, qmin, qmax, rounded: bool = False):
+    """(v, clamp(v), inside) for v = x / s: inside is 1.0 where the gradient passes, else 0.0: where
+    qmin <= v <= qmax (clamp(v) == v, false for NaN as the comparisons are), or with ``rounded`` where
+    qmin <= round(v) <= qmax (the window of PyTorch's fake_quantize and torchao's QAT)."""
     v = torch.div(x, s)
     vc = torch.clamp(v, qmin, qmax)
+    if rounded:
+        r = torch.round(v)
+        return v, vc, (torch.clamp(r, qmin, qmax) == r).to(v.dtype)
     if torch.compiler.is_compiling():  # torch.compile cannot trace out= on channels-last tensors: a graph break
         return v, vc, (vc == v).to(v.dtype)
     return v, vc, torch.eq(vc, v, out=torch.empty_like(v))
 
 
-def _ewgs_backward(g, x, s, qmin, qmax, delta: float):
+def _ewgs_backward(g, x, s, qmin, qmax, delta: float, rounded: bool):
     v = x / s
     vc = torch.clamp(v, qmin, qmax)
     r = torch.round(vc)
-    inside = (v >= qmin) & (v <= qmax)
+    inside = (torch.round(v) >= qmin) & (torch.round(v) <= qmax) if rounded else (v >= qmin) & (v <= qmax)
     factor = 1 + delta * torch.sign(g) * (vc - r) / (qmax - qmin)
     return torch.where(inside, g * factor, 0.0), g * torch.where(inside, r - factor * v, r)
 
 
-def uniform_backward(g, x, s, qmin, qmax, delta: float, need_s: bool = True):
+def uniform_backward(g, x, s, qmin, qmax, delta: float, need_s: bool = True, rounded: bool = False):
     """Gradients of Q with d round(v) / dv = 1 + delta * sign(g) * (v - round(v)) / (qmax - qmin) inside
     the clip range (STE when delta = 0, EWGS otherwise): to x, and to s elementwise (LSQ's rule; None
-    when not ``need_s``, as for a dynamic step size, which carries no gradient).
-    STE skips the factor, exactly 1 there: grad_x = g * inside, grad_s = g * (r - v * inside)."""
+    when not ``need_s``, as for a dynamic step size, which carries no gradient). ``rounded``: the gradient window
+    (_normalized). STE skips the factor, exactly 1 there: grad_x = g * inside, grad_s = g * (r - v * inside)."""
     if delta != 0:
-        grad_x, grad_s = _ewgs_backward(g, x, s, qmin, qmax, delta)
+        grad_x, grad_s = _ewgs_backward(g, x, s, qmin, qmax, delta, rounded)
         return grad_x, (grad_s if need_s else None)
-    v, vc, inside = _normalized(x, s, qmin, qmax)
+    v, vc, inside = _normalized(x, s, qmin, qmax, rounded)
     if not need_s:
         return inside.mul_(g), None
     return torch.mul(inside, g), vc.round_().sub_(v.mul_(inside)).mul_(g)
 
 
 def pege_backward(g, x, s, qmin, qmax, mask, coef, replaced_only: bool, pull_to_x: bool = True, pull_to_s: bool = False,
-                  need_s: bool = True):
+                  need_s: bool = True, rounded: bool = False):
     """Gradients of where(M, Q(x), x) plus those of the discretization term D, whose gradient with
     respect to x is the pull coef * (x - Q(x)): to x (``pull_to_x``) and, through dQ/ds, to the step
     size (``pull_to_s``: dD/ds = -coef * (x - Q(x)) * dQ/ds, with LSQ's dQ/ds).
 
     mask=None: every element replaced; coef=None: no pull. Returns (grad_x, grad_s elementwise; None when
-    not ``need_s``)."""
-    v, r, inside = _normalized(x, s, qmin, qmax)
+    not ``need_s``); ``rounded``: the gradient window (_normalized)."""
+    v, r, inside = _normalized(x, s, qmin, qmax, rounded)
     r = r.round_()
     m = None if mask is None else as_weight(mask, x)
     pull = None

@@ -84,12 +84,12 @@ class FakeQuantizer(nn.Module):
         if self.estimator == "ste":
             if self.fused:
                 s = q.step_size(x)
-                return FakeQuantSTE.apply(x, s, *q.code_range()), _uniform_rebuild(x, s, q)
+                return FakeQuantSTE.apply(x, s, *q.code_range(), q.rounded_window), _uniform_rebuild(x, s, q)
             return q(x, round_ste), None
         if self.estimator == "ewgs":
             if self.fused:
                 s = q.step_size(x)
-                return FakeQuantEWGS.apply(x, s, *q.code_range(), self.ewgs_delta), _uniform_rebuild(x, s, q)
+                return FakeQuantEWGS.apply(x, s, *q.code_range(), self.ewgs_delta, q.rounded_window), _uniform_rebuild(x, s, q)
             return q(x, partial(round_ewgs, delta=self.ewgs_delta, span=q.qmax - q.qmin)), None
         return self._pege(x)
 
@@ -110,9 +110,10 @@ class FakeQuantizer(nn.Module):
                 mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error,
                                         lazy=kernels.compiled_kernels_enabled())
             if mask is None and not pull:
-                return FakeQuantSTE.apply(x, s, *q.code_range()), _uniform_rebuild(x, s, q)
+                return FakeQuantSTE.apply(x, s, *q.code_range(), q.rounded_window), _uniform_rebuild(x, s, q)
             coef = self._pull_coefficient(s.detach(), x.numel(), lam) if pull else None
-            return (FakeQuantPEGE.apply(x, s, *q.code_range(), mask, coef, self.scope, self.target),
+            return (FakeQuantPEGE.apply(x, s, *q.code_range(), mask, coef, self.scope, self.target,
+                                       q.rounded_window),
                     _uniform_rebuild(x, s, q, mask))
         xq = q(x, round_ste)
         if ratio >= 1 and not pull:

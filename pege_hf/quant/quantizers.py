@@ -43,8 +43,13 @@ def broadcast_to(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torc
     return scale.view(shape)
 
 
-def fake_quantize(x, scale, qmin, qmax, round_fn=round_ste):
-    """s * round(clamp(x / s, qmin, qmax)); ``scale`` already broadcast to x."""
+def fake_quantize(x, scale, qmin, qmax, round_fn=round_ste, rounded_window: bool = False):
+    """s * round(clamp(x / s, qmin, qmax)); ``scale`` already broadcast to x. The same values as
+    s * clamp(round(x / s), qmin, qmax), which ``rounded_window`` computes instead, for the gradient's sake: the
+    clamp then passes it wherever the rounded code is in range (PyTorch's fake_quantize and torchao's QAT) rather
+    than only where x / s is."""
+    if rounded_window:
+        return torch.clamp(round_fn(x / scale), qmin, qmax) * scale
     return round_fn(torch.clamp(x / scale, qmin, qmax)) * scale
 
 
@@ -144,6 +149,10 @@ class UniformQuantizer(nn.Module):
         # group-wise: a step size per group of `group_size` consecutive input elements of each output row
         # (2-D weights, axis 0); `channels` is then the number of groups, out_features * in_features / G
         self.group_size = group_size
+
+    # Where the gradient passes the clamp: False, where qmin <= x / s <= qmax (LSQ's rule, for learned step sizes);
+    # True, where qmin <= round(x / s) <= qmax (PyTorch's fake_quantize and torchao's QAT, for observed ones)
+    rounded_window = False
 
     def _apply(self, fn, recurse=True):
         """Moves follow the model (.to(device)); casts to half precision do not: step sizes and the code
@@ -245,7 +254,7 @@ class UniformQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, round_fn=round_ste) -> torch.Tensor:
         if not self.is_initialized():
             self.initialize(x)
-        return fake_quantize(x, self.step_size(x), self.qmin, self.qmax, round_fn)
+        return fake_quantize(x, self.step_size(x), self.qmin, self.qmax, round_fn, self.rounded_window)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,7 +314,11 @@ class MinMaxQuantizer(UniformQuantizer):
     ``full_span``: s = max|x| / ((qmax - qmin) / 2), the symmetric scale of PyTorch's MinMaxObserver and
     torchao's QAT (MappingType.SYMMETRIC): the codes span 2 max|x|, which for 2-bit signed codes [-2, 1]
     puts them at -4/3, -2/3, 0 and 2/3 of max|x|. Weights re-observe their range on every training
-    forward; activations keep an exponential moving average of the batch maximum."""
+    forward; activations keep an exponential moving average of the batch maximum. Gradients pass wherever the
+    rounded code is in range, as in PyTorch's FakeQuantize and torchao's QAT (``rounded_window``): with the
+    symmetric scale, x / s reaches 1.5 at W2, and LSQ's rule would stop the gradient of every weight above s."""
+
+    rounded_window = True
 
     def __init__(self, bits, *, momentum: float = 0.1, dynamic: bool = False, full_span: bool = False, **kw):
         super().__init__(bits, **kw)
