@@ -191,6 +191,46 @@ def test_symmetric_weights_pass_the_gradient_where_the_rounded_code_is_in_range(
     assert torch.allclose(layer.weight.grad[away], w_ao.grad[away], rtol=1e-6, atol=1e-7)
 
 
+def test_symmetric_step_sizes_follow_the_weights_after_an_optimizer_step_but_not_after_loading():
+    """A weight quantizer that observes its weights (w_quantizer="symmetric") evaluates, saves and exports with the
+    step size of the weights as they are after the last optimizer step, not the one its last training forward
+    saw (torchao recomputes it on every call); a layer whose step sizes were loaded keeps them: its weights are
+    then dequantized codes, whose largest magnitude is not the one they were quantized with (at W2 a -2 code
+    is 4/3 of the largest latent weight)."""
+    from pege_hf.quant.modules import refresh_weight_scales
+
+    torch.manual_seed(0)
+    config = PEGEConfig(w_bits=2, a_bits=None, group_size=32, w_quantizer="symmetric", estimator="ste")
+    layer = QuantLinear.from_float(torch.nn.Linear(64, 8), config).train()
+    q = layer.weight_quantizer.quantizer
+
+    def reference(w):  # float64: s = max|w| / 1.5 per group of 32 from the given weights
+        groups = w.detach().double().reshape(8, 2, 32)
+        s = groups.abs().amax(-1, keepdim=True) / 1.5
+        return (torch.clamp(torch.round(groups / s), -2, 1) * s).reshape(8, 64), s.reshape(-1)
+
+    layer.quantized_weight().square().sum().backward()
+    seen = q.scale.clone()
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    assert not torch.allclose(reference(layer.weight)[1].float(), seen)  # the step moved the groups' ranges
+    refresh_weight_scales(layer)  # what saving and export do first
+    assert torch.allclose(q.scale.double(), reference(layer.weight)[1], rtol=1e-6)
+    q.scale.copy_(seen)  # as a forward left it
+    layer.eval()
+    want, s = reference(layer.weight)
+    groups = layer.weight.detach().double().reshape(8, 2, 32)
+    away = (((groups / s.view(8, 2, 1)).abs() - 1.5).abs() > 1e-5).reshape(8, 64)  # not on a rounding tie
+    assert torch.allclose(layer.quantized_weight().double()[away], want[away], atol=1e-6)
+
+    loaded = QuantLinear.from_float(torch.nn.Linear(64, 8), config).eval()
+    state = {**layer.state_dict(), "weight": layer.quantized_weight().detach()}  # dequantized codes, their scale
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded.quantized_weight(), state["weight"])  # the loaded step sizes, kept
+    assert not torch.allclose(reference(state["weight"])[0].float(), state["weight"])  # re-observing would differ
+    refresh_weight_scales(loaded)
+    assert torch.equal(loaded.weight_quantizer.quantizer.scale, layer.weight_quantizer.quantizer.scale)
+
+
 def test_layer_overrides_are_validated_when_built():
     with pytest.raises(ValueError, match=r"layer_overrides\['mlp'\]: PEGEConfig.w_bits must be an integer from 2 to 8; got 1"):
         PEGEConfig(layer_overrides={"mlp": {"w_bits": 1}})

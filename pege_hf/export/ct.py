@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..quant.modules import QuantLayer, QuantLinear
+from ..quant.modules import QuantLayer, QuantLinear, refresh_weight_scales
 from ..quant.quantizers import DynamicQuantizer
 from .onnx import quant_layers, require_quant_layers, weight_codes
 
@@ -267,6 +267,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, o
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     check_expressible(model)
     check_dtype_keeps_scales(model)
+    refresh_weight_scales(model)
     model = model.eval()
     write_checkpoint(model, out, checkpoint_state(model), quantization_config(model))
     size = sum(f.stat().st_size for f in out.iterdir())

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.modules import QuantConv2d, QuantLayer
+from ..quant.modules import QuantConv2d, QuantLayer, refresh_weight_scales
 from ..quant.quantizers import quantize_codes
 
 TORCH_OPSET = 20  # the newest opset the TorchScript exporter writes
@@ -679,6 +679,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     require_quant_layers(model)
     example = example_input(model) if example is None else example
+    refresh_weight_scales(model)
     model = model.eval()
     exported, reports = integer_model(model, example, lambda m, x: m(x))
     with tempfile.TemporaryDirectory() as tmp:

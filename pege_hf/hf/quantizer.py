@@ -21,7 +21,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..config import QUANT_METHOD, PEGEConfig
 from transformers.utils import logging
 
-from ..quant.modules import QuantLayer, layers_to_skip, set_progress, unquantized_weights
+from ..quant.modules import QuantLayer, layers_to_skip, refresh_weight_scales, set_progress, unquantized_weights
 from ..quant.modules import quantize as quantize_module
 from ..quant.quantizers import DynamicQuantizer, fake_quantize
 from . import conv1d  # noqa: F401  (registers transformers' Conv1D with the layer swap)
@@ -77,6 +77,7 @@ class PEGEHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
+        refresh_weight_scales(model)
         state_dict = model.state_dict()
         for name, layer in quant_layers(model):
             prefix = f"{name}." if name else ""

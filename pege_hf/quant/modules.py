@@ -421,6 +421,18 @@ def quantize(model: nn.Module, config, skip: set[str] | None = None) -> nn.Modul
     return model
 
 
+@torch.no_grad()
+def refresh_weight_scales(model: nn.Module) -> None:
+    """Weight quantizers whose step size follows their weights (w_quantizer "minmax" or "symmetric", once they
+    have observed them in training) re-observe them now: saving and export call it before they read step sizes,
+    which a forward would otherwise have left one optimizer step behind."""
+    for layer in model.modules():
+        if isinstance(layer, QuantLayer) and layer.weight_quantizer is not None and "weight" in layer._parameters:
+            refresh = getattr(layer.weight_quantizer.quantizer, "refresh", None)
+            if refresh is not None:
+                refresh(layer.weight)
+
+
 def fake_quantizers(model: nn.Module):
     return (m for m in model.modules() if isinstance(m, FakeQuantizer))
 

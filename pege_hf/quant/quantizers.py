@@ -324,6 +324,10 @@ class MinMaxQuantizer(UniformQuantizer):
         super().__init__(bits, **kw)
         self.momentum, self.dynamic, self.full_span = momentum, dynamic, full_span
         self.register_buffer("scale", torch.ones(self.n_scales, dtype=torch.float32))
+        # a dynamic quantizer that observed its weights in training follows them in evaluation too (an optimizer
+        # step has changed them since); one whose step size was loaded keeps it (its weights are dequantized
+        # codes, whose range is not the range they were quantized with)
+        self._follows_weights = False
 
     def _initial_scale(self, x):
         return self._observe(x)
@@ -337,11 +341,23 @@ class MinMaxQuantizer(UniformQuantizer):
         self.scale.copy_(scale.reshape(self.scale.shape))
 
     def step_size(self, x):
-        if self.training and self.is_initialized():
+        if self.is_initialized() and (self.training or self._follows_weights):
             with torch.no_grad():
                 seen = self._observe(x.detach().float())
                 self.scale.copy_(seen if self.dynamic else torch.lerp(self.scale, seen, self.momentum))
+            self._follows_weights = self.dynamic
         return self.broadcast_scale(self.scale.clone(), x)  # a copy: later updates must not touch saved tensors
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> None:
+        """Re-observe ``weight`` if this quantizer follows its weights (dynamic, observed in training): the step
+        size of the weights as they are now, for code that reads ``scale`` without a forward (saving, export)."""
+        if self._follows_weights and self.is_initialized():
+            self.scale.copy_(self._observe(weight.detach().float()))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._follows_weights = False
 
     def scale_tensor(self):
         return self.scale.detach()
