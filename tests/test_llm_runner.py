@@ -52,3 +52,28 @@ def test_a_second_qat_seed_runs_beside_the_first_from_the_same_fp_model(tmp_path
         assert a[:at] + a[at + 1:] == b[:at] + b[at + 1:]  # nothing but the seed differs
     assert split_name("W2g32-pege_step_sym-s1") == ("W2g32", "pege_step_sym", 1)
     assert split_name("W2g32-torchao") == ("W2g32", "torchao", 0) and split_name("fp") == ("fp", "", 0)
+
+
+def test_the_seed_summary_compares_each_run_with_its_own_seeds_control(tmp_path):
+    """benchmarks/llm/seeds.py: perplexity / control - 1 per seed with that seed's control, mean and sample
+    standard deviation over the seeds a method ran, from llm.json files in the layout run.py writes."""
+    from benchmarks.llm import seeds
+
+    def row(name, seed, ppl):
+        scheme, _, method = name.partition("-")
+        return {"run": name, "scheme": scheme, "method": method.split("-s")[0], "seed": seed, "perplexity": ppl}
+
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "llm.json").write_text(json.dumps({"runs": [
+        row("fp", 0, 120.0), row("FPcont-fp", 0, 100.0), row("W2g32-ste", 0, 101.0), row("W2g32-pege", 0, 103.0),
+        {"run": "W2g32-torchao", "scheme": "W2g32", "method": "torchao", "seed": 0}]}))  # unfinished: no perplexity
+    (tmp_path / "seed1" / "llm.json").write_text(json.dumps({"runs": [
+        row("FPcont-fp-s1", 1, 80.0), row("W2g32-ste-s1", 1, 80.4), row("W2g32-torchao-s1", 1, 80.8)]}))
+    result = seeds.summary(seeds.load_runs(tmp_path))["W2g32"]
+    by = {r["method"]: r for r in result["methods"]}
+    assert result["seeds"] == [0, 1] and set(by) == {"ste", "pege", "torchao"}
+    assert by["ste"]["per_seed"] == pytest.approx({"0": 0.01, "1": 0.005})
+    assert by["ste"]["mean"] == pytest.approx(0.0075) and by["ste"]["std"] == pytest.approx(0.0025 * 2 ** 0.5)
+    assert by["pege"]["seeds"] == 1 and by["pege"]["std"] is None
+    assert [r["method"] for r in result["methods"]] == ["ste", "torchao", "pege"]  # most seeds first, then by mean
+    assert "| STE (pege_hf) | +1.00% | +0.50% | +0.75% | 0.35 |" in seeds.markdown({"W2g32": result})
