@@ -86,7 +86,8 @@ def _ewgs_backward(g, x, s, qmin, qmax, delta: float, rounded: bool):
     v = x / s
     vc = torch.clamp(v, qmin, qmax)
     r = torch.round(vc)
-    inside = (torch.round(v) >= qmin) & (torch.round(v) <= qmax) if rounded else (v >= qmin) & (v <= qmax)
+    w = torch.round(v) if rounded else v  # the window: round(v) or v within [qmin, qmax]
+    inside = (w >= qmin) & (w <= qmax)
     factor = 1 + delta * torch.sign(g) * (vc - r) / (qmax - qmin)
     return torch.where(inside, g * factor, 0.0), g * torch.where(inside, r - factor * v, r)
 

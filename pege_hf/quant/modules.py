@@ -89,7 +89,8 @@ class FakeQuantizer(nn.Module):
         if self.estimator == "ewgs":
             if self.fused:
                 s = q.step_size(x)
-                return FakeQuantEWGS.apply(x, s, *q.code_range(), self.ewgs_delta, q.rounded_window), _uniform_rebuild(x, s, q)
+                return (FakeQuantEWGS.apply(x, s, *q.code_range(), self.ewgs_delta, q.rounded_window),
+                        _uniform_rebuild(x, s, q))
             return q(x, partial(round_ewgs, delta=self.ewgs_delta, span=q.qmax - q.qmin)), None
         return self._pege(x)
 
