@@ -10,6 +10,7 @@ import pege_hf
 from conftest import lm_qat_steps
 from pege_hf import PEGEConfig
 from pege_hf.hf.quantizer import quant_layers
+from pege_hf.quant import kernels
 from pege_hf.quant.curriculum import replacement_mask, replacement_ratio
 from pege_hf.quant.modules import QuantLinear, make_fake_quantizer
 
@@ -158,9 +159,10 @@ def test_symmetric_weights_follow_the_latent_weights_like_torchaos_fake_quantize
     assert torch.allclose(layer.quantized_weight(), fq(layer.weight.detach()), atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("estimator", ["ste", "pege"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_symmetric_weights_pass_the_gradient_where_the_rounded_code_is_in_range(bits, estimator):
+def test_symmetric_weights_pass_the_gradient_where_the_rounded_code_is_in_range(bits, estimator, compiled):
     """The window of PyTorch's fake_quantize and torchao's QAT: d Q / d w = 1 where qmin <= round(w / s) <= qmax,
     not only where qmin <= w / s <= qmax (LSQ's rule). Under the symmetric scale w / s reaches (qmax - qmin) / 2, so
     LSQ's rule would stop the gradient of every weight between qmax s and that (17% of them at W2 group 32).
@@ -172,7 +174,11 @@ def test_symmetric_weights_pass_the_gradient_where_the_rounded_code_is_in_range(
     layer = QuantLinear.from_float(torch.nn.Linear(128, 16), config).train()
     layer.weight_quantizer.set_progress(1.0)
     g = torch.randn(16, 128)
-    layer.quantized_weight().backward(g)
+    kernels.use_compiled_kernels(compiled)
+    try:
+        layer.quantized_weight().backward(g)
+    finally:
+        kernels.use_compiled_kernels(False)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     w = layer.weight.detach().double().reshape(16, 4, 32)
     v = (w / (w.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2))).reshape(16, 128)
