@@ -12,6 +12,7 @@ LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "pege_step": "PEGE, 
           "ste_sym": "STE, torchao's weight quantizer (pege_hf)",
           "pege_sym": "PEGE, torchao's weight quantizer (pege_hf)",
           "pege_step_sym": "PEGE, D on the step size, torchao's weight quantizer (pege_hf)",
+          "pege_step_sym_short": "PEGE, D on the step size, torchao's weight quantizer, ramp over 25% (pege_hf)",
           "torchao": "torchao QAT"}
 SCHEMES = {"FPcont": "FP + the QAT budget"}  # the control: FP trained on for as many steps as each QAT run
 
