@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # commands are shown relative to the repository root
 LABELS = {"ste": "STE (pege_hf)", "pege": "PEGE (pege_hf)", "pege_step": "PEGE, D on the step size (pege_hf)",
+          "pege_step_short": "PEGE, D on the step size, ramp over 25% (pege_hf)",
           "ste_sym": "STE, torchao's weight quantizer (pege_hf)",
           "pege_sym": "PEGE, torchao's weight quantizer (pege_hf)",
           "pege_step_sym": "PEGE, D on the step size, torchao's weight quantizer (pege_hf)",

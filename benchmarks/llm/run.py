@@ -63,8 +63,10 @@ ESTIMATORS = {"ste": ["--estimator", "ste"], "pege": ["--estimator", "pege"],
 ESTIMATORS["pege_step_sym"] = [*ESTIMATORS["pege_step"], "--w-quantizer", "symmetric"]
 # the same with the replacement ramp over the first quarter of the budget (default: three quarters), so that the
 # fully quantized model trains for 75 of the 100 steps rather than 25
+ESTIMATORS["pege_step_short"] = [*ESTIMATORS["pege_step"], "--ramp-fraction", "0.25"]
 ESTIMATORS["pege_step_sym_short"] = [*ESTIMATORS["pege_step_sym"], "--ramp-fraction", "0.25"]
-METHODS = ("ste", "pege", "pege_step", "ste_sym", "pege_sym", "pege_step_sym", "pege_step_sym_short", "torchao")
+METHODS = ("ste", "pege", "pege_step", "pege_step_short", "ste_sym", "pege_sym", "pege_step_sym", "pege_step_sym_short",
+           "torchao")
 
 
 def fp_args(work: Path, steps: int, lr: float) -> list[str]:
