@@ -237,6 +237,28 @@ def test_symmetric_step_sizes_follow_the_weights_after_an_optimizer_step_but_not
     assert torch.equal(loaded.weight_quantizer.quantizer.scale, layer.weight_quantizer.quantizer.scale)
 
 
+def test_a_trained_symmetric_w2_model_saves_and_reloads_the_function_it_evaluates(tmp_path):
+    """After QAT steps, evaluation, the packed checkpoint and its reload agree exactly on torchao's W2 weight
+    quantizer: saving packs codes and step sizes of the weights as they are after the last optimizer step, and the
+    reloaded model keeps the stored step sizes rather than re-observing its dequantized weights (which at W2 would
+    move every group whose largest magnitude became a -2 code)."""
+    from transformers import AutoModelForCausalLM
+
+    _tiny_llama().save_pretrained(tmp_path / "fp")
+    cfg = PEGEConfig(w_bits=2, a_bits=None, group_size=32, w_quantizer="symmetric", estimator="ste")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    ids = torch.randint(0, 96, (2, 10))
+    before = lm_qat_steps(model, ids, steps=3)
+    model.save_pretrained(tmp_path / "q")
+    again = pege_hf.from_pretrained(tmp_path / "q", auto_class=AutoModelForCausalLM).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, before)
+    layer = dict(quant_layers(again))["model.layers.0.mlp.down_proj"]
+    w = layer.weight.detach().reshape(-1, 32)
+    observed = w.abs().amax(-1) / 1.5
+    assert not torch.allclose(observed, layer.weight_quantizer.quantizer.scale)  # re-observing would differ
+
+
 def test_layer_overrides_are_validated_when_built():
     with pytest.raises(ValueError, match=r"layer_overrides\['mlp'\]: PEGEConfig.w_bits must be an integer from 2 to 8; got 1"):
         PEGEConfig(layer_overrides={"mlp": {"w_bits": 1}})
