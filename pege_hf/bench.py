@@ -62,7 +62,7 @@ def _speed_variants(bits: int, progress: float, **options):
     return {
         "fp": (None, None),
         "ste": (PEGEConfig(**options, estimator="ste"), None),
-        "pege": (PEGEConfig(**options, estimator="pege"), progress),
+        "pege": (PEGEConfig(**options, estimator="pege", a_mask="bernoulli"), progress),
         "pege_counter": (PEGEConfig(**options, estimator="pege", a_mask="counter"), progress),
         "pege_r1": (PEGEConfig(**options, estimator="pege"), 1.0),
     }
@@ -229,8 +229,10 @@ def speed_table(result: dict) -> str:
              f"{result['device']} ({result['threads']} threads), median of {result['steps']} interleaved steps, "
              f"quantizer kernels {'torch.compile' if result['compile'] else 'eager'}"
              f"{', channels-last weights' if result.get('channels_last') else ''}; "
-             f"`pege` runs mid-ramp (progress {result['pege_progress']}), "
-             + ("`pege_counter` too, with counter activation masks (`--a-mask counter`), " if "pege_counter" in
+             f"`pege` runs mid-ramp (progress {result['pege_progress']}) with Bernoulli activation masks "
+             "(`--a-mask bernoulli`, what the default `auto` draws with eager kernels), "
+             + ("`pege_counter` too, with counter activation masks (`--a-mask counter`, the default's choice under "
+                "compiled kernels), " if "pege_counter" in
                 result["variants"] else "") + "`pege_r1` at r = 1."]
     for peer, version in result.get("peers", {}).items():
         lines.append(f"Peer `{peer}` ({version}): its QAT fake quantizers on the same layers." if version else

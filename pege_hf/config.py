@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quant.curriculum import LAMBDA_SCHEDULES, MASK_POLICIES, SCHEDULES
+from .quant.curriculum import AUTO_MASK, LAMBDA_SCHEDULES, MASK_POLICIES, SCHEDULES
 from .quant.modules import matches_any
 from .quant.estimators import DISCRETIZATION_FORMS, DISCRETIZATION_SCOPES, DISCRETIZATION_TARGETS, ESTIMATORS
 from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS, WEIGHT_QUANTIZERS
@@ -82,9 +82,10 @@ class PEGEConfig(QuantizationConfigMixin):
     alpha: float = _option(9.0, "curvature of the log curriculum", low=0.0, open_low=True)
     ramp_fraction: float = _option(0.75, "share of training spent ramping r(t) to 1", low=0.0, high=1.0)
     w_mask: str = _option("progressive", "which weight elements are replaced first", choices=MASK_POLICIES)
-    a_mask: str = _option("bernoulli", "which activation elements are replaced (bernoulli: fresh random bytes per "
+    a_mask: str = _option(AUTO_MASK, "which activation elements are replaced (bernoulli: fresh random bytes per "
                           "step; counter: a Bernoulli mask hashed from the element index, which compiled kernels "
-                          "compute in their loop: the fast choice with --compile-kernels)", choices=MASK_POLICIES)
+                          "compute in their loop; auto: counter under compiled kernels, else bernoulli)",
+                          choices=(AUTO_MASK, *MASK_POLICIES))
     discretization_lambda: float = _option(0.1, "weight of the discretization-error term D (the final value "
                                            "for the log/exp schedules)", low=0.0)
     lambda_schedule: str = _option("constant", "lambda(t): constant, follow (lambda r(t)), ramp (0 once r = 1), "

@@ -158,6 +158,33 @@ def test_counter_masks_are_fresh_bernoulli_draws_from_torch_seed():
     assert not replacement_mask(x, 0.0, "counter").any()
 
 
+def test_auto_activation_mask_is_counter_under_compiled_kernels_and_bernoulli_eager(monkeypatch):
+    """a_mask="auto" (the default) gives a layer exactly the output of a_mask="bernoulli" with eager kernels and of
+    a_mask="counter" under compiled kernels (same torch seed: the same draws); weights take no "auto"."""
+    from pege_hf.quant import kernels
+    from pege_hf.quant.curriculum import resolve_mask_policy
+
+    assert PEGEConfig().a_mask == "auto"
+
+    def output(mask, compiled):
+        monkeypatch.setattr(kernels, "compiled_kernels_enabled", lambda: compiled)  # eager kernels take recipes too
+        layer, x = _quant_layer("conv", "pege", 0.3, "progressive")
+        layer.input_quantizer.mask = mask
+        torch.manual_seed(7)
+        return layer(x)
+
+    for compiled, same, other in ((False, "bernoulli", "counter"), (True, "counter", "bernoulli")):
+        auto = output("auto", compiled)
+        assert torch.equal(auto, output(same, compiled))
+        assert not torch.equal(auto, output(other, compiled))
+    with pytest.raises(ValueError, match="w_mask"):
+        PEGEConfig(w_mask="auto")
+    # counter masks number elements in int32: "auto" falls back to random bytes beyond, "counter" refuses
+    assert resolve_mask_policy("auto", True, 2**31 - 1) == "counter"
+    assert resolve_mask_policy("auto", True, 2**31) == "bernoulli"
+    assert resolve_mask_policy("counter", True, 2**31) == "counter"
+
+
 @pytest.mark.parametrize("policy", ["counter", "progressive"])
 def test_kernels_take_a_mask_recipe_as_its_materialised_mask(policy):
     """mixed_forward, pege_backward and FakeQuantPEGE give the same bits for a mask's recipe (evaluated in the

@@ -575,8 +575,9 @@ def test_compile_kernels_turns_the_kernels_on_and_names_counter_masks_for_pege()
         use_kernels(PEGEConfig(estimator="ste"), True, said.append)
         assert kernels.compiled_kernels_enabled() and not said
         use_kernels(PEGEConfig(a_mask="counter"), True, said.append)
+        use_kernels(PEGEConfig(), True, said.append)  # "auto": counter masks under compiled kernels
         assert not said
-        use_kernels(PEGEConfig(), True, said.append)
-        assert len(said) == 1 and "--a-mask counter" in said[0]
+        use_kernels(PEGEConfig(a_mask="bernoulli"), True, said.append)
+        assert len(said) == 1 and "--a-mask auto" in said[0]
     finally:
         kernels.use_compiled_kernels(False)

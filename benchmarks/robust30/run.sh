@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 source benchmarks/in_progress.sh
 out=benchmarks/robust30/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10/train.parquet
-        --lr 0.01 --compile-kernels --channels-last --quantizer-lr-scale 1
+        --lr 0.01 --compile-kernels --a-mask bernoulli --channels-last --quantizer-lr-scale 1
         --checkpointing-steps 100 --checkpoints-total-limit 1 --no-tensorboard)
 run() {  # bits epochs estimator init seed
   local bits=$1 epochs=$2 est=$3 init=$4 seed=$5

@@ -13,7 +13,7 @@ source benchmarks/in_progress.sh
 EPOCHS=${EPOCHS:-3}
 out=benchmarks/screen30/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10/train.parquet --w-bits 2 --a-bits 2
-        --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --channels-last --scale-init mse
+        --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --a-mask bernoulli --channels-last --scale-init mse
         --quantizer-lr-scale 1 --checkpointing-steps 100 --checkpoints-total-limit 1 --no-tensorboard)
 FINALISTS=" ste pege pege-stepsize pege-lambda0 "
 run() {  # name, extra args...

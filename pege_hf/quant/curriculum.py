@@ -14,6 +14,17 @@ import torch
 
 SCHEDULES = ("log", "linear", "cosine", "instant")
 MASK_POLICIES = ("progressive", "bernoulli", "error", "counter")
+AUTO_MASK = "auto"  # an activation-mask setting, not a policy: "counter" under compiled kernels, else "bernoulli"
+
+
+def resolve_mask_policy(policy: str, compiled: bool, numel: int = 0) -> str:
+    """The policy a mask setting draws with: "auto" is "counter" where compiled kernels hash it inside their loop
+    (nothing drawn, stored or loaded per element) and "bernoulli" for eager kernels (where the hash costs a dozen
+    passes, random bytes one) and for tensors of ``numel`` >= 2**31 elements, which counter masks cannot number;
+    any other setting is itself."""
+    if policy == AUTO_MASK:
+        return "counter" if compiled and numel < 2**31 else "bernoulli"
+    return policy
 LAMBDA_SCHEDULES = ("constant", "follow", "ramp", "log", "exp")
 
 _MASK32 = 0xFFFFFFFF

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .curriculum import discretization_weight, replacement_mask, replacement_ratio
+from .curriculum import discretization_weight, replacement_mask, replacement_ratio, resolve_mask_policy
 from .packing import pack_codes, packed_size, unpack_codes
 from .estimators import FakeQuantEWGS, FakeQuantPEGE, FakeQuantSTE, pege_mix, round_ewgs, round_ste
 from .quantizers import UniformQuantizer, make_quantizer
@@ -108,8 +108,9 @@ class FakeQuantizer(nn.Module):
             if ratio < 1:
                 error = (x - FakeQuantSTE.apply(x.detach(), s.detach(), *q.code_range())) if self.mask == "error" else None
                 # a counter mask stays a recipe for compiled kernels, which compute it in their loop
-                mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error,
-                                        lazy=kernels.compiled_kernels_enabled())
+                compiled = kernels.compiled_kernels_enabled()
+                mask = replacement_mask(x, ratio, resolve_mask_policy(self.mask, compiled, x.numel()), seed=self.seed,
+                                        error=error, lazy=compiled)
             if mask is None and not pull:
                 return FakeQuantSTE.apply(x, s, *q.code_range(), q.rounded_window), _uniform_rebuild(x, s, q)
             coef = self._pull_coefficient(s.detach(), x.numel(), lam) if pull else None
@@ -122,7 +123,7 @@ class FakeQuantizer(nn.Module):
         mask = None
         if ratio < 1:
             error = (x - xq) if self.mask == "error" else None
-            mask = replacement_mask(x, ratio, self.mask, seed=self.seed, error=error)
+            mask = replacement_mask(x, ratio, resolve_mask_policy(self.mask, False), seed=self.seed, error=error)
         coef = self._pull_coefficient(q.step_size(x).detach(), x.numel(), lam) if pull else None
         return pege_mix(x, xq.to(x.dtype), mask, coef, self.scope), None
 

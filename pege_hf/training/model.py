@@ -17,15 +17,17 @@ ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg_small
 
 def use_kernels(quant_config: PEGEConfig | None, compile_kernels: bool, log) -> None:
     """`--compile-kernels`: the quantizers' kernels through torch.compile for a QAT run. PEGE with Bernoulli
-    activation masks is told that counter masks (`--a-mask counter`) are the fast choice there."""
+    activation masks (`--a-mask bernoulli`) is told that counter masks (the default, "auto", under compiled kernels)
+    are the fast choice there."""
     if quant_config is None or not compile_kernels:
         return
     from ..quant.kernels import use_compiled_kernels
 
     use_compiled_kernels(True)
     if quant_config.estimator == "pege" and quant_config.a_mask == "bernoulli":
-        log("--compile-kernels with PEGE: `--a-mask counter` computes the activation masks inside the compiled "
-            "kernels (no mask stored or drawn per element; benchmarks/speed_compiled.md)")
+        log("--compile-kernels with PEGE and --a-mask bernoulli: counter masks (`--a-mask auto`, the default, or "
+            "`counter`) are computed inside the compiled kernels (no mask stored or drawn per element; "
+            "benchmarks/speed_compiled.md)")
 
 
 def is_quantized(model: nn.Module) -> bool:
