@@ -249,6 +249,39 @@ def test_resume_without_a_checkpoint_starts_its_log_over(tmp_path):
     assert loss_steps == list(range(1, metrics["steps"] + 1))
 
 
+def test_resume_refuses_a_checkpoint_saved_with_other_settings(fp_run, tmp_path, caplog):
+    """A resumed run must repeat the checkpoint's settings: another learning rate or mask policy is refused, naming
+    each, before any weight is loaded, and the checkpoint stays; the data read from another path resumes; an older
+    checkpoint without recorded settings resumes with a warning."""
+    out = tmp_path / "run"
+    args = ["--model", str(fp_run[0]), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2", *SMALL,
+            "--scale-init", "lsq", "--checkpointing-steps", "2", "--output-dir", str(out)]
+    _train(args)
+    newest = train_state.complete_checkpoints(out)[-1]
+    saved = json.loads((newest / train_state.STATE_FILE).read_text())
+    assert saved["settings"]["lr"] == 0.01 and saved["settings"]["quantization_config"]["a_mask"] == "auto"
+    assert "dataset" not in saved["settings"]  # a path: a copy of the data elsewhere resumes the same run
+
+    before = {p.name: p.read_bytes() for p in newest.iterdir()}
+    with pytest.raises(ValueError, match=r"lr=0\.01 \(this run: 0\.02\).*quantization_config\.a_mask='auto' "
+                                         r"\(this run: 'bernoulli'\)"):
+        _train([*args, "--resume", "--lr", "0.02", "--a-mask", "bernoulli"])
+    assert {p.name: p.read_bytes() for p in newest.iterdir()} == before
+
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for f in Path(DEFAULT_DATASET).iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    moved = [a if a != DEFAULT_DATASET else str(copy) for a in args]
+    assert _train([*moved, "--resume"])["resumed_from"] == str(newest)
+
+    del saved["settings"]  # as a checkpoint of an earlier version wrote it
+    (newest / train_state.STATE_FILE).write_text(json.dumps(saved))
+    with caplog.at_level("WARNING"):
+        assert _train([*args, "--resume", "--lr", "0.02"])["resumed_from"] == str(newest)
+    assert "records no run settings" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------- distributed
 
 

@@ -34,7 +34,7 @@ from .loaders import EpochShuffleSampler, batch_seed, eval_loader, load_data, sp
 from .model import build_model, load_model, model_input_spec, normalization, use_kernels
 from .optim import make_optimizer, make_scheduler
 from .state import DIVERGED_FILE, TrainerState, clear_previous_run, lock_output_dir, remove_stale_checkpoint_parts
-from .state import resume_checkpoint, save_checkpoint
+from .state import resume_checkpoint, run_settings, save_checkpoint
 from .tracking import JSONLTracker, flat_hparams, rewind_jsonl
 from ..version import __version__
 
@@ -185,8 +185,10 @@ def run_info(args, quant_config, data, world_size: int, warmup: int, total_steps
 
 
 def resume(run: Run, checkpoint: Path | None) -> None:
-    """Load the checkpoint's model/optimizer/RNG and trainer state, and rewind the log to it."""
+    """Load the checkpoint's model/optimizer/RNG and trainer state (after checking that it was saved by a run of
+    the same shape and settings), and rewind the log to it."""
     log = run.output_dir / "metrics.jsonl"
+    run.state.settings = run_settings(run.info)  # saved with every checkpoint, checked against a resumed one
     if checkpoint is None:
         if run.args.resume and run.main:  # cut off before its first checkpoint: the run and its log start over
             rewind_jsonl(log, step=None)

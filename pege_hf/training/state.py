@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,30 @@ DIVERGED_FILE = "diverged.json"
 _CKPT_RE = re.compile(r"^step_(\d+)$")
 # what must match between a checkpoint and the run resuming it
 SHAPE_KEYS = ("total_steps", "batches_per_epoch", "world_size", "batch_size", "gradient_accumulation_steps")
+# run settings (run_info) a checkpoint does not pin: where the model and data were read from (a copy elsewhere
+# resumes the same run); what they hold is checked through the shape keys and the model's state dict
+UNPINNED_SETTINGS = ("base_model", "dataset")
+
+logger = logging.getLogger(__name__)
+
+
+def run_settings(info: dict) -> dict:
+    """The settings a checkpoint records and a resuming run must repeat: ``info`` (the run's run_info) as JSON
+    holds it, less UNPINNED_SETTINGS."""
+    return json.loads(json.dumps({k: v for k, v in info.items() if k not in UNPINNED_SETTINGS}, default=str))
+
+
+def settings_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'key=saved (this run: current)' for each setting that differs; nested dicts (the quantization config)
+    key by key, as quantization_config.a_mask."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}={a!r} (this run: {b!r})")
+    return out
 
 
 @dataclass
@@ -41,12 +66,15 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
     elapsed_s: float = 0.0
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, samples
+    settings: dict | None = None  # run_settings of the run: a resuming run must repeat them
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load(self, checkpoint: Path) -> None:
-        """Take over a checkpoint's state; ValueError when it was saved by a run of another shape."""
+        """Take over a checkpoint's state; ValueError when it was saved by a run of another shape or with other
+        settings (``self.settings``, when both record them: a resumed run with another learning rate, bit width or
+        mask would silently train a run no command describes)."""
         saved = json.loads((Path(checkpoint) / STATE_FILE).read_text())
         for key in SHAPE_KEYS:
             if saved.get(key) != getattr(self, key):
@@ -54,9 +82,18 @@ class TrainerState:
                     f"cannot resume from {str(checkpoint)!r}: it was saved with {key}={saved.get(key)} but this run "
                     f"has {key}={getattr(self, key)}; resume with the same data, --epochs, --batch-size, "
                     "--gradient-accumulation-steps and number of processes")
+        if self.settings is not None and saved.get("settings") is not None:
+            differences = settings_differences(saved["settings"], self.settings)
+            if differences:
+                raise ValueError(f"cannot resume from {str(checkpoint)!r}: it was saved with "
+                                 f"{', '.join(differences)}; resume with the checkpoint's settings, or start a new "
+                                 "run in another --output-dir")
+        elif self.settings is not None:
+            logger.warning("%s records no run settings (an older checkpoint): this run's settings are not checked "
+                           "against it", checkpoint)
         known = {f.name for f in dataclasses.fields(self)}
         for key, value in saved.items():
-            if key in known:
+            if key in known and key != "settings":
                 setattr(self, key, value)
 
     @property
