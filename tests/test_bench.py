@@ -786,3 +786,30 @@ def test_grid_needs_training_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="resnet20-w2a2-pege-s0: needs a finished run .* training checkpoints"):
         tools.bench_grid(run)
     assert research_main(["grid", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+
+
+def test_long_budget_report_and_probe_read_what_the_runs_recorded(tmp_path, monkeypatch):
+    """report.py: last and best epoch from a run's log (a resumed run's repeated epoch keeps its last value) and
+    the probe's records beside them; probe.py: the run's PEGEConfig back from its flattened config event."""
+    from benchmarks.long_budget import probe, report
+    from pege_hf import PEGEConfig
+    from pege_hf.training.tracking import flat_hparams
+
+    qc = PEGEConfig(w_bits=2, a_bits=2, discretization_target="step_size", a_mask="bernoulli")
+    config = flat_hparams({"quantization_config": qc.to_dict(), "epochs": 100})
+    run = tmp_path / "runs" / "w2a2-pege"
+    run.mkdir(parents=True)
+    events = [{"event": "config", "config": config}, {"epoch": 1, "eval/accuracy": 0.5},
+              {"epoch": 2, "eval/accuracy": 0.7}, {"epoch": 2, "eval/accuracy": 0.6},  # resumed: epoch 2 again
+              {"epoch": 3, "eval/accuracy": 0.65}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    probes = tmp_path / "probe.json"
+    probes.write_text(json.dumps([{"run": "w2a2-pege", "step": 900, "epoch": 2.3, "accuracy_bn_reestimated": 0.7123},
+                                  {"run": "other", "step": 5, "epoch": 0.1, "accuracy_bn_reestimated": 0.1}]))
+    monkeypatch.setattr(report, "PROBE", probes)
+    result = report.collect(tmp_path / "runs")["runs"]["w2a2-pege"]
+    assert result["last"] == {"epoch": 3, "accuracy": 0.65} and result["best"] == {"epoch": 3, "accuracy": 0.65}
+    assert result["curve"] == {1: 0.5, 2: 0.6, 3: 0.65} and not result["finished"]
+    assert [p["step"] for p in result["probe"]] == [900]
+    assert "| w2a2-pege | 900 | 2.3 | 71.23 |" in report.markdown({"fp_accuracy": None, "runs": {"w2a2-pege": result}})
+    assert probe.quantization_config(report.epoch_curve(run / "metrics.jsonl")[1]) == qc

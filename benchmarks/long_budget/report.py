@@ -12,6 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FP_REPORT = HERE.parent / "fp200" / "accuracy.json"  # the shipped FP model's test accuracy
+PROBE = HERE / "probe.json"  # probe.py: checkpoints evaluated with BatchNorm statistics re-estimated
 
 
 def epoch_curve(metrics_jsonl: Path) -> tuple[dict[int, float], dict]:
@@ -43,6 +44,10 @@ def collect(runs_dir: Path) -> dict:
             "last": {"epoch": last, "accuracy": curve[last]}, "best": {"epoch": best, "accuracy": curve[best]},
             "curve": curve}
     fp = json.loads(FP_REPORT.read_text()).get("fp_accuracy") if FP_REPORT.is_file() else None
+    probes = json.loads(PROBE.read_text()) if PROBE.is_file() else []
+    for name, r in runs.items():
+        r["probe"] = [{"step": p["step"], "epoch": p["epoch"], "accuracy_bn_reestimated": p["accuracy_bn_reestimated"]}
+                      for p in probes if p["run"] == name]
     return {"benchmark": "long_budget", "fp_accuracy": fp, "runs": runs}
 
 
@@ -65,6 +70,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {est} | {r['epochs_done']} / {r['epochs_planned']}{state} | "
                      f"{100 * r['last']['accuracy']:.2f} (epoch {r['last']['epoch']}) | "
                      f"{100 * r['best']['accuracy']:.2f} (epoch {r['best']['epoch']}) |")
+    probes = [(name, p) for name, r in result["runs"].items() for p in r.get("probe", [])]
+    if probes:
+        lines += ["", "Probe while training (`python benchmarks/long_budget/probe.py` -> probe.json; a diagnostic, not a "
+                  "result): a checkpoint's fully quantized model on the test set after its BatchNorm statistics were "
+                  "re-estimated on 50 augmented training batches, which PEGE's mid-ramp statistics need before the "
+                  "fully quantized model means anything.", "",
+                  "| run | step | epoch | test top-1, BN re-estimated (%) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {p['step']} | {p['epoch']:.1f} | {100 * p['accuracy_bn_reestimated']:.2f} |"
+                  for name, p in probes]
     return "\n".join(lines) + "\n"
 
 
@@ -77,8 +91,11 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in result["runs"].items():
         epochs = [int(e) for e in r["curve"]]
-        ax.plot(epochs, [100 * a for a in r["curve"].values()], lw=1.2, marker="." if len(epochs) < 30 else None,
-                label=name)
+        line, = ax.plot(epochs, [100 * a for a in r["curve"].values()], lw=1.2,
+                        marker="." if len(epochs) < 30 else None, label=name)
+        if r.get("probe"):
+            ax.plot([p["epoch"] for p in r["probe"]], [100 * p["accuracy_bn_reestimated"] for p in r["probe"]], "x",
+                    color=line.get_color(), label=f"{name}, BN re-estimated (probe)")
     if result["fp_accuracy"]:
         ax.axhline(100 * result["fp_accuracy"], color="k", ls="--", lw=1, label="FP")
     ax.set_xlabel("QAT epoch")
