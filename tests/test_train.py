@@ -282,6 +282,34 @@ def test_resume_refuses_a_checkpoint_saved_with_other_settings(fp_run, tmp_path,
     assert "records no run settings" in caplog.text
 
 
+def test_eval_reestimate_bn_reports_the_reestimated_accuracy_and_leaves_training_alone(fp_run, tmp_path):
+    """--eval-reestimate-bn N logs every epoch's test accuracy with BatchNorm statistics re-estimated on N batches
+    and puts the statistics back: the run ends with the parameters and statistics of the same run without it; its
+    last epoch's value is the final accuracy of --reestimate-bn N (the same batches). A model without BatchNorm
+    is refused before training."""
+    from safetensors.torch import load_file
+
+    args = ["--model", str(fp_run[0]), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2", *SMALL,
+            "--scale-init", "lsq"]
+    probed = _train([*args, "--eval-reestimate-bn", "3", "--output-dir", str(tmp_path / "probed")])
+    plain = _train([*args, "--output-dir", str(tmp_path / "plain")])
+    final = _train([*args, "--reestimate-bn", "3", "--output-dir", str(tmp_path / "final")])
+    saved = [load_file(str(tmp_path / d / "model.safetensors")) for d in ("probed", "plain")]
+    assert [k for k in saved[0] if not torch.equal(saved[0][k], saved[1][k])] == []
+    assert probed["history"][0]["accuracy"] == plain["history"][0]["accuracy"]
+    assert probed["history"][0]["accuracy_bn_reestimated"] == final["accuracy"]
+    assert final["accuracy"] != final["bn_reestimation"]["accuracy_before"]  # the statistics did change
+    logged = [json.loads(line) for line in (tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval/accuracy_bn_reestimated"] for r in logged if "eval/accuracy" in r] == [final["accuracy"]]
+
+    from types import SimpleNamespace
+
+    no_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    run = loop.Run(SimpleNamespace(reestimate_bn=0, eval_reestimate_bn=3), None, tmp_path, None)
+    with pytest.raises(ValueError, match="--eval-reestimate-bn 3: the model has no BatchNorm"):
+        loop.setup(run, None, no_bn)  # before any data is turned into tensors
+
+
 # --------------------------------------------------------------------------------------------- distributed
 
 

@@ -162,6 +162,10 @@ def _add_optimisation(parser) -> None:
     g.add_argument("--reestimate-bn", type=int, default=0, metavar="N",
                    help="after the last epoch, replace the BatchNorm moving averages by a plain average over N "
                         "augmented training batches, before saving and the final evaluation (default 0: off)")
+    g.add_argument("--eval-reestimate-bn", type=int, default=0, metavar="N",
+                   help="at every epoch's evaluation, also report the test accuracy with the BatchNorm statistics "
+                        "re-estimated on N augmented training batches (then put back: training is unchanged); PEGE "
+                        "needs it to read its fully quantized model mid-ramp (default 0: off)")
 
 
 def add_run_options(g, *, default_output: str) -> None:
@@ -255,6 +259,7 @@ _RULES = (
     ("max_grad_norm", lambda v: v is None or v > 0, "> 0"),
     ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("reestimate_bn", lambda v: v >= 0, ">= 0"),
+    ("eval_reestimate_bn", lambda v: v >= 0, ">= 0"),
     ("max_train", lambda v: v is None or v >= 1, ">= 1"),
     ("max_test", lambda v: v is None or v >= 1, ">= 1"),
     ("checkpoints_total_limit", lambda v: v >= 1, ">= 1"),

@@ -82,6 +82,12 @@ def calibrate(model: nn.Module, images: torch.Tensor | None = None, **inputs) ->
     model.train(was_training)
 
 
+def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics of every BatchNorm that tracks them (mean, variance, batch count), in module order."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, batches) -> int:
     """Replace every BatchNorm's running mean and variance by their plain average over ``batches``

@@ -29,7 +29,8 @@ from ..data import TensorImageDataset, image_processor, normalize, random_crop_f
 from ..quant.grid import codes_changed, summarize, weight_codes_and_positions
 from ..quant.modules import FakeQuantizer, set_progress
 from .args import resolve
-from .evaluation import acc_dtype, augmented_batches, calibrate, evaluate, reestimate_batchnorm, sync_buffers
+from .evaluation import (acc_dtype, augmented_batches, batchnorm_buffers, calibrate, evaluate, reestimate_batchnorm,
+                         sync_buffers)
 from .loaders import EpochShuffleSampler, batch_seed, eval_loader, load_data, split_tensors
 from .model import build_model, load_model, model_input_spec, normalization, use_kernels
 from .optim import make_optimizer, make_scheduler
@@ -132,6 +133,9 @@ def make_model(args, quant_config, class_names: list[str]) -> nn.Module:
 def setup(run: Run, data, model: nn.Module) -> None:
     """Tensors, loaders, optimiser and schedule, prepared by accelerate; a fresh TrainerState."""
     args, accelerator = run.args, run.accelerator
+    for flag, value in (("--reestimate-bn", args.reestimate_bn), ("--eval-reestimate-bn", args.eval_reestimate_bn)):
+        if value and not batchnorm_buffers(model):
+            raise ValueError(f"{flag} {value}: the model has no BatchNorm layers with running statistics to re-estimate")
     run.x_train, y_train = split_tensors(accelerator, data.train, data, model, "train")
     x_test, y_test = split_tensors(accelerator, data.test, data, model, "test")
     run.mean, run.std = normalization(model_input_spec(model)[0])
@@ -178,6 +182,7 @@ def run_info(args, quant_config, data, world_size: int, warmup: int, total_steps
         "weight_decay": args.weight_decay, "scheduler": args.scheduler, "warmup_steps": warmup, "seed": args.seed,
         "momentum": args.momentum, "warmup_ratio": args.warmup_ratio, "max_grad_norm": args.max_grad_norm,
         "label_smoothing": args.label_smoothing, "reestimate_bn": args.reestimate_bn,
+        "eval_reestimate_bn": args.eval_reestimate_bn,
         "total_steps": total_steps, "max_train": args.max_train, "max_test": args.max_test,
         "train_split": args.train_split, "test_split": args.test_split,
         "image_column": data.image_column, "label_column": data.label_column,
@@ -365,13 +370,18 @@ def end_epoch(run: Run, epoch: int) -> None:
     entry = {"epoch": epoch + 1, "step": run.state.global_step, "train_loss": loss_sum / max(seen, 1),
              "train_accuracy": correct / max(seen, 1), "accuracy": metrics["accuracy"], "top5": metrics["top5"],
              "loss": metrics["loss"], "lr": run.scheduler.get_last_lr()[0], "time_s": run.elapsed()}
+    if run.args.eval_reestimate_bn:
+        entry["accuracy_bn_reestimated"] = accuracy_with_reestimated_bn(run, epoch)
     run.state.history.append(entry)
-    run.accelerator.log({f"eval/{k}": entry[k] for k in ("accuracy", "top5", "loss")}
+    run.accelerator.log({f"eval/{k}": entry[k] for k in ("accuracy", "top5", "loss", "accuracy_bn_reestimated")
+                         if k in entry}
                         | {"train/epoch_loss": entry["train_loss"], "train/epoch_accuracy": entry["train_accuracy"],
                            "epoch": epoch + 1} | grid_statistics(run), step=run.state.global_step)
     if run.main:
+        bn = (f", BN re-estimated {100 * entry['accuracy_bn_reestimated']:.2f}%"
+              if "accuracy_bn_reestimated" in entry else "")
         run.progress.write(f"epoch {epoch + 1}/{run.args.epochs}: train loss {entry['train_loss']:.4f}, test accuracy "
-                           f"{100 * entry['accuracy']:.2f}% (top-5 {100 * entry['top5']:.2f}%), "
+                           f"{100 * entry['accuracy']:.2f}% (top-5 {100 * entry['top5']:.2f}%{bn}), "
                            f"test loss {entry['loss']:.4f}")
     if run.state.best_accuracy is None or entry["accuracy"] > run.state.best_accuracy:
         run.state.best_accuracy, run.state.best_epoch = entry["accuracy"], epoch + 1
@@ -379,6 +389,26 @@ def end_epoch(run: Run, epoch: int) -> None:
     run.state.epoch, run.state.batch_in_epoch = epoch + 1, 0
     if run.args.checkpointing_steps == "epoch":
         checkpoint(run, epoch + 1, 0, [0.0, 0.0, 0.0])
+
+
+def accuracy_with_reestimated_bn(run: Run, epoch: int) -> float:
+    """--eval-reestimate-bn N: test top-1 with the BatchNorm statistics re-estimated on N augmented training batches
+    (drawn with their own generator, seeded by --seed and the epoch: the same on every rank, and the training's
+    random streams untouched), after which the statistics training left are put back, so the run goes on as it
+    would have. In the last epoch the batches are those of --reestimate-bn N."""
+    args = run.args
+    saved = [b.clone() for b in batchnorm_buffers(run.raw_model)]
+    batches = augmented_batches(run.x_train, args.eval_reestimate_bn, args.batch_size,
+                                seed=args.seed + args.epochs - 1 - epoch, mean=run.mean, std=run.std,
+                                device=run.accelerator.device)
+    try:
+        reestimate_batchnorm(run.raw_model, batches)
+        return evaluate(run.accelerator, run.model, run.test_loader, mean=run.mean, std=run.std,
+                        desc=f"eval epoch {epoch + 1}, BN re-estimated")["accuracy"]
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(batchnorm_buffers(run.raw_model), saved):
+                buffer.copy_(value)
 
 
 def save_model(run: Run, path: Path) -> None:

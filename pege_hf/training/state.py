@@ -24,8 +24,9 @@ _CKPT_RE = re.compile(r"^step_(\d+)$")
 # what must match between a checkpoint and the run resuming it
 SHAPE_KEYS = ("total_steps", "batches_per_epoch", "world_size", "batch_size", "gradient_accumulation_steps")
 # run settings (run_info) a checkpoint does not pin: where the model and data were read from (a copy elsewhere
-# resumes the same run); what they hold is checked through the shape keys and the model's state dict
-UNPINNED_SETTINGS = ("base_model", "dataset")
+# resumes the same run; what they hold is checked through the shape keys and the model's state dict), and what
+# only adds to the evaluations
+UNPINNED_SETTINGS = ("base_model", "dataset", "eval_reestimate_bn")
 
 logger = logging.getLogger(__name__)
 
