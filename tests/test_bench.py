@@ -801,7 +801,7 @@ def test_long_budget_report_and_probe_read_what_the_runs_recorded(tmp_path, monk
     run.mkdir(parents=True)
     events = [{"event": "config", "config": config}, {"epoch": 1, "eval/accuracy": 0.5},
               {"epoch": 2, "eval/accuracy": 0.7}, {"epoch": 2, "eval/accuracy": 0.6},  # resumed: epoch 2 again
-              {"epoch": 3, "eval/accuracy": 0.65}]
+              {"epoch": 3, "eval/accuracy": 0.65, "eval/accuracy_bn_reestimated": 0.8}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     probes = tmp_path / "probe.json"
     probes.write_text(json.dumps([{"run": "w2a2-pege", "step": 900, "epoch": 2.3, "accuracy_bn_reestimated": 0.7123},
@@ -810,6 +810,9 @@ def test_long_budget_report_and_probe_read_what_the_runs_recorded(tmp_path, monk
     result = report.collect(tmp_path / "runs")["runs"]["w2a2-pege"]
     assert result["last"] == {"epoch": 3, "accuracy": 0.65} and result["best"] == {"epoch": 3, "accuracy": 0.65}
     assert result["curve"] == {1: 0.5, 2: 0.6, 3: 0.65} and not result["finished"]
+    assert result["curve_bn_reestimated"] == {3: 0.8} and result["best_bn_reestimated"] == {"epoch": 3, "accuracy": 0.8}
     assert [p["step"] for p in result["probe"]] == [900]
-    assert "| w2a2-pege | 900 | 2.3 | 71.23 |" in report.markdown({"fp_accuracy": None, "runs": {"w2a2-pege": result}})
+    md = report.markdown({"fp_accuracy": None, "runs": {"w2a2-pege": result}})
+    assert "| 65.00 (epoch 3) | 65.00 (epoch 3) | 80.00 (epoch 3) | 80.00 (epoch 3) |" in md
+    assert "| w2a2-pege | 900 | 2.3 | 71.23 |" in md
     assert probe.quantization_config(report.epoch_curve(run / "metrics.jsonl")[1]) == qc

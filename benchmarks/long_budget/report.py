@@ -15,15 +15,16 @@ FP_REPORT = HERE.parent / "fp200" / "accuracy.json"  # the shipped FP model's te
 PROBE = HERE / "probe.json"  # probe.py: checkpoints evaluated with BatchNorm statistics re-estimated
 
 
-def epoch_curve(metrics_jsonl: Path) -> tuple[dict[int, float], dict]:
-    """({epoch: test top-1}, the run's recorded config); a resumed run's repeated epoch keeps its last value."""
+def epoch_curve(metrics_jsonl: Path, key: str = "eval/accuracy") -> tuple[dict[int, float], dict]:
+    """({epoch: the logged ``key``}, the run's recorded config); a resumed run's repeated epoch keeps its last
+    value. ``key``: eval/accuracy (test top-1), or eval/accuracy_bn_reestimated (--eval-reestimate-bn)."""
     curve, config = {}, {}
     for line in metrics_jsonl.read_text().splitlines():
         event = json.loads(line)
         if event.get("event") == "config":
             config = event["config"]
-        elif "eval/accuracy" in event:
-            curve[int(event["epoch"])] = float(event["eval/accuracy"])
+        elif key in event:
+            curve[int(event["epoch"])] = float(event[key])
     return dict(sorted(curve.items())), config
 
 
@@ -42,7 +43,12 @@ def collect(runs_dir: Path) -> dict:
             "epochs_planned": config.get("epochs"), "epochs_done": last,
             "finished": (jsonl.parent / "metrics.json").is_file(),
             "last": {"epoch": last, "accuracy": curve[last]}, "best": {"epoch": best, "accuracy": curve[best]},
-            "curve": curve}
+            "curve": curve, "curve_bn_reestimated": epoch_curve(jsonl, "eval/accuracy_bn_reestimated")[0]}
+        bn = runs[jsonl.parent.name]["curve_bn_reestimated"]
+        if bn:
+            best_bn = max(bn, key=bn.get)
+            runs[jsonl.parent.name] |= {"last_bn_reestimated": {"epoch": max(bn), "accuracy": bn[max(bn)]},
+                                        "best_bn_reestimated": {"epoch": best_bn, "accuracy": bn[best_bn]}}
     fp = json.loads(FP_REPORT.read_text()).get("fp_accuracy") if FP_REPORT.is_file() else None
     probes = json.loads(PROBE.read_text()) if PROBE.is_file() else []
     for name, r in runs.items():
@@ -61,15 +67,20 @@ def markdown(result: dict) -> str:
              "values until its curriculum reaches r = 1 at 75% of the budget, so its early epochs read near chance "
              "(its BatchNorm statistics are those of the mixed model; the 15-epoch runs in "
              "benchmarks/fp200/accuracy.json start the same way).", "",
-             "| run | estimator | epochs done / planned | last epoch: test top-1 (%) | best epoch: test top-1 (%) |",
-             "|---|---|---|---|---|"]
+             "The BN re-estimated columns are the same evaluations with the BatchNorm statistics re-estimated on 50 "
+             "augmented training batches first (`--eval-reestimate-bn 50`, statistics put back after; logged from "
+             "the epoch the runs took the flag on; \"-\" before).", "",
+             "| run | estimator | epochs done / planned | last epoch: test top-1 (%) | best epoch: test top-1 (%) | "
+             "last epoch, BN re-estimated (%) | best epoch, BN re-estimated (%) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         est = r["estimator"] if r["estimator"] != "pege" else (
             f"pege (lambda {r['discretization_lambda']:g}, on {r['discretization_target']})")
         state = "" if r["finished"] else " (training)"
         lines.append(f"| {name} | {est} | {r['epochs_done']} / {r['epochs_planned']}{state} | "
                      f"{100 * r['last']['accuracy']:.2f} (epoch {r['last']['epoch']}) | "
-                     f"{100 * r['best']['accuracy']:.2f} (epoch {r['best']['epoch']}) |")
+                     f"{100 * r['best']['accuracy']:.2f} (epoch {r['best']['epoch']}) | "
+                     f"{_cell(r.get('last_bn_reestimated'))} | {_cell(r.get('best_bn_reestimated'))} |")
     probes = [(name, p) for name, r in result["runs"].items() for p in r.get("probe", [])]
     if probes:
         lines += ["", "Probe while training (`python benchmarks/long_budget/probe.py` -> probe.json; a diagnostic, not a "
@@ -80,6 +91,10 @@ def markdown(result: dict) -> str:
         lines += [f"| {name} | {p['step']} | {p['epoch']:.1f} | {100 * p['accuracy_bn_reestimated']:.2f} |"
                   for name, p in probes]
     return "\n".join(lines) + "\n"
+
+
+def _cell(point: dict | None) -> str:
+    return "-" if point is None else f"{100 * point['accuracy']:.2f} (epoch {point['epoch']})"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -93,6 +108,10 @@ def plot(result: dict, path: Path) -> None:
         epochs = [int(e) for e in r["curve"]]
         line, = ax.plot(epochs, [100 * a for a in r["curve"].values()], lw=1.2,
                         marker="." if len(epochs) < 30 else None, label=name)
+        if r.get("curve_bn_reestimated"):
+            bn = r["curve_bn_reestimated"]
+            ax.plot([int(e) for e in bn], [100 * a for a in bn.values()], ls="--", lw=1.2, color=line.get_color(),
+                    label=f"{name}, BN re-estimated")
         if r.get("probe"):
             ax.plot([p["epoch"] for p in r["probe"]], [100 * p["accuracy_bn_reestimated"] for p in r["probe"]], "x",
                     color=line.get_color(), label=f"{name}, BN re-estimated (probe)")

@@ -5,6 +5,8 @@
 #   resnet20-w2a2-pege-stepsize-s0 PEGE, log curriculum, the error term (scaled, lambda 0.1) on the step size only:
 #                                  the best PEGE setting of the 3-epoch screening (benchmarks/screen30/screen.md)
 # Same recipe as the 200-epoch matrix otherwise (SGD lr 0.01 cosine, MSE step-size init, quantizer lr x1).
+# Each epoch's test accuracy is also reported with BatchNorm re-estimated on 50 training batches (--eval-reestimate-bn;
+# statistics put back after): PEGE's fully quantized model reads near chance mid-ramp without it.
 # Resumable: run it again and each run continues from its newest checkpoint; a fresh clone continues from
 # benchmarks/in-progress/long_budget/<run>/ (benchmarks/in_progress.sh).
 set -euo pipefail
@@ -14,7 +16,7 @@ EPOCHS=${EPOCHS:-100}
 out=benchmarks/long_budget/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10 --w-bits 2 --a-bits 2
         --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --a-mask bernoulli --channels-last --scale-init mse
-        --quantizer-lr-scale 1 --checkpointing-steps 200 --checkpoints-total-limit 1 --no-tensorboard)
+        --quantizer-lr-scale 1 --eval-reestimate-bn 50 --checkpointing-steps 200 --checkpoints-total-limit 1 --no-tensorboard)
 launch() {  # name, extra args...
   local name=$1; shift
   local dir=$out/$name
