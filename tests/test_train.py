@@ -282,7 +282,7 @@ def test_resume_refuses_a_checkpoint_saved_with_other_settings(fp_run, tmp_path,
     assert "records no run settings" in caplog.text
 
 
-def test_eval_reestimate_bn_reports_the_reestimated_accuracy_and_leaves_training_alone(fp_run, tmp_path):
+def test_eval_reestimate_bn_reports_the_reestimated_accuracy_and_leaves_training_alone(fp_run, tmp_path, capsys):
     """--eval-reestimate-bn N logs every epoch's test accuracy with BatchNorm statistics re-estimated on N batches
     and puts the statistics back: the run ends with the parameters and statistics of the same run without it; its
     last epoch's value is the final accuracy of --reestimate-bn N (the same batches). A model without BatchNorm
@@ -291,8 +291,11 @@ def test_eval_reestimate_bn_reports_the_reestimated_accuracy_and_leaves_training
 
     args = ["--model", str(fp_run[0]), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2", *SMALL,
             "--scale-init", "lsq"]
+    hint = "--eval-reestimate-bn 50 also reports it"  # what a PEGE run without the flag is told at its start
     probed = _train([*args, "--eval-reestimate-bn", "3", "--output-dir", str(tmp_path / "probed")])
+    assert hint not in capsys.readouterr().out
     plain = _train([*args, "--output-dir", str(tmp_path / "plain")])
+    assert hint in capsys.readouterr().out
     final = _train([*args, "--reestimate-bn", "3", "--output-dir", str(tmp_path / "final")])
     saved = [load_file(str(tmp_path / d / "model.safetensors")) for d in ("probed", "plain")]
     assert [k for k in saved[0] if not torch.equal(saved[0][k], saved[1][k])] == []

@@ -224,6 +224,13 @@ def start_logging(run: Run) -> None:
         run.progress.write(f"training {what}: {run.info['num_train']} train / {run.info['num_test']} test images, "
                            f"{run.args.epochs} epochs x {steps} steps, {accelerator.num_processes} process(es) on "
                            f"{device.type} -> {run.output_dir}")
+        qc = run.quant_config
+        if (qc is not None and qc.estimator == "pege" and qc.curriculum != "instant" and qc.ramp_fraction > 0
+                and not run.args.eval_reestimate_bn and batchnorm_buffers(run.raw_model)):
+            run.progress.write(f"PEGE mixes full-precision values in until {100 * qc.ramp_fraction:g}% of training: "
+                               "until then each epoch evaluates the fully quantized model with the mixed model's "
+                               "BatchNorm statistics, which can read near chance; --eval-reestimate-bn 50 also "
+                               "reports it with re-estimated statistics")
 
 
 # --------------------------------------------------------------------------------------------- one epoch
