@@ -547,6 +547,20 @@ def test_quickstart_default(tmp_path, capsys):
         assert (qc["scale_init"], qc["discretization_lambda"], metrics["quantizer_lr_scale"]) == ("mse", 0.1, 1.0)
 
 
+def test_quickstart_refuses_options_it_would_not_use(tmp_path, capsys, monkeypatch):
+    """The quickstart runs its own recipe: an option it does not take is an error naming it (exit code 2) before
+    any model is evaluated, not silently dropped; the options it takes pass the check."""
+    from pege_hf.training import quickstart
+
+    monkeypatch.setattr(quickstart, "shipped_accuracies", lambda args: pytest.fail("evaluated before the check"))
+    out = tmp_path / "qs"
+    assert cli.main(["train", "--eval-reestimate-bn", "3", "--a-mask", "counter", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not take --a-mask, --eval-reestimate-bn;" in err and not out.exists()
+    quickstart.check_options(train_args.parse_args(["--w-bits", "2", "--epochs", "1", "--max-test", "50", "--lr",
+                                                     "0.02", "--no-tensorboard", "--output-dir", str(out)]))
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     """`pege train` with a bad bit width: exit code 2 and one clear line, not a traceback."""
     import subprocess

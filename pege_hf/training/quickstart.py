@@ -24,6 +24,20 @@ SHIPPED = {"full precision": "resnet20-fp", "PEGE W4A4": "resnet20-pege-w4a4", "
            "PEGE W2A2": "resnet20-pege-w2a2"}
 ESTIMATORS = ("pege", "ste")
 QAT_RECORD = ("accuracy", "epochs", "steps", "num_train", "wall_time_s")  # of each QAT run, in summary.json
+# the `pege train` options the quickstart takes (qat_argv, shipped_accuracies); any other is refused
+TAKES = ("w_bits", "a_bits", "epochs", "lr", "seed", "batch_size", "eval_batch_size", "max_train", "max_test",
+         "no_tensorboard", "output_dir")
+
+
+def check_options(args) -> None:
+    """ValueError naming every option given that the quickstart would not use (it runs its own recipe)."""
+    defaults = vars(parse_args([]))
+    ignored = [name for name, default in defaults.items() if name not in TAKES and getattr(args, name, default) != default]
+    if ignored:
+        raise ValueError(f"the quickstart (pege train without --model, --dataset or --estimator) does not take "
+                         f"{', '.join('--' + name.replace('_', '-') for name in ignored)}; it takes "
+                         f"{', '.join('--' + name.replace('_', '-') for name in TAKES)} (give --model and --dataset "
+                         "for a run of your own)")
 
 
 def shipped_accuracies(args) -> dict[str, float]:
@@ -55,6 +69,7 @@ def qat_argv(args, estimator: str, output_dir: Path) -> list[str]:
 
 
 def quickstart(args) -> int:
+    check_options(args)
     root = Path(args.output_dir) if args.output_dir else QUICKSTART_DIR
     runs = {}
     for estimator in ESTIMATORS:  # every option checked before any model or data is loaded
