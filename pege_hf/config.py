@@ -20,6 +20,23 @@ from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS, WEIGH
 QUANT_METHOD = "pege"
 REDUCTIONS = ("mean", "sum")
 OVERRIDABLE = ("w_bits", "a_bits", "group_size", "estimator", "w_quantizer", "a_quantizer")
+# the fields only one estimator reads, and those only activation quantization reads
+ESTIMATOR_FIELDS = {
+    "pege": ("curriculum", "alpha", "ramp_fraction", "w_mask", "a_mask", "discretization_lambda", "lambda_schedule",
+             "lambda_start", "discretization_form", "discretization_target", "discretization_scope",
+             "discretization_reduction"),
+    "ewgs": ("ewgs_delta",),
+}
+ACTIVATION_FIELDS = ("a_quantizer", "a_mask")
+
+
+def unused_fields(given, estimator: str, a_bits: int | None) -> list[str]:
+    """Of the field names ``given``, those a config with this estimator and activation width never reads (PEGE's
+    curriculum for STE, EWGS' delta for PEGE, the activation quantizer with float activations), in field order."""
+    unused = {f for est, names in ESTIMATOR_FIELDS.items() if est != estimator for f in names}
+    if a_bits is None:
+        unused |= set(ACTIVATION_FIELDS)
+    return [f.name for f in fields(PEGEConfig) if f.name in unused and f.name in given]
 
 
 def _option(default, help: str, *, choices: tuple | None = None, low: float | None = None, high: float | None = None,

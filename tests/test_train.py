@@ -476,11 +476,21 @@ def test_cli_quantization_options_map_onto_pege_config():
     parse = lambda *argv: train_args.build_quant_config(parser.parse_args(["train", "--model", "m", *argv]))  # noqa: E731
     # left out: PEGEConfig's own defaults, so the CLI and the Python API never disagree
     assert parse().to_dict() == PEGEConfig().to_dict()
-    given = parse("--estimator", "ste", "--w-bits", "3", "--a-bits", "none", "--alpha", "3", "--mask", "error",
+    given = parse("--estimator", "pege", "--w-bits", "3", "--a-bits", "none", "--alpha", "3", "--mask", "error",
                   "--lambda", "0.5", "--discretization-reduction", "sum", "--ramp-fraction", "0.5")
-    expected = PEGEConfig(estimator="ste", w_bits=3, a_bits=None, alpha=3.0, w_mask="error", discretization_lambda=0.5,
+    expected = PEGEConfig(estimator="pege", w_bits=3, a_bits=None, alpha=3.0, w_mask="error", discretization_lambda=0.5,
                           discretization_reduction="sum", ramp_fraction=0.5)
     assert given.to_dict() == expected.to_dict()
+    # an option the run's estimator or activation width never reads is an error, not silently dropped
+    with pytest.raises(ValueError, match=r"^--alpha, --discretization-lambda: not used by --estimator ste; drop them$"):
+        parse("--estimator", "ste", "--lambda", "0.5", "--alpha", "3")
+    with pytest.raises(ValueError, match=r"^--ramp-fraction: not used by --estimator ewgs"):
+        parse("--estimator", "ewgs", "--ramp-fraction", "0.5", "--ewgs-delta", "0.01")
+    with pytest.raises(ValueError, match=r"^--ewgs-delta: not used by --estimator pege; drop them$"):
+        parse("--ewgs-delta", "0.01")
+    with pytest.raises(ValueError, match=r"^--a-mask: not used by --estimator pege with --a-bits none; drop them$"):
+        parse("--a-bits", "none", "--a-mask", "counter")
+    assert parse("--estimator", "ewgs", "--ewgs-delta", "0.01").ewgs_delta == 0.01
     # the long names are the fields' own; booleans both ways; the old --quantize-stem still works
     assert parse("--discretization-lambda", "0.5", "--w-mask", "error").to_dict() == PEGEConfig(
         discretization_lambda=0.5, w_mask="error").to_dict()

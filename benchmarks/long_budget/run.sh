@@ -15,7 +15,7 @@ source benchmarks/in_progress.sh
 EPOCHS=${EPOCHS:-100}
 out=benchmarks/long_budget/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10 --w-bits 2 --a-bits 2
-        --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --a-mask bernoulli --channels-last --scale-init mse
+        --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --channels-last --scale-init mse
         --quantizer-lr-scale 1 --eval-reestimate-bn 50 --checkpointing-steps 200 --checkpoints-total-limit 1 --no-tensorboard)
 launch() {  # name, extra args...
   local name=$1; shift
@@ -25,5 +25,5 @@ launch() {  # name, extra args...
   OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" --output-dir "$dir" $(resume_args "$dir") >>"$dir/train.log" 2>&1 &
 }
 launch resnet20-w2a2-ste-s0 --estimator ste
-launch resnet20-w2a2-pege-stepsize-s0 --estimator pege --lambda 0.1 --discretization-target step_size
+launch resnet20-w2a2-pege-stepsize-s0 --estimator pege --a-mask bernoulli --lambda 0.1 --discretization-target step_size
 wait

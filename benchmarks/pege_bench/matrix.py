@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pege_hf.bench import DEFAULT_OUT, pyplot, write_result
-from pege_hf.config import config_fields
+from pege_hf.config import PEGEConfig, config_fields, unused_fields
 from pege_hf.training import recipes
 from pege_hf.training.args import FULL_PRECISION, build_quant_config, check_training_options, given_config_options
 from pege_hf.training.args import parse_args
@@ -62,6 +62,13 @@ class Run:
     training: dict = field(hash=False)
     variant: str = "main"  # "main" or an ablation tag
     depends: str | None = None  # a run whose output folder is this run's model
+
+    def __post_init__(self):
+        """A shared recipe's fields that this run's estimator never reads (PEGE's lambda in an STE run) are left
+        out of its config: `pege train` refuses them, and the run never depended on them."""
+        if self.config is not None:
+            unused = unused_fields(self.config, self.config["estimator"], self.config.get("a_bits", PEGEConfig().a_bits))
+            object.__setattr__(self, "config", {k: v for k, v in self.config.items() if k not in unused})
 
     @property
     def estimator(self) -> str:

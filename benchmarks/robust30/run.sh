@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 source benchmarks/in_progress.sh
 out=benchmarks/robust30/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10/train.parquet
-        --lr 0.01 --compile-kernels --a-mask bernoulli --channels-last --quantizer-lr-scale 1
+        --lr 0.01 --compile-kernels --channels-last --quantizer-lr-scale 1
         --checkpointing-steps 100 --checkpoints-total-limit 1 --no-tensorboard)
 run() {  # bits epochs estimator init seed
   local bits=$1 epochs=$2 est=$3 init=$4 seed=$5
@@ -26,7 +26,8 @@ run() {  # bits epochs estimator init seed
   if ! flock -n "$dir/.train.lock" true; then echo "$name: in training elsewhere"; return; fi
   echo "$(date -u +%H:%M) $name"
   OMP_NUM_THREADS=${THREADS:-1} nice -n 10 pege train "${common[@]}" --w-bits "$bits" --a-bits "$bits" \
-      --epochs "$epochs" --estimator "$est" --scale-init "$init" --seed "$seed" \
+      --epochs "$epochs" --estimator "$est" $([ "$est" = pege ] && echo --a-mask bernoulli) --scale-init "$init" \
+      --seed "$seed" \
       --output-dir "$dir" $(resume_args "$dir") >>"$dir/train.log" 2>&1 \
     || echo "$name: failed (see $dir/train.log)"
 }

@@ -13,7 +13,7 @@ source benchmarks/in_progress.sh
 EPOCHS=${EPOCHS:-3}
 out=benchmarks/screen30/runs
 common=(--model pege_hf/assets/models/resnet20-fp --dataset ../shared/data/cifar10/train.parquet --w-bits 2 --a-bits 2
-        --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --a-mask bernoulli --channels-last --scale-init mse
+        --epochs "$EPOCHS" --lr 0.01 --seed 0 --compile-kernels --channels-last --scale-init mse
         --quantizer-lr-scale 1 --checkpointing-steps 100 --checkpoints-total-limit 1 --no-tensorboard)
 FINALISTS=" ste pege pege-stepsize pege-lambda0 "
 run() {  # name, extra args...
@@ -23,7 +23,8 @@ run() {  # name, extra args...
   if [ -f "$dir/metrics.json" ]; then echo "$name: finished"; return; fi
   mkdir -p "$dir"
   echo "$(date -u +%H:%M) $name: $*"
-  OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" --output-dir "$dir" $(resume_args "$dir") >>"$dir/train.log" 2>&1 \
+  local mask=(); [[ " $* " == *" --estimator pege "* ]] && mask=(--a-mask bernoulli)  # the mask PEGE's runs drew
+  OMP_NUM_THREADS=1 nice -n 10 pege train "${common[@]}" "$@" "${mask[@]}" --output-dir "$dir" $(resume_args "$dir") >>"$dir/train.log" 2>&1 \
     || echo "$name: failed (see $dir/train.log)"
 }
 run ste --estimator ste

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..config import PEGEConfig, config_fields
+from ..config import PEGEConfig, config_fields, unused_fields
 from ..sources import check_model_source
 from .model import ARCHS
 from .optim import OPTIMIZERS, SCHEDULERS
@@ -242,7 +242,13 @@ def build_quant_config(args) -> PEGEConfig | None:
     if not args.model:
         raise ValueError(f"--estimator {kind} is quantization-aware training, which starts from a trained float "
                          "checkpoint: pass --model PATH_OR_ID (or --estimator none to train in full precision)")
-    return PEGEConfig(**{**options, "estimator": kind, "seed": args.seed})
+    config = PEGEConfig(**{**options, "estimator": kind, "seed": args.seed})
+    unused = unused_fields(options, kind, config.a_bits)
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise ValueError(f"{flags}: not used by --estimator {kind}"
+                         + (" with --a-bits none" if config.a_bits is None else "") + "; drop them")
+    return config
 
 
 # (option, test, what it must be): every training option a value can break
