@@ -403,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="resnet20 (default; writes speed.*) or distilbert (writes speed_distilbert.*)")
     sp.add_argument("--batch-size", type=int, default=None, metavar="N",
                     help="examples per step (default 128 images, 16 sequences)")
-    sp.add_argument("--seq-len", type=int, default=128, metavar="N", help="distilbert: tokens per sequence (default 128)")
+    sp.add_argument("--seq-len", type=int, default=None, metavar="N", help="distilbert: tokens per sequence (default 128)")
     sp.add_argument("--bits", type=int, default=None,
                     help="weight bits (resnet20: and activation bits; default 2); distilbert: 4 or 2, default 4")
     sp.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
@@ -482,6 +482,12 @@ def check_speed_arguments(args: argparse.Namespace) -> None:
     if args.model not in SPEED_MODELS:  # argparse checks the CLI; this guards programmatic Namespaces
         raise ValueError(f"--model must be one of {', '.join(SPEED_MODELS)}; got {args.model!r}")
     transformer = args.model == "distilbert"
+    if transformer and args.channels_last:
+        raise ValueError("--channels-last lays out 4-D (convolution) weights; --model distilbert has none")
+    if not transformer and args.seq_len is not None:
+        raise ValueError(f"--seq-len is the token count of --model distilbert; --model {args.model} takes images")
+    if transformer and args.seq_len is None:
+        args.seq_len = 128
     args.batch_size = args.batch_size or (16 if transformer else 128)
     args.bits = args.bits or (4 if transformer else 2)
     for name in ("batch_size", "steps", "seq_len", "threads"):

@@ -111,6 +111,12 @@ def test_speed_cli_rejects_bad_input_before_running(capsys):
     assert "--seq-len must be >= 1; got 0" in capsys.readouterr().err
     assert cli.main(["bench", "speed", "--threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "pege bench: error: --threads must be >= 1; got 0"
+    # options the chosen model cannot use are errors, not silently dropped
+    assert cli.main(["bench", "speed", "--model", "distilbert", "--channels-last"]) == 2
+    assert capsys.readouterr().err.strip() == ("pege bench: error: --channels-last lays out 4-D (convolution) weights; "
+                                               "--model distilbert has none")
+    assert cli.main(["bench", "speed", "--seq-len", "64"]) == 2
+    assert "--seq-len is the token count of --model distilbert; --model resnet20 takes images" in capsys.readouterr().err
 
 
 def test_speed_plot_writes_a_png(tmp_path):
