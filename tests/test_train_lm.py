@@ -159,7 +159,30 @@ def test_bad_arguments_fail_in_one_line_before_loading(lm_setup, tmp_path, capsy
     assert "--w-bits" in err and "full-precision" in err
     err = cli_error(lm_argv(init, data, out, "--max-steps", "0"), capsys)
     assert "--max-steps must be >= 1" in err
+    err = cli_error(lm_argv(init, data, out, "--validation-split", "validation", "--validation-percentage", "10"),
+                    capsys)
+    assert "--validation-percentage 10 carves" in err and "pass one of them" in err
+    # the data has a validation split: a percentage would carve nothing, and is refused rather than ignored
+    err = cli_error(lm_argv(init, data, out, "--validation-percentage", "10"), capsys)
+    assert "--validation-percentage 10: the data set has a 'validation' split" in err
     assert not (out / "metrics.json").exists()
+
+
+def test_validation_split_is_the_named_one_the_found_one_or_a_carved_percentage():
+    from datasets import Dataset, DatasetDict
+
+    from pege_hf.training.text import train_and_validation
+
+    rows = lambda n: Dataset.from_dict({"text": [f"row {i}" for i in range(n)]})  # noqa: E731
+    with_val = DatasetDict(train=rows(40), dev=rows(3), extra=rows(2))
+    assert train_and_validation(with_val, "train", None, None, 0)[2] == "dev"
+    assert train_and_validation(with_val, "train", "extra", None, 0)[2] == "extra"
+    train, val, name = train_and_validation(DatasetDict(train=rows(40)), "train", None, None, 0)
+    assert (len(train), len(val), name) == (38, 2, "5% of train (seed 0)")  # the default percentage: 2 of 40
+    train, val, name = train_and_validation(DatasetDict(train=rows(40)), "train", None, 25.0, 0)
+    assert (len(train), len(val), name) == (30, 10, "25% of train (seed 0)")
+    with pytest.raises(ValueError, match="--validation-percentage 25: the data set has a 'dev' split"):
+        train_and_validation(with_val, "train", None, 25.0, 0)
 
 
 def test_bad_data_fails_in_one_line_before_the_model_loads(lm_setup, tmp_path, capsys, no_model_load):

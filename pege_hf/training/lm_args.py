@@ -54,8 +54,9 @@ def _add_model_and_data(parser) -> None:
     g.add_argument("--validation-split", default=None, metavar="NAME",
                    help="validation split (default: validation/valid/val/dev/test, else --validation-percentage of "
                         "the training rows)")
-    g.add_argument("--validation-percentage", type=float, default=5.0, metavar="P",
-                   help="%% of training rows (files) held out when the data has no validation split (default 5)")
+    g.add_argument("--validation-percentage", type=float, default=None, metavar="P",
+                   help="%% of training rows (files) held out when the data has no validation split (default 5; an "
+                        "error when a validation split is used)")
     g.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="tokens per training sequence (default: min(1024, the model's max_position_embeddings))")
     g.add_argument("--max-train-samples", type=int, default=None, metavar="N", help="train on N random blocks")
@@ -92,7 +93,7 @@ _LM_RULES = (
     ("eval_steps", lambda v: v is None or v >= 1, ">= 1"),
     ("max_train_samples", lambda v: v is None or v >= 1, ">= 1"),
     ("max_eval_samples", lambda v: v is None or v >= 1, ">= 1"),
-    ("validation_percentage", lambda v: 0 < v < 100, "in (0, 100)"),
+    ("validation_percentage", lambda v: v is None or 0 < v < 100, "in (0, 100)"),
     ("max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
 )
 
@@ -104,6 +105,9 @@ def resolve_lm(args) -> PEGEConfig | None:
     for name, ok, what in _LM_RULES:
         if not ok(getattr(args, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}; got {getattr(args, name)}")
+    if args.validation_split is not None and args.validation_percentage is not None:
+        raise ValueError(f"--validation-percentage {args.validation_percentage:g} carves a validation split off the "
+                         f"training rows, but --validation-split {args.validation_split!r} names one: pass one of them")
     quant_config = build_quant_config(args)
     check_model_source(args.model)
     if args.tokenizer is not None:

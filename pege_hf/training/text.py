@@ -90,8 +90,13 @@ def text_column_of(split, wanted: str | None) -> str:
                      f"one to train on with --text-column (columns: {columns})")
 
 
-def train_and_validation(dd, train_split: str, validation_split: str | None, percentage: float, seed: int):
-    """(train rows, validation rows, validation split name)."""
+DEFAULT_VALIDATION_PERCENTAGE = 5.0
+
+
+def train_and_validation(dd, train_split: str, validation_split: str | None, percentage: float | None, seed: int):
+    """(train rows, validation rows, validation split name): the split named, else the first of VALIDATION_SPLITS the
+    data set has, else ``percentage`` % (default 5) of the training rows; a percentage given for a data set with a
+    validation split is an error (it would carve nothing)."""
     if train_split not in dd:
         raise ValueError(f"--train-split {train_split!r} is not a split of the data set; its splits: {list(dd)}")
     if validation_split is not None:
@@ -101,7 +106,11 @@ def train_and_validation(dd, train_split: str, validation_split: str | None, per
         return dd[train_split], dd[validation_split], validation_split
     found = next((name for name in VALIDATION_SPLITS if name in dd and name != train_split), None)
     if found:
+        if percentage is not None:
+            raise ValueError(f"--validation-percentage {percentage:g}: the data set has a {found!r} split, which is the "
+                             "validation split; drop the option (or name another split with --validation-split)")
         return dd[train_split], dd[found], found
+    percentage = DEFAULT_VALIDATION_PERCENTAGE if percentage is None else percentage
     rows = dd[train_split]
     if len(rows) < 2:
         raise ValueError(f"the data set has one {train_split!r} row (file) and no validation split: there is nothing "
