@@ -73,7 +73,7 @@ def test_fp_run_writes_metrics_model_and_logs(fp_run, capsys):
     assert "full precision" in text and f"{100 * metrics['accuracy']:.2f}%" in text
 
 
-def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, capsys):
+def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, capsys, monkeypatch):
     fp_dir, _ = fp_run
     out = tmp_path / "qat"
     metrics = _train(["--model", str(fp_dir), "--estimator", "pege", "--w-bits", "2", "--a-bits", "2",
@@ -116,6 +116,10 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     assert "re-estimated on 256 augmented training images, 2 batches of 128" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"--reestimate-bn \(BatchNorm re-estimation batches\) must be >= 0; got -1"):
         evaluate_checkpoint(str(out), DEFAULT_DATASET, reestimate_bn=-1)
+    # a model without BatchNorm has nothing to re-estimate: an error, not a silent no-op
+    monkeypatch.setattr(evaluation, "load_model", lambda source: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="--reestimate-bn 2: the model has no BatchNorm layers"):
+        evaluate_checkpoint(str(out), DEFAULT_DATASET, reestimate_bn=2)
 
 
 def test_reestimate_bn_after_training_is_what_is_saved_and_reported(fp_run, tmp_path):

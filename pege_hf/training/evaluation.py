@@ -157,6 +157,9 @@ def evaluate_checkpoint(model: str | os.PathLike, dataset: str = DEFAULT_DATASET
                         train_split=train_split, test_split=test_split, max_test=max_test, max_train=None)
     data = load_data(accelerator, options, max_train=max_test if split == "train" else None)
     net = load_model(model)
+    if reestimate_bn and not batchnorm_buffers(net):
+        raise ValueError(f"--reestimate-bn {reestimate_bn}: the model has no BatchNorm layers with running statistics "
+                         "to re-estimate")
     images, labels = split_tensors(accelerator, getattr(data, split), data, net, split)
     bn = _reestimate_on_train(accelerator, net, data, reestimate_bn, seed) if reestimate_bn else None
     loader = accelerator.prepare_data_loader(eval_loader(images, labels, batch_size, accelerator.device))
