@@ -30,12 +30,17 @@ ESTIMATOR_FIELDS = {
 ACTIVATION_FIELDS = ("a_quantizer", "a_mask")
 
 
-def unused_fields(given, estimator: str, a_bits: int | None) -> list[str]:
+def unused_fields(given, estimator: str, a_bits: int | None, layer_overrides: dict | None = None) -> list[str]:
     """Of the field names ``given``, those a config with this estimator and activation width never reads (PEGE's
-    curriculum for STE, EWGS' delta for PEGE, the activation quantizer with float activations), in field order."""
-    unused = {f for est, names in ESTIMATOR_FIELDS.items() if est != estimator for f in names}
-    if a_bits is None:
-        unused |= set(ACTIVATION_FIELDS)
+    curriculum for STE, EWGS' delta for PEGE, the activation quantizer with float activations), in field order. With
+    ``layer_overrides``, a field is unused only if no layer's estimator and activation width read it."""
+    def unused_by(est, bits) -> set[str]:
+        out = {f for other, names in ESTIMATOR_FIELDS.items() if other != est for f in names}
+        return out | set(ACTIVATION_FIELDS) if bits is None else out
+
+    uses = [(estimator, a_bits), *((o.get("estimator", estimator), o.get("a_bits", a_bits))
+                                   for o in (layer_overrides or {}).values())]
+    unused = set.intersection(*(unused_by(est, bits) for est, bits in uses))
     return [f.name for f in fields(PEGEConfig) if f.name in unused and f.name in given]
 
 

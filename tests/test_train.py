@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -284,6 +285,27 @@ def test_resume_refuses_a_checkpoint_saved_with_other_settings(fp_run, tmp_path,
     with caplog.at_level("WARNING"):
         assert _train([*args, "--resume", "--lr", "0.02"])["resumed_from"] == str(newest)
     assert "records no run settings" in caplog.text
+
+
+def test_resume_settings_ignore_what_the_estimator_never_reads(tmp_path):
+    """A checkpoint's recorded quantization settings are compared on the fields the run reads: an STE run's
+    activation-mask policy changes nothing and does not block a resume; its bit width does."""
+    shape = dict(total_steps=10, batches_per_epoch=5, world_size=1, batch_size=8, gradient_accumulation_steps=1)
+    ste = PEGEConfig(estimator="ste", w_bits=2).to_dict()
+    current = train_state.run_settings({"quantization_config": {**ste, "a_mask": "auto"}, "lr": 0.01})
+    assert "a_mask" not in current["quantization_config"] and current["quantization_config"]["w_bits"] == 2
+    checkpoint = tmp_path / "step_4"
+    checkpoint.mkdir()
+    for recorded, refused in (({**ste, "a_mask": "bernoulli"}, None), ({**ste, "w_bits": 3}, "quantization_config.w_bits=3")):
+        saved = {**shape, "global_step": 4, "settings": {"quantization_config": recorded, "lr": 0.01}}
+        (checkpoint / train_state.STATE_FILE).write_text(json.dumps(saved))
+        state = train_state.TrainerState(**shape, settings=current)
+        if refused is None:
+            state.load(checkpoint)
+            assert state.global_step == 4 and state.settings == current
+        else:
+            with pytest.raises(ValueError, match=re.escape(refused)):
+                state.load(checkpoint)
 
 
 def test_eval_reestimate_bn_reports_the_reestimated_accuracy_and_leaves_training_alone(fp_run, tmp_path, capsys):

@@ -243,7 +243,7 @@ def build_quant_config(args) -> PEGEConfig | None:
         raise ValueError(f"--estimator {kind} is quantization-aware training, which starts from a trained float "
                          "checkpoint: pass --model PATH_OR_ID (or --estimator none to train in full precision)")
     config = PEGEConfig(**{**options, "estimator": kind, "seed": args.seed})
-    unused = unused_fields(options, kind, config.a_bits)
+    unused = unused_fields(options, kind, config.a_bits, config.layer_overrides)
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
         raise ValueError(f"{flags}: not used by --estimator {kind}"

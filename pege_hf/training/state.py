@@ -16,6 +16,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import unused_fields
+
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".train.lock"
@@ -33,8 +35,18 @@ logger = logging.getLogger(__name__)
 
 def run_settings(info: dict) -> dict:
     """The settings a checkpoint records and a resuming run must repeat: ``info`` (the run's run_info) as JSON
-    holds it, less UNPINNED_SETTINGS."""
-    return json.loads(json.dumps({k: v for k, v in info.items() if k not in UNPINNED_SETTINGS}, default=str))
+    holds it, less UNPINNED_SETTINGS and the quantization-config fields the run never reads (PEGE's masks in an
+    STE run: `pege train` refuses them, and they change nothing)."""
+    settings = json.loads(json.dumps({k: v for k, v in info.items() if k not in UNPINNED_SETTINGS}, default=str))
+    return _without_unused_fields(settings)
+
+
+def _without_unused_fields(settings: dict) -> dict:
+    qc = settings.get("quantization_config")
+    if not isinstance(qc, dict) or "estimator" not in qc:
+        return settings
+    unused = unused_fields(qc, qc["estimator"], qc.get("a_bits"), qc.get("layer_overrides"))
+    return {**settings, "quantization_config": {k: v for k, v in qc.items() if k not in unused}}
 
 
 def settings_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -84,7 +96,7 @@ class TrainerState:
                     f"has {key}={getattr(self, key)}; resume with the same data, --epochs, --batch-size, "
                     "--gradient-accumulation-steps and number of processes")
         if self.settings is not None and saved.get("settings") is not None:
-            differences = settings_differences(saved["settings"], self.settings)
+            differences = settings_differences(_without_unused_fields(saved["settings"]), self.settings)
             if differences:
                 raise ValueError(f"cannot resume from {str(checkpoint)!r}: it was saved with "
                                  f"{', '.join(differences)}; resume with the checkpoint's settings, or start a new "
