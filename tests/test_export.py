@@ -186,6 +186,24 @@ def test_existing_output_is_kept_without_overwrite(exported, tmp_path):
     assert target.read_bytes() == b"precious" and list(tmp_path.iterdir()) == [target]
 
 
+def test_onnx_overwrite_never_replaces_a_file_of_the_checkpoint(tmp_path):
+    """An ONNX file may replace an earlier export, even inside the checkpoint folder, but not the checkpoint's own
+    files (its weights, its config) nor a folder."""
+    source = tmp_path / "w2a2"
+    shutil.copytree(MODELS / "resnet20-pege-w2a2", source)
+    model = pege_hf.from_pretrained(source).eval()
+    weights = (source / "model.safetensors").read_bytes()
+    for own in ("model.safetensors", "config.json"):
+        with pytest.raises(ValueError, match="replacing it would delete the checkpoint"):
+            export_onnx(model, source / own, overwrite=True)
+    with pytest.raises(ValueError, match="is a folder; this export writes one file"):
+        export_onnx(model, tmp_path, overwrite=True)
+    assert (source / "model.safetensors").read_bytes() == weights
+    (source / "model.onnx").write_bytes(b"an earlier export")
+    export_onnx(model, source / "model.onnx", overwrite=True)
+    assert (source / "model.onnx").read_bytes()[:4] != b"an e"
+
+
 def test_cli_exits_2_with_one_line_for_bad_input(tmp_path, capsys):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(MODELS / "resnet20-pege-w2a2", corrupt)

@@ -330,6 +330,26 @@ def test_existing_output_is_kept_without_overwrite(llama, tmp_path):
     assert list(tmp_path.iterdir()) == [target]  # no temp folder left behind
 
 
+def test_overwrite_never_replaces_the_checkpoint_being_exported(tmp_path, capsys):
+    """--overwrite replaces an earlier export, never the checkpoint itself, a folder holding it or one of its files
+    (the replacement deletes what it replaces), nor a file where the export writes a folder."""
+    model, _ = _tiny_llama(unsigned_layer=None)
+    runs = tmp_path / "runs"
+    model.save_pretrained(runs / "pege-llama")
+    source = runs / "pege-llama"
+    before = sorted((p.name, p.read_bytes()) for p in source.iterdir())
+    for output in (source, runs):
+        assert cli_main(["export", str(source), "--format", "compressed-tensors", "--output", str(output),
+                         "--overwrite"]) == 2
+        assert "replacing it would delete the checkpoint" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; this export writes a folder"):
+        export_compressed_tensors(pege_hf.from_pretrained(source), tmp_path / "a-file", overwrite=True)
+    assert sorted((p.name, p.read_bytes()) for p in source.iterdir()) == before
+    export_compressed_tensors(pege_hf.from_pretrained(source), source / "ct", overwrite=True)  # a new folder inside: fine
+    assert (source / "ct" / "config.json").is_file()
+
+
 def test_cli_exports_a_pege_checkpoint_and_refuses_with_one_line(tmp_path, capsys):
     model, _ = _tiny_llama(unsigned_layer=None)
     model.save_pretrained(tmp_path / "pege-llama")

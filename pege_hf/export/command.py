@@ -48,7 +48,7 @@ def exporter(fmt: str):
 
 def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
+    if output.exists() and not args.overwrite:  # before the model loads; the exporters check the rest
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     report = exporter(args.format)(load_checkpoint(args.model), output, overwrite=args.overwrite)
     print(json.dumps(dataclasses.asdict(report)) if args.json else report)

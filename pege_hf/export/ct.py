@@ -38,6 +38,7 @@ from torch import nn
 from ..quant.modules import QuantLayer, QuantLinear, refresh_weight_scales
 from ..quant.quantizers import DynamicQuantizer
 from .onnx import quant_layers, require_quant_layers, weight_codes
+from .output import check_output
 
 FORMAT = "pack-quantized"
 ONNX_HINT = "export it with --format onnx (pege_hf.export.export_onnx) instead"
@@ -263,8 +264,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, o
     """Write ``model`` (a PEGE-quantized transformers model) as a compressed-tensors checkpoint folder that
     transformers loads without pege_hf; returns the report (each quantized layer's scheme)."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(out, model, folder=True, overwrite=overwrite)
     check_expressible(model)
     check_dtype_keeps_scales(model)
     refresh_weight_scales(model)

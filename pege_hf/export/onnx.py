@@ -33,6 +33,7 @@ from torch import nn
 
 from ..quant.modules import QuantConv2d, QuantLayer, refresh_weight_scales
 from ..quant.quantizers import quantize_codes
+from .output import check_output
 
 TORCH_OPSET = 20  # the newest opset the TorchScript exporter writes
 OPSET = 21  # the file's opset: the first with INT4 tensors (the ops used are unchanged from 20)
@@ -675,8 +676,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     import onnx
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(path, model, folder=False, overwrite=overwrite)
     require_quant_layers(model)
     example = example_input(model) if example is None else example
     refresh_weight_scales(model)
