@@ -477,6 +477,18 @@ def check_arguments(args: argparse.Namespace) -> None:
         PEGEConfig(w_bits=bits, a_bits=bits)  # the bit widths PEGEConfig allows, with its message
 
 
+def check_device(name: str) -> None:
+    """ValueError unless torch knows the device ``name`` and this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device ({str(e).splitlines()[0]})") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # no such device here (torch asserts for a CPU-only build)
+        raise ValueError(f"--device {name}: not available on this machine ({str(e).splitlines()[0]})") from None
+
+
 def check_speed_arguments(args: argparse.Namespace) -> None:
     """Fill the per-model defaults of `pege bench speed` and check its options (ValueError naming the option)."""
     if args.model not in SPEED_MODELS:  # argparse checks the CLI; this guards programmatic Namespaces
@@ -493,6 +505,10 @@ def check_speed_arguments(args: argparse.Namespace) -> None:
     for name in ("batch_size", "steps", "seq_len", "threads"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0; got {args.warmup}")
+    if args.device is not None:
+        check_device(args.device)
     if transformer and args.bits not in (2, 4):  # torchao's and the packed group-wise widths of the LLM recipe
         raise ValueError(f"--bits must be 4 or 2 with --model distilbert (W{{bits}} group-32 weights); got {args.bits}")
     PEGEConfig(w_bits=args.bits, a_bits=args.bits)  # the bit widths PEGEConfig allows, with its message

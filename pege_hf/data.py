@@ -184,6 +184,9 @@ def _pick_splits(splits, train_split, test_split, test_size, seed, source):
     if test_split is None:
         test_split = next((s for s in ("test", "validation") if s in splits
                            and s != train_split), None)
+    elif test_split == train_split:
+        raise ValueError(f"test_split={test_split!r} is also the training split of {os.fspath(source)!r}: the "
+                         "accuracy would be measured on training images; name another split")
 
     train = splits[train_split]
     if test_split is not None:

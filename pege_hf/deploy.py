@@ -369,7 +369,7 @@ def bench_deploy(*, data: str | os.PathLike = DEFAULT_DATASET, images: int | Non
         torch.set_num_threads(before)
     load.append(_load_average())
     return {"benchmark": "deploy", "model": "cifar_resnet20", "data": Path(data).name, "images": int(len(y)),
-            "repeats": repeats, "threads": threads, "calibration_images": int(calibration),
+            "repeats": repeats, "threads": threads, "calibration_images": 0 if calib is None else int(len(calib)),
             "batches": [int(b) for b in batches], "bits": [int(b) for b in bits],
             "machine": platform.machine(), "torch": torch.__version__, "onnxruntime": _ort_version(),
             "load_average_1min": {"start": load[0], "end": load[1]},

@@ -56,6 +56,9 @@ def main(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     check_evaluation_options(args.split, args.batch_size, args.reestimate_bn, args.max_test)
+    if args.split == "train" and args.test_split is not None:
+        raise ValueError(f"--test-split {args.test_split!r}: not used with --split train (it evaluates the training "
+                         "split); drop it or use --split test")
     result = evaluate_checkpoint(
         args.model, args.dataset, split=args.split, image_column=args.image_column, label_column=args.label_column,
         train_split=args.train_split, test_split=args.test_split, max_test=args.max_test, seed=args.seed,

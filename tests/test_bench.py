@@ -117,6 +117,13 @@ def test_speed_cli_rejects_bad_input_before_running(capsys):
                                                "--model distilbert has none")
     assert cli.main(["bench", "speed", "--seq-len", "64"]) == 2
     assert "--seq-len is the token count of --model distilbert; --model resnet20 takes images" in capsys.readouterr().err
+    assert cli.main(["bench", "speed", "--warmup", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "pege bench: error: --warmup must be >= 0; got -1"
+    assert cli.main(["bench", "speed", "--device", "tpu9"]) == 2
+    assert "--device 'tpu9' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "speed", "--device", "cuda"]) == 2
+        assert "--device cuda: not available on this machine" in capsys.readouterr().err
 
 
 def test_speed_plot_writes_a_png(tmp_path):

@@ -117,6 +117,8 @@ def test_qat_pege_w2a2_from_fp_checkpoint_and_eval_agrees(fp_run, tmp_path, caps
     assert "re-estimated on 256 augmented training images, 2 batches of 128" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"--reestimate-bn \(BatchNorm re-estimation batches\) must be >= 0; got -1"):
         evaluate_checkpoint(str(out), DEFAULT_DATASET, reestimate_bn=-1)
+    assert cli.main(["eval", str(out), "--split", "train", "--test-split", "test"]) == 2  # --test-split unused
+    assert "--test-split 'test': not used with --split train" in capsys.readouterr().err
     # a model without BatchNorm has nothing to re-estimate: an error, not a silent no-op
     monkeypatch.setattr(evaluation, "load_model", lambda source: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
     with pytest.raises(ValueError, match="--reestimate-bn 2: the model has no BatchNorm layers"):
@@ -595,6 +597,25 @@ def test_quickstart_refuses_options_it_would_not_use(tmp_path, capsys, monkeypat
     assert "does not take --a-mask, --eval-reestimate-bn;" in err and not out.exists()
     quickstart.check_options(train_args.parse_args(["--w-bits", "2", "--epochs", "1", "--max-test", "50", "--lr",
                                                      "0.02", "--no-tensorboard", "--output-dir", str(out)]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--estimator", "none", "--resume-from", "x", "--overwrite"],
+     "--resume-from continues a run and --overwrite deletes the one in --output-dir: pass one of them"),
+    (["--estimator", "none", "--compile-kernels"], "--compile-kernels compiles the quantizers' kernels"),
+    (["--estimator", "none", "--test-split", "train"], "--test-split 'train' is also the training split"),
+    (["--estimator", "none", "--train-split", "a", "--test-split", "a"], "--test-split 'a' is also the training split"),
+])
+def test_options_that_cannot_be_honoured_are_refused_before_loading(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_args.resolve(train_args.parse_args(argv))
+
+
+def test_data_refuses_a_test_split_that_is_the_training_split():
+    from pege_hf.data import load_image_dataset
+
+    with pytest.raises(ValueError, match="test_split='train' is also the training split"):
+        load_image_dataset(DEFAULT_DATASET, test_split="train")
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):

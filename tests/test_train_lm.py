@@ -159,6 +159,10 @@ def test_bad_arguments_fail_in_one_line_before_loading(lm_setup, tmp_path, capsy
     assert "--w-bits" in err and "full-precision" in err
     err = cli_error(lm_argv(init, data, out, "--max-steps", "0"), capsys)
     assert "--max-steps must be >= 1" in err
+    err = cli_error(lm_argv(init, data, out, "--checkpointing-steps", "epoch"), capsys)
+    assert "--checkpointing-steps epoch: pege train-lm checkpoints by optimizer steps" in err
+    err = cli_error(lm_argv(init, data, out, "--validation-split", "train"), capsys)
+    assert "--validation-split 'train' is also the training split" in err
     err = cli_error(lm_argv(init, data, out, "--validation-split", "validation", "--validation-percentage", "10"),
                     capsys)
     assert "--validation-percentage 10 carves" in err and "pass one of them" in err

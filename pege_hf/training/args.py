@@ -284,8 +284,15 @@ def check_training_options(args) -> None:
         raise ValueError(f"--arch {args.arch} builds a fresh model, but --model {args.model} loads one: pass one of them")
     if args.resume and args.resume_from:
         raise ValueError("--resume and --resume-from both say where to continue from: pass one of them")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
+    if (args.resume or args.resume_from) and args.overwrite:
+        flag = "--resume" if args.resume else "--resume-from"
+        raise ValueError(f"{flag} continues a run and --overwrite deletes the one in --output-dir: pass one of them")
+    if getattr(args, "compile_kernels", False) and estimator(args) == FULL_PRECISION:
+        raise ValueError("--compile-kernels compiles the quantizers' kernels, and --estimator none (full-precision "
+                         "training) has none: drop it")
+    if getattr(args, "test_split", None) is not None and (args.train_split or "train") == args.test_split:
+        raise ValueError(f"--test-split {args.test_split!r} is also the training split: the accuracy would be measured "
+                         "on training images; name another split")
 
 
 def resolve(args) -> PEGEConfig | None:

@@ -105,6 +105,11 @@ def resolve_lm(args) -> PEGEConfig | None:
     for name, ok, what in _LM_RULES:
         if not ok(getattr(args, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}; got {getattr(args, name)}")
+    if args.checkpointing_steps == "epoch":
+        raise ValueError("--checkpointing-steps epoch: pege train-lm checkpoints by optimizer steps; pass a number N")
+    if args.validation_split is not None and args.validation_split == args.train_split:
+        raise ValueError(f"--validation-split {args.validation_split!r} is also the training split: the perplexity "
+                         "would be measured on training text; name another split")
     if args.validation_split is not None and args.validation_percentage is not None:
         raise ValueError(f"--validation-percentage {args.validation_percentage:g} carves a validation split off the "
                          f"training rows, but --validation-split {args.validation_split!r} names one: pass one of them")
