@@ -602,13 +602,27 @@ def test_quickstart_refuses_options_it_would_not_use(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("argv,message", [
     (["--estimator", "none", "--resume-from", "x", "--overwrite"],
      "--resume-from continues a run and --overwrite deletes the one in --output-dir: pass one of them"),
-    (["--estimator", "none", "--compile-kernels"], "--compile-kernels compiles the quantizers' kernels"),
     (["--estimator", "none", "--test-split", "train"], "--test-split 'train' is also the training split"),
     (["--estimator", "none", "--train-split", "a", "--test-split", "a"], "--test-split 'a' is also the training split"),
 ])
 def test_options_that_cannot_be_honoured_are_refused_before_loading(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train_args.resolve(train_args.parse_args(argv))
+
+
+def test_a_pege_checkpoint_as_model_keeps_its_own_config_and_refuses_others():
+    """--model a PEGE checkpoint loads with its saved config: the run continues its QAT with that config (and records
+    it), and quantization options or --estimator none, which the loaded model would not follow, are refused."""
+    from pege_hf.sources import SHIPPED_MODELS_DIR
+
+    pege = str(SHIPPED_MODELS_DIR / "resnet20-pege-w2a2")
+    saved = json.loads((Path(pege) / "config.json").read_text())["quantization_config"]
+    config = train_args.resolve(train_args.parse_args(["--model", pege]))
+    assert config.to_dict() == PEGEConfig.from_dict(saved).to_dict() and config.name == "W2A2-pege"
+    with pytest.raises(ValueError, match=r"^--estimator, --w-bits: --model .* is already a PEGE W2A2-pege checkpoint"):
+        train_args.resolve(train_args.parse_args(["--model", pege, "--estimator", "ste", "--w-bits", "4"]))
+    with pytest.raises(ValueError, match=r"^--estimator none: --model .* is a PEGE checkpoint"):
+        train_args.resolve(train_args.parse_args(["--model", pege, "--estimator", "none"]))
 
 
 def test_data_refuses_a_test_split_that_is_the_training_split():

@@ -10,9 +10,11 @@ disagree. ``--lambda`` and ``--mask`` stay as short spellings of ``--discretizat
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
-from ..config import PEGEConfig, config_fields, unused_fields
+from ..config import QUANT_METHOD, PEGEConfig, config_fields, unused_fields
 from ..sources import check_model_source
 from .model import ARCHS
 from .optim import OPTIMIZERS, SCHEDULERS
@@ -227,11 +229,23 @@ def given_config_options(args) -> dict:
     return {k: (None if v == FULL_PRECISION else v) for k, v in given.items() if v is not None}
 
 
+def saved_quant_config(source) -> PEGEConfig | None:
+    """The PEGEConfig a local PEGE checkpoint was saved with (None for a float or remote checkpoint)."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    saved = json.loads(config.read_text()).get("quantization_config") or {}
+    return PEGEConfig.from_dict(saved) if saved.get("quant_method") == QUANT_METHOD else None
+
+
 def build_quant_config(args) -> PEGEConfig | None:
     """The run's PEGEConfig (validated by PEGEConfig itself), or None for full precision. Quantization
     options given for a full-precision run are an error, not ignored."""
     options = given_config_options(args)
     kind = estimator(args)
+    if kind == FULL_PRECISION and args.model and saved_quant_config(args.model) is not None:
+        raise ValueError(f"--estimator none: --model {args.model} is a PEGE checkpoint, which loads quantized; "
+                         "full-precision training starts from a float checkpoint")
     if kind == FULL_PRECISION:
         extra = sorted(set(options) - {"estimator"})
         if extra:
@@ -242,6 +256,14 @@ def build_quant_config(args) -> PEGEConfig | None:
     if not args.model:
         raise ValueError(f"--estimator {kind} is quantization-aware training, which starts from a trained float "
                          "checkpoint: pass --model PATH_OR_ID (or --estimator none to train in full precision)")
+    saved = saved_quant_config(args.model)
+    if saved is not None:  # a PEGE checkpoint loads with its own config: continue its QAT, with nothing else asked
+        given = [*(["estimator"] if args.estimator is not None else []), *options]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in dict.fromkeys(given))
+            raise ValueError(f"{flags}: --model {args.model} is already a PEGE {saved.name} checkpoint, which keeps its "
+                             "own quantization config; drop them to continue its QAT, or start from a float checkpoint")
+        return saved
     config = PEGEConfig(**{**options, "estimator": kind, "seed": args.seed})
     unused = unused_fields(options, kind, config.a_bits, config.layer_overrides)
     if unused:
@@ -287,9 +309,6 @@ def check_training_options(args) -> None:
     if (args.resume or args.resume_from) and args.overwrite:
         flag = "--resume" if args.resume else "--resume-from"
         raise ValueError(f"{flag} continues a run and --overwrite deletes the one in --output-dir: pass one of them")
-    if getattr(args, "compile_kernels", False) and estimator(args) == FULL_PRECISION:
-        raise ValueError("--compile-kernels compiles the quantizers' kernels, and --estimator none (full-precision "
-                         "training) has none: drop it")
     if getattr(args, "test_split", None) is not None and (args.train_split or "train") == args.test_split:
         raise ValueError(f"--test-split {args.test_split!r} is also the training split: the accuracy would be measured "
                          "on training images; name another split")
