@@ -1165,3 +1165,27 @@ def test_kernels_trace_without_graph_breaks_on_channels_last_tensors():
     for name, args in calls.items():
         explained = dynamo.explain(getattr(kernels, name.split(",")[0]))(*args)
         assert explained.graph_break_count == 0, (name, explained.break_reasons)
+
+
+def test_settings_that_would_change_nothing_are_warned_about():
+    """A modules_to_not_convert / layer_overrides pattern that matches no layer (a typo) and a group_size on a model
+    without quantized Linear layers are named in a warning; patterns that match and a group_size that applies are
+    not."""
+    import warnings
+
+    from pege_hf.hf.cifar import cifar_resnet
+
+    def warned(model, **config):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pege_hf.quantize(model, PEGEConfig(**config))
+        return [str(w.message) for w in caught]
+
+    said = warned(cifar_resnet(20), modules_to_not_convert=["layer1.0.conv_typo", "layer1.0"], group_size=32,
+                  layer_overrides={"nowhere": {"w_bits": 3}})
+    assert len(said) == 3
+    assert said[0].startswith("PEGEConfig.modules_to_not_convert: 'layer1.0.conv_typo' match(es) no Linear or Conv2d")
+    assert said[1].startswith("PEGEConfig.layer_overrides: 'nowhere' match(es)")
+    assert said[2].startswith("PEGEConfig.group_size=32: group-wise step sizes are for Linear layers")
+    mlp = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 10))
+    assert warned(mlp, group_size=32, modules_to_not_convert=["4"], layer_overrides={"2": {"w_bits": 3}}) == []

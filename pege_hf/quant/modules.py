@@ -8,6 +8,7 @@ so float checkpoints load into them unchanged.
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 from contextlib import contextmanager
 from functools import partial
@@ -411,6 +412,8 @@ def quantize(model: nn.Module, config, skip: set[str] | None = None) -> nn.Modul
     layers in ``skip`` (default: :func:`layers_to_skip`). Returns the model."""
     skip = layers_to_skip(model, config) if skip is None else skip
     targets = [(name, m) for name, m in model.named_modules() if type(m) in QUANT_LAYERS and name not in skip]
+    for message in unused_settings(model, config, [name for name, _ in targets]):
+        warnings.warn(message, stacklevel=2)
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -421,6 +424,25 @@ def quantize(model: nn.Module, config, skip: set[str] | None = None) -> nn.Modul
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from None
     return model
+
+
+def unused_settings(model: nn.Module, config, targets: list[str]) -> list[str]:
+    """What in ``config`` would change nothing in ``model`` (quantizing the layers ``targets``), one message each:
+    modules_to_not_convert and layer_overrides patterns that match no Linear / Conv2d layer (a typo keeps nothing
+    float), and a group_size when no quantized layer is a Linear (group-wise step sizes are Linear layers' only)."""
+    layers = [name for name, m in model.named_modules() if type(m) in QUANT_LAYERS or isinstance(m, QuantLayer)]
+    kind = type(model).__name__
+    out = []
+    for field in ("modules_to_not_convert", "layer_overrides"):
+        unmatched = [p for p in (getattr(config, field, None) or ()) if not any(matches_any(n, [p]) for n in layers)]
+        if unmatched:
+            out.append(f"PEGEConfig.{field}: {', '.join(map(repr, unmatched))} match(es) no Linear or Conv2d layer of "
+                       f"{kind}, so they change nothing")
+    group = getattr(config, "group_size", None)
+    if group and targets and not any(QUANT_LAYERS[type(model.get_submodule(n))].supports_groups for n in targets):
+        out.append(f"PEGEConfig.group_size={group}: group-wise step sizes are for Linear layers, and {kind} quantizes "
+                   "none (every weight keeps per-channel step sizes)")
+    return out
 
 
 @torch.no_grad()
