@@ -30,18 +30,34 @@ ESTIMATOR_FIELDS = {
 ACTIVATION_FIELDS = ("a_quantizer", "a_mask")
 
 
-def unused_fields(given, estimator: str, a_bits: int | None, layer_overrides: dict | None = None) -> list[str]:
-    """Of the field names ``given``, those a config with this estimator and activation width never reads (PEGE's
-    curriculum for STE, EWGS' delta for PEGE, the activation quantizer with float activations), in field order. With
-    ``layer_overrides``, a field is unused only if no layer's estimator and activation width read it."""
-    def unused_by(est, bits) -> set[str]:
-        out = {f for other, names in ESTIMATOR_FIELDS.items() if other != est for f in names}
-        return out | set(ACTIVATION_FIELDS) if bits is None else out
-
-    uses = [(estimator, a_bits), *((o.get("estimator", estimator), o.get("a_bits", a_bits))
-                                   for o in (layer_overrides or {}).values())]
-    unused = set.intersection(*(unused_by(est, bits) for est, bits in uses))
+def unused_fields(given, config: "PEGEConfig") -> list[str]:
+    """Of the field names ``given``, those ``config`` never reads, in field order: another estimator's (PEGE's
+    curriculum for STE, EWGS' delta for PEGE), the activation quantizer's with float activations, and within PEGE
+    what its other settings switch off (the ramp and masks with the instant curriculum, alpha without a log
+    schedule, lambda_start without a log/exp lambda schedule, the error term's form with lambda 0 throughout). With
+    layer_overrides, a field is unused only if no layer's settings read it."""
+    variants = [config, *(replace(config, layer_overrides=None, **o) for o in (config.layer_overrides or {}).values())]
+    unused = set.intersection(*(_unused_by(c) for c in variants))
     return [f.name for f in fields(PEGEConfig) if f.name in unused and f.name in given]
+
+
+def _unused_by(c: "PEGEConfig") -> set[str]:
+    out = {f for other, names in ESTIMATOR_FIELDS.items() if other != c.estimator for f in names}
+    if c.a_bits is None:
+        out |= set(ACTIVATION_FIELDS)
+    if c.estimator != "pege":
+        return out
+    timed = c.lambda_schedule in ("log", "exp")
+    if c.curriculum == "instant":
+        out |= {"ramp_fraction", "w_mask", "a_mask"}
+    if c.curriculum != "log" and c.lambda_schedule != "log":
+        out.add("alpha")
+    if not timed:
+        out.add("lambda_start")
+    if c.discretization_lambda == 0 and (not timed or c.lambda_start == 0):
+        out |= {"lambda_schedule", "lambda_start", "discretization_form", "discretization_target",
+                "discretization_scope", "discretization_reduction"}
+    return out
 
 
 def _option(default, help: str, *, choices: tuple | None = None, low: float | None = None, high: float | None = None,

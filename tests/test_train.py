@@ -516,8 +516,19 @@ def test_cli_quantization_options_map_onto_pege_config():
         parse("--estimator", "ewgs", "--ramp-fraction", "0.5", "--ewgs-delta", "0.01")
     with pytest.raises(ValueError, match=r"^--ewgs-delta: not used by --estimator pege; drop them$"):
         parse("--ewgs-delta", "0.01")
-    with pytest.raises(ValueError, match=r"^--a-mask: not used by --estimator pege with --a-bits none; drop them$"):
+    with pytest.raises(ValueError, match=r"^--a-mask: not used by --a-bits none; drop them$"):
         parse("--a-bits", "none", "--a-mask", "counter")
+    # within PEGE, what its other settings switch off: the ramp with the instant curriculum, the error term's form
+    # with lambda 0 throughout, lambda_start without a log/exp schedule, alpha without a log schedule
+    for argv, unused in ((["--curriculum", "instant", "--ramp-fraction", "0.5", "--a-mask", "counter"],
+                          "--ramp-fraction, --a-mask"),
+                         (["--lambda", "0", "--discretization-target", "step_size"], "--discretization-target"),
+                         (["--lambda-start", "0.1"], "--lambda-start"), (["--curriculum", "linear", "--alpha", "3"], "--alpha")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(unused)}: not used by the run's other PEGE settings"):
+            parse(*argv)
+    for argv in (["--lambda-schedule", "exp", "--lambda-start", "1e-8", "--lambda", "0", "--discretization-form", "plain"],
+                 ["--lambda-schedule", "log", "--curriculum", "linear", "--alpha", "3"], ["--lambda", "0"]):
+        parse(*argv)  # each read: a nonzero start, a log lambda schedule
     assert parse("--estimator", "ewgs", "--ewgs-delta", "0.01").ewgs_delta == 0.01
     # the long names are the fields' own; booleans both ways; the old --quantize-stem still works
     assert parse("--discretization-lambda", "0.5", "--w-mask", "error").to_dict() == PEGEConfig(

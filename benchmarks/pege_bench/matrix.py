@@ -66,10 +66,13 @@ class Run:
     def __post_init__(self):
         """A shared recipe's fields that this run's estimator never reads (PEGE's lambda in an STE run) are left
         out of its config: `pege train` refuses them, and the run never depended on them."""
-        if self.config is not None:
-            unused = unused_fields(self.config, self.config["estimator"], self.config.get("a_bits", PEGEConfig().a_bits),
-                                   self.config.get("layer_overrides"))
-            object.__setattr__(self, "config", {k: v for k, v in self.config.items() if k not in unused})
+        if self.config is None:
+            return
+        try:
+            unused = unused_fields(self.config, PEGEConfig(**self.config))
+        except ValueError:  # an invalid config: check_plan refuses it with PEGEConfig's message, as for any run
+            return
+        object.__setattr__(self, "config", {k: v for k, v in self.config.items() if k not in unused})
 
     @property
     def estimator(self) -> str:

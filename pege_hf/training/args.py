@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from ..config import QUANT_METHOD, PEGEConfig, config_fields, unused_fields
+from ..config import ACTIVATION_FIELDS, ESTIMATOR_FIELDS, QUANT_METHOD, PEGEConfig, config_fields, unused_fields
 from ..sources import check_model_source
 from .model import ARCHS
 from .optim import OPTIMIZERS, SCHEDULERS
@@ -238,6 +238,17 @@ def saved_quant_config(source) -> PEGEConfig | None:
     return PEGEConfig.from_dict(saved) if saved.get("quant_method") == QUANT_METHOD else None
 
 
+def unused_because(unused: set[str], kind: str, a_bits) -> str:
+    """Why the fields ``unused`` are read by nothing: the estimator, float activations, or PEGE's other settings."""
+    other_estimators = {f for est, names in ESTIMATOR_FIELDS.items() if est != kind for f in names}
+    activation = set(ACTIVATION_FIELDS) if a_bits is None else set()
+    reasons = [*([f"--estimator {kind}"] if unused & other_estimators else []),
+               *(["--a-bits none"] if unused & activation else []),
+               *(["the run's other PEGE settings (curriculum, lambda, lambda schedule)"]
+                 if unused - other_estimators - activation else [])]
+    return " or ".join(reasons)
+
+
 def build_quant_config(args) -> PEGEConfig | None:
     """The run's PEGEConfig (validated by PEGEConfig itself), or None for full precision. Quantization
     options given for a full-precision run are an error, not ignored."""
@@ -265,11 +276,10 @@ def build_quant_config(args) -> PEGEConfig | None:
                              "own quantization config; drop them to continue its QAT, or start from a float checkpoint")
         return saved
     config = PEGEConfig(**{**options, "estimator": kind, "seed": args.seed})
-    unused = unused_fields(options, kind, config.a_bits, config.layer_overrides)
+    unused = unused_fields(options, config)
     if unused:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        raise ValueError(f"{flags}: not used by --estimator {kind}"
-                         + (" with --a-bits none" if config.a_bits is None else "") + "; drop them")
+        raise ValueError(f"{flags}: not used by {unused_because(set(unused), kind, config.a_bits)}; drop them")
     return config
 
 

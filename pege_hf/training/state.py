@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import unused_fields
+from ..config import PEGEConfig, unused_fields
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -45,7 +45,10 @@ def _without_unused_fields(settings: dict) -> dict:
     qc = settings.get("quantization_config")
     if not isinstance(qc, dict) or "estimator" not in qc:
         return settings
-    unused = unused_fields(qc, qc["estimator"], qc.get("a_bits"), qc.get("layer_overrides"))
+    try:
+        unused = unused_fields(qc, PEGEConfig.from_dict(qc))
+    except (TypeError, ValueError):  # a config this version cannot build: compare all of it
+        return settings
     return {**settings, "quantization_config": {k: v for k, v in qc.items() if k not in unused}}
 
 
