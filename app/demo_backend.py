@@ -436,8 +436,9 @@ class ModelSet:
 
     def use_runtime(self, runtime: str = "auto", threads: int = 1, cache_dir: str | os.PathLike | None = None) -> None:
         """Run the quantized models on ONNX Runtime's integer kernels ("onnxruntime"; "auto": when installed,
-        else PyTorch, and `runtime_notes` says so) or on PyTorch ("pytorch"). A quantized model that cannot be
-        exported (a Hub checkpoint, a failed export) stays on PyTorch, with a note naming why."""
+        else PyTorch, and `runtime_notes` says so) or on PyTorch ("pytorch"). Under "auto" a quantized model that
+        cannot be exported (a Hub checkpoint, a failed export) stays on PyTorch, with a note naming why; under
+        "onnxruntime" that is an error."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
         quantized = [e for e in self.models.values() if e.w_bits is not None]
@@ -460,6 +461,9 @@ class ModelSet:
             try:
                 path = deploy.cached_onnx_export(_local_folder(entry.source), cache_dir)
             except (OSError, ValueError, RuntimeError) as err:
+                if runtime == "onnxruntime":  # asked for by name: no quiet fallback
+                    raise RuntimeError(f"runtime onnxruntime: {entry.title} ({entry.source}) cannot be exported to "
+                                       f"ONNX ({str(err).splitlines()[0]}); use runtime auto or pytorch") from None
                 self.runtime_notes.append(f"{entry.title} runs on PyTorch: its ONNX export failed "
                                           f"({str(err).splitlines()[0]}).")
                 continue

@@ -61,6 +61,12 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= {low}; got {getattr(args, name)}")
     if args.benchmarks is not None and not Path(args.benchmarks).is_file():
         raise FileNotFoundError(f"--benchmarks {args.benchmarks!r} does not exist")
+    if args.runtime == "onnxruntime":
+        from .deploy import onnxruntime_missing
+
+        missing = onnxruntime_missing()
+        if missing:
+            raise ValueError(f"--runtime onnxruntime: {missing}")
 
 
 def main(args: argparse.Namespace) -> int:

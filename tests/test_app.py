@@ -219,6 +219,23 @@ def test_without_onnxruntime_the_page_falls_back_to_pytorch_and_says_so(ckpt_roo
         fallback.use_runtime("tensorrt")
 
 
+def test_a_failed_export_falls_back_under_auto_and_is_an_error_under_onnxruntime(ckpt_root, monkeypatch, capsys):
+    from pege_hf import cli, deploy
+
+    def broken(folder, cache_dir=None, model=None):
+        raise ValueError("the exporter broke")
+
+    monkeypatch.setattr(deploy, "cached_onnx_export", broken)
+    auto = inf.ModelSet.load(inf.resolve_sources(ckpt_root), sample=None)
+    assert {e.runtime for e in auto.models.values()} == {"PyTorch"}
+    assert any("its ONNX export failed (the exporter broke)" in note for note in auto.runtime_notes)
+    with pytest.raises(RuntimeError, match=r"runtime onnxruntime: .* cannot be exported to ONNX \(the exporter broke\)"):
+        inf.ModelSet.load(inf.resolve_sources(ckpt_root), runtime="onnxruntime", sample=None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # --runtime onnxruntime without it: refused up front
+    assert cli.main(["demo", "--runtime", "onnxruntime", "--model", str(ckpt_root)]) == 2
+    assert "--runtime onnxruntime: onnxruntime is not installed" in capsys.readouterr().err
+
+
 def test_agreement_on_the_test_sample_against_an_independent_count(models, ckpt_root):
     """Each model's start-up agreement with the float model = our own count over the same first SAMPLE
     test images, the float model's top-1 from PyTorch and the quantized ones' from their ONNX sessions."""
