@@ -615,9 +615,11 @@ def _stage(src: Path, dst: Path, ignore: list[str]) -> list[str]:
     return staged
 
 
-def _check_push(model_or_dir, repo_id: str, token: str | None) -> tuple[Path | None, str]:
-    """Everything a push needs, checked before any network call: the local input, the repo id, the token
-    and offline mode. Returns (checkpoint folder or None for a model, token)."""
+def _check_push(model_or_dir, repo_id: str, token: str | None, base_model: str | None = None,
+                dataset: str | None = None) -> tuple[Path | None, str]:
+    """Everything a push needs, checked before any network call: the local input, the repo id, the card's
+    base_model / dataset (Hub ids: the card links and tags them), the token and offline mode. Returns
+    (checkpoint folder or None for a model, token)."""
     from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -631,6 +633,10 @@ def _check_push(model_or_dir, repo_id: str, token: str | None) -> tuple[Path | N
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise ValueError(f"invalid repo id {repo_id!r}: expected 'owner/name' ({_one_line(e)})") from None
+    for flag, value in (("--base-model", base_model), ("--dataset", dataset)):
+        if value is not None and not is_hub_id(value):
+            raise ValueError(f"{flag} {value!r} is not a Hub id (owner/name): the card links it on the Hub; leave it "
+                             "out to describe a local one from the training record")
     token = token or get_token()
     if not token:
         raise PushError("not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN, or pass "
@@ -654,7 +660,7 @@ def push_to_hub(model_or_dir, repo_id: str, *, private: bool = False, token: str
     from huggingface_hub import HfApi
 
     is_dir = isinstance(model_or_dir, (str, os.PathLike))
-    ckpt, token = _check_push(model_or_dir, repo_id, token)
+    ckpt, token = _check_push(model_or_dir, repo_id, token, base_model, dataset)
     api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=__version__)
     with tempfile.TemporaryDirectory(prefix="pege-push-") as tmp:
         stage = Path(tmp) / "stage"

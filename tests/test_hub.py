@@ -327,6 +327,16 @@ def test_not_a_checkpoint(server, tmp_path):
     assert hub.main(args) == 2  # bad input: exit 2 with one line, as in every command
 
 
+def test_card_links_must_be_hub_ids(checkpoint, server, tmp_path):
+    """--base-model / --dataset become Hub links and metadata: a local path is refused before any request."""
+    server.reset_log()
+    (tmp_path / "fp").mkdir()
+    for kwargs, flag in (({"base_model": str(tmp_path / "fp")}, "--base-model"), ({"dataset": "../data/cifar10"}, "--dataset")):
+        with pytest.raises(ValueError, match=f"^{flag} .* is not a Hub id"):
+            hub.push_to_hub(checkpoint, "tester/links", token=TOKEN, endpoint=server.url, **kwargs)
+    assert server.requests == []
+
+
 # ----------------------------------------------------------------------------------------------- cards of training runs
 
 
