@@ -614,6 +614,7 @@ def test_quickstart_refuses_options_it_would_not_use(tmp_path, capsys, monkeypat
     (["--estimator", "none", "--resume-from", "x", "--overwrite"],
      "--resume-from continues a run and --overwrite deletes the one in --output-dir: pass one of them"),
     (["--estimator", "none", "--test-split", "train"], "--test-split 'train' is also the training split"),
+    (["--estimator", "none", "--optimizer", "adam", "--momentum", "0.5"], "--momentum 0.5 is SGD's; --optimizer adam"),
     (["--estimator", "none", "--train-split", "a", "--test-split", "a"], "--test-split 'a' is also the training split"),
 ])
 def test_options_that_cannot_be_honoured_are_refused_before_loading(argv, message):

@@ -24,6 +24,7 @@ ALIASES = {"discretization_lambda": ("--lambda",), "w_mask": ("--mask",)}
 # fields the training options set: PEGEConfig.seed follows --seed
 FROM_TRAINING_OPTIONS = ("seed",)
 DEFAULT_EPOCHS = 20
+DEFAULT_MOMENTUM = 0.9  # SGD's
 DEFAULT_LR = {("sgd", False): 0.1, ("sgd", True): 0.01, ("adam", False): 1e-3, ("adam", True): 1e-4}
 DESCRIPTION = """\
 Train an image classifier in full precision or with quantization-aware training (PEGE, STE, EWGS).
@@ -142,7 +143,8 @@ def add_optimisation_options(g, *, batch_size: int, optimizer: str, weight_decay
     g.add_argument("--optimizer", default=optimizer, choices=OPTIMIZERS,
                    help=f"sgd (momentum, Nesterov) or adam (AdamW) (default {optimizer})")
     g.add_argument("--lr", type=float, default=None, help=lr_help)
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default {DEFAULT_MOMENTUM}; not "
+                   "with --optimizer adam)")
     g.add_argument("--weight-decay", type=float, default=weight_decay,
                    help=f"on conv/linear weights only, never on norms, biases or quantizer scales (default {weight_decay:g})")
     g.add_argument("--quantizer-lr-scale", type=float, default=1.0,
@@ -290,7 +292,7 @@ _RULES = (
     ("eval_batch_size", lambda v: v >= 1, ">= 1"),
     ("gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
     ("lr", lambda v: v is None or (math.isfinite(v) and v > 0), "a number > 0"),
-    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("momentum", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
     ("quantizer_lr_scale", lambda v: v > 0, "> 0"),
     ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -307,7 +309,7 @@ _RULES = (
 
 
 def check_training_options(args) -> None:
-    """ValueError naming the first option whose value the run cannot honour."""
+    """ValueError naming the first option whose value the run cannot honour; fills SGD's default momentum."""
     for name, ok, what in _RULES:
         value = getattr(args, name, None)
         if hasattr(args, name) and not ok(value):
@@ -316,6 +318,11 @@ def check_training_options(args) -> None:
         raise ValueError(f"--arch {args.arch} builds a fresh model, but --model {args.model} loads one: pass one of them")
     if args.resume and args.resume_from:
         raise ValueError("--resume and --resume-from both say where to continue from: pass one of them")
+    if args.optimizer != "sgd" and args.momentum is not None:
+        raise ValueError(f"--momentum {args.momentum:g} is SGD's; --optimizer {args.optimizer} (AdamW) does not use "
+                         "it: drop it")
+    if args.optimizer == "sgd" and args.momentum is None:
+        args.momentum = DEFAULT_MOMENTUM
     if (args.resume or args.resume_from) and args.overwrite:
         flag = "--resume" if args.resume else "--resume-from"
         raise ValueError(f"{flag} continues a run and --overwrite deletes the one in --output-dir: pass one of them")
