@@ -15,7 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .quant.curriculum import AUTO_MASK, LAMBDA_SCHEDULES, MASK_POLICIES, SCHEDULES
 from .quant.modules import matches_any
 from .quant.estimators import DISCRETIZATION_FORMS, DISCRETIZATION_SCOPES, DISCRETIZATION_TARGETS, ESTIMATORS
-from .quant.quantizers import MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS, WEIGHT_QUANTIZERS
+from .quant.quantizers import INITIALISED_QUANTIZERS, MAX_BITS, MIN_BITS, QUANTIZERS, SCALE_INITS, WEIGHT_QUANTIZERS
 
 QUANT_METHOD = "pege"
 REDUCTIONS = ("mean", "sum")
@@ -45,6 +45,8 @@ def _unused_by(c: "PEGEConfig") -> set[str]:
     out = {f for other, names in ESTIMATOR_FIELDS.items() if other != c.estimator for f in names}
     if c.a_bits is None:
         out |= set(ACTIVATION_FIELDS)
+    if c.w_quantizer not in INITIALISED_QUANTIZERS and (c.a_bits is None or c.a_quantizer not in INITIALISED_QUANTIZERS):
+        out.add("scale_init")  # observed (min-max) and dynamic step sizes are not initialised
     if c.estimator != "pege":
         return out
     timed = c.lambda_schedule in ("log", "exp")

@@ -526,6 +526,9 @@ def test_cli_quantization_options_map_onto_pege_config():
                          (["--lambda-start", "0.1"], "--lambda-start"), (["--curriculum", "linear", "--alpha", "3"], "--alpha")):
         with pytest.raises(ValueError, match=rf"^{re.escape(unused)}: not used by the run's other PEGE settings"):
             parse(*argv)
+    with pytest.raises(ValueError, match=r"^--scale-init: not used by the run's quantizers \(their step sizes are observed"):
+        parse("--w-quantizer", "minmax", "--a-quantizer", "dynamic_token", "--scale-init", "lsq")
+    parse("--w-quantizer", "minmax", "--scale-init", "lsq")  # the LSQ activation quantizer reads it
     for argv in (["--lambda-schedule", "exp", "--lambda-start", "1e-8", "--lambda", "0", "--discretization-form", "plain"],
                  ["--lambda-schedule", "log", "--curriculum", "linear", "--alpha", "3"], ["--lambda", "0"]):
         parse(*argv)  # each read: a nonzero start, a log lambda schedule

@@ -21,6 +21,7 @@ WEIGHT_QUANTIZERS = ("lsq", "minmax", "symmetric")
 # dimension's rows), recomputed every call, symmetric codes: the LLM recipe (torchao's int8 dynamic activations)
 QUANTIZERS = ("lsq", "minmax", "pact", "dynamic_token", "dynamic_tensor")
 SCALE_INITS = ("lsq", "mse")
+INITIALISED_QUANTIZERS = ("lsq", "pact")  # the quantizers whose step size scale_init initialises from data
 MIN_BITS, MAX_BITS = 2, 8
 
 

@@ -246,8 +246,9 @@ def unused_because(unused: set[str], kind: str, a_bits) -> str:
     activation = set(ACTIVATION_FIELDS) if a_bits is None else set()
     reasons = [*([f"--estimator {kind}"] if unused & other_estimators else []),
                *(["--a-bits none"] if unused & activation else []),
+               *(["the run's quantizers (their step sizes are observed, not initialised)"] if "scale_init" in unused else []),
                *(["the run's other PEGE settings (curriculum, lambda, lambda schedule)"]
-                 if unused - other_estimators - activation else [])]
+                 if unused - other_estimators - activation - {"scale_init"} else [])]
     return " or ".join(reasons)
 
 
