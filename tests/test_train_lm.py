@@ -159,6 +159,8 @@ def test_bad_arguments_fail_in_one_line_before_loading(lm_setup, tmp_path, capsy
     assert "--w-bits" in err and "full-precision" in err
     err = cli_error(lm_argv(init, data, out, "--max-steps", "0"), capsys)
     assert "--max-steps must be >= 1" in err
+    err = cli_error(lm_argv(init, data, out, "--no-skip-stem"), capsys)
+    assert "a causal LM's first Linear reads the token embedding" in err
     err = cli_error(lm_argv(init, data, out, "--checkpointing-steps", "epoch"), capsys)
     assert "--checkpointing-steps epoch: pege train-lm checkpoints by optimizer steps" in err
     err = cli_error(lm_argv(init, data, out, "--validation-split", "train"), capsys)

@@ -113,6 +113,9 @@ def resolve_lm(args) -> PEGEConfig | None:
     if args.validation_split is not None and args.validation_percentage is not None:
         raise ValueError(f"--validation-percentage {args.validation_percentage:g} carves a validation split off the "
                          f"training rows, but --validation-split {args.validation_split!r} names one: pass one of them")
+    if getattr(args, "skip_stem", None) is not None:
+        raise ValueError("--skip-stem / --no-skip-stem: a causal LM's first Linear reads the token embedding, so it is "
+                         "never a float stem; keep layers float with --modules-to-not-convert")
     quant_config = build_quant_config(args)
     check_model_source(args.model)
     if args.tokenizer is not None:
