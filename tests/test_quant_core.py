@@ -1094,15 +1094,17 @@ def test_compiled_kernels_match_eager():
 @pytest.mark.slow
 def test_counter_masks_cost_no_memory_under_compiled_kernels():
     """With compiled kernels counter and progressive masks stay recipes: PEGE mid-ramp with counter activation
-    masks and (default) progressive weight masks saves what PEGE at r = 1 saves (no mask), where Bernoulli
-    activation masks keep one byte per element; eager kernels keep every materialised mask."""
+    masks (what the default "auto" draws there) and (default) progressive weight masks saves what PEGE at r = 1
+    saves (no mask), where Bernoulli activation masks keep one byte per element; eager kernels keep every
+    materialised mask."""
     from pege_hf import bench
     from pege_hf.hf.cifar import cifar_resnet
     from pege_hf.quant import kernels
     from pege_hf.quant.modules import set_progress
 
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    variants = {"r1": ({}, 1.0), "pege": ({}, 0.3), "counter": ({"a_mask": "counter"}, 0.3)}
+    variants = {"r1": ({}, 1.0), "pege": ({"a_mask": "bernoulli"}, 0.3), "counter": ({"a_mask": "counter"}, 0.3),
+                "auto": ({}, 0.3)}
     saved = {}
     try:
         for compiled in (False, True):
@@ -1117,6 +1119,7 @@ def test_counter_masks_cost_no_memory_under_compiled_kernels():
         kernels.use_compiled_kernels(False)
     assert saved[True, "counter"] == saved[True, "r1"] < saved[True, "pege"] < saved[False, "pege"]
     assert saved[False, "counter"] == saved[False, "pege"]
+    assert saved[True, "auto"] == saved[True, "counter"] and saved[False, "auto"] == saved[False, "pege"]  # the default
     weights = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight_quantizer"))
     assert saved[False, "pege"] - saved[True, "pege"] == weights  # the weights' one-byte masks, eager only
 
