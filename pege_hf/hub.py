@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .hf.quantizer import MODEL_HOOKS
+from .quant.curriculum import AUTO_MASK
 from .sources import SHIPPED_FP_MODEL, check_checkpoint_dir, is_hub_id
 from .version import __version__
 
@@ -427,7 +428,7 @@ def _model_texts(config: dict, q: dict, inspected: dict) -> dict:
     if q["quantized"] and q["estimator"] == "pege":
         curriculum_text = (f"{qc.get('curriculum')} r(t) (alpha {qc.get('alpha')}, reaches 1 after "
                            f"{100 * float(qc.get('ramp_fraction', 0)):.0f}% of training); masks: "
-                           f"{qc.get('w_mask')} (weights), {qc.get('a_mask')} (activations); discretization "
+                           f"{qc.get('w_mask')} (weights), {_mask_text(qc.get('a_mask'))} (activations); discretization "
                            f"lambda {qc.get('discretization_lambda')} ({qc.get('lambda_schedule')})")
     else:
         curriculum_text = "none (every element is quantized from the first step)"
@@ -449,6 +450,12 @@ def _accuracy_texts(m: dict, accuracy, base_acc) -> dict:
         "base_loss": measured_number(base_acc, "loss"),
         "base_accuracy_source": base_acc["source"] if base_acc else None,
     }
+
+
+def _mask_text(policy) -> str:
+    if policy == AUTO_MASK:
+        return "auto (hashed counter masks under compiled kernels, random-byte Bernoulli masks otherwise)"
+    return str(policy)
 
 
 def build_model_card(checkpoint_dir: str | os.PathLike, metrics: dict | None, *, base_model: str | None = None,

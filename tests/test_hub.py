@@ -233,6 +233,8 @@ def test_card_sizes_are_computed_from_the_checkpoint(checkpoint, tmp_path):
     ratio = 4 * elements / (folder / "model.safetensors").stat().st_size
     assert f"{ratio:.1f}x smaller" in text and ratio > 5
     assert "`conv1`, `classifier`" in text  # the layers kept in full precision, found from the model
+    # the default activation mask says what it drew
+    assert "masks: progressive (weights), auto (hashed counter masks under compiled kernels" in text
 
 
 def test_push_a_model_object(checkpoint, server, tmp_path):
