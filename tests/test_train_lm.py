@@ -159,6 +159,8 @@ def test_bad_arguments_fail_in_one_line_before_loading(lm_setup, tmp_path, capsy
     assert "--w-bits" in err and "full-precision" in err
     err = cli_error(lm_argv(init, data, out, "--max-steps", "0"), capsys)
     assert "--max-steps must be >= 1" in err
+    err = cli_error(lm_argv(init, data, out, "--group-size", "48"), capsys)  # the layers have 64 and 128 inputs
+    assert "group_size 48 does not divide the 64 input features" in err
     err = cli_error(lm_argv(init, data, out, "--no-skip-stem"), capsys)
     assert "a causal LM's first Linear reads the token embedding" in err
     err = cli_error(lm_argv(init, data, out, "--checkpointing-steps", "epoch"), capsys)

@@ -124,7 +124,24 @@ def resolve_lm(args) -> PEGEConfig | None:
     args.lr = DEFAULT_LM_LR if args.lr is None else args.lr
     args.epochs = args.epochs or DEFAULT_LM_EPOCHS
     args.block_size = check_block_size(args.model, args.block_size)
+    if quant_config is not None and (quant_config.group_size or quant_config.layer_overrides):
+        check_layer_shapes(args.model, quant_config)
     return quant_config
+
+
+def check_layer_shapes(model: str, quant_config: PEGEConfig) -> None:
+    """The layer swap tried on the model built on the meta device from its config (no weights, no memory): a
+    group_size that does not divide a layer's inputs fails here, before the text is read and tokenized."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..hf.loading import model_class_for
+    from ..hf.quantizer import swap_layers
+
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        skeleton = model_class_for(model)._from_config(config)
+    swap_layers(skeleton, quant_config)
 
 
 def check_block_size(model: str, block_size: int | None) -> int:
