@@ -5,10 +5,9 @@ uint8 mask directly). Median of 20 calls after 3 warm-up calls, three interleave
     python benchmarks/kernels_ab/eager_mask_ops.py > benchmarks/kernels_ab/eager_mask_ops.log
 """
 import statistics
+import time
 
 import torch
-
-from call_overhead import median_us  # this folder: run as a script
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -26,7 +25,14 @@ CASES = {  # (what pege_hf does, the alternative)
 
 
 def median_ms(fn, calls=20, warmup=3) -> float:
-    return median_us(fn, calls=calls, warmup=warmup) / 1e3
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def main() -> None:
